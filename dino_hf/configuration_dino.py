@@ -1,0 +1,161 @@
+"""`DinoConfig`: everything that determines the shape of a DINO student/teacher pair.
+
+The configuration travels in ``config.json`` next to the weights. It nests the ViT backbone's own
+``ViTConfig`` (so the exported backbone is a stock ``transformers`` ViT) and adds the projection
+head, the number of prototypes and the loss constants the official DINO code fixes at build time.
+Training-time recipe values (learning rates, schedules, crops) live in ``DinoTrainingArguments``.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub.dataclasses import strict
+from transformers import PreTrainedConfig, ViTConfig
+from transformers.configuration_utils import SubConfigSpec
+
+# Architecture of the backbones the official DINO release trains. DINO's ViT differs from the
+# ViTConfig defaults in its LayerNorm epsilon (1e-6, as timm/DeiT) — that difference matters for
+# numerically exact imports of official checkpoints.
+_BACKBONE_PRESETS: dict[str, dict] = {
+    "vit_tiny_patch16": {"hidden_size": 192, "num_attention_heads": 3, "patch_size": 16},
+    "vit_small_patch16": {"hidden_size": 384, "num_attention_heads": 6, "patch_size": 16},
+    "vit_small_patch8": {"hidden_size": 384, "num_attention_heads": 6, "patch_size": 8},
+    "vit_base_patch16": {"hidden_size": 768, "num_attention_heads": 12, "patch_size": 16},
+    "vit_base_patch8": {"hidden_size": 768, "num_attention_heads": 12, "patch_size": 8},
+}
+
+#: Backbone settings shared by every DINO ViT (official ``vision_transformer.py``).
+DINO_BACKBONE_DEFAULTS: dict = {
+    "num_hidden_layers": 12,
+    "image_size": 224,
+    "layer_norm_eps": 1e-6,
+    "qkv_bias": True,
+    "hidden_act": "gelu",
+    "hidden_dropout_prob": 0.0,
+    "attention_probs_dropout_prob": 0.0,
+    "initializer_range": 0.02,
+}
+
+
+def dino_backbone_config(**overrides) -> ViTConfig:
+    """A ``ViTConfig`` with DINO's defaults (ViT-S/16 unless ``overrides`` say otherwise).
+
+    ``intermediate_size`` follows ``4 * hidden_size`` (DINO's ``mlp_ratio=4``) unless given.
+    """
+    settings = {**DINO_BACKBONE_DEFAULTS, **_BACKBONE_PRESETS["vit_small_patch16"], **overrides}
+    settings.setdefault("intermediate_size", 4 * settings["hidden_size"])
+    return ViTConfig(**settings)
+
+
+@strict
+class DinoConfig(PreTrainedConfig):
+    r"""
+    Configuration of [`DinoForPreTraining`]: a ViT backbone, the DINO projection head and the
+    constants of the DINO loss. Defaults reproduce the official facebookresearch/dino ViT-S/16.
+
+    Args:
+        backbone_config (`ViTConfig` or `dict`, *optional*):
+            The student/teacher backbone. Defaults to DINO's ViT-S/16 (hidden 384, 12 layers, 6 heads,
+            patch 16, 224 px, LayerNorm eps 1e-6, qkv bias).
+        num_prototypes (`int`, *optional*, defaults to 65536):
+            Output dimension K of the head (the official ``out_dim``). Smaller K (1-4k) learns faster on
+            small data sets; ln(K) is the loss of a uniformly collapsed model.
+        head_hidden_size (`int`, *optional*, defaults to 2048):
+            Width of the hidden layers of the head MLP.
+        head_bottleneck_size (`int`, *optional*, defaults to 256):
+            Width of the L2-normalised bottleneck in front of the weight-normalised prototype layer.
+        head_num_layers (`int`, *optional*, defaults to 3):
+            Number of linear layers in the head MLP (1 means a single linear projection).
+        head_use_batch_norm (`bool`, *optional*, defaults to `False`):
+            Batch normalisation after each hidden linear layer of the head (official default off for ViT).
+        norm_last_layer (`bool`, *optional*, defaults to `True`):
+            Fix the norm of the prototype layer's weight to 1. `False` trains it, which the official code
+            recommends for ViT-B for performance but which can make training unstable.
+        drop_path_rate (`float`, *optional*, defaults to 0.1):
+            Stochastic depth of the student backbone (linearly increasing over the layers). The teacher
+            never drops paths; the exported backbone is unaffected.
+        student_temperature (`float`, *optional*, defaults to 0.1):
+            Temperature of the student softmax in the DINO loss.
+        center_momentum (`float`, *optional*, defaults to 0.9):
+            EMA momentum of the teacher-logit center.
+
+    Example:
+
+    ```python
+    >>> from dino_hf import DinoConfig, DinoForPreTraining
+    >>> config = DinoConfig.from_preset("vit_small_patch16")
+    >>> config.backbone_config.hidden_size = 64  # still editable
+    >>> config.num_prototypes = 256
+    >>> model = DinoForPreTraining(config)
+    ```"""
+
+    model_type = "dino_hf"
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(
+            config_class=ViTConfig,
+            init_kwargs={
+                **DINO_BACKBONE_DEFAULTS,
+                **_BACKBONE_PRESETS["vit_small_patch16"],
+                "intermediate_size": 4 * _BACKBONE_PRESETS["vit_small_patch16"]["hidden_size"],
+            },
+        ),
+    }
+
+    backbone_config: dict | PreTrainedConfig | None = None
+    num_prototypes: int = 65536
+    head_hidden_size: int = 2048
+    head_bottleneck_size: int = 256
+    head_num_layers: int = 3
+    head_use_batch_norm: bool = False
+    norm_last_layer: bool = True
+    drop_path_rate: float | int = 0.1
+    student_temperature: float | int = 0.1
+    center_momentum: float | int = 0.9
+
+    def check_architecture(self) -> None:
+        """Raise ``ValueError`` with one sentence when a field has an impossible value."""
+        positive_fields = ("num_prototypes", "head_hidden_size", "head_bottleneck_size", "head_num_layers")
+        for name in positive_fields:
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"DinoConfig.{name} must be a positive integer, got {value!r}.")
+        if not 0.0 <= self.drop_path_rate < 1.0:
+            raise ValueError(f"DinoConfig.drop_path_rate must be in [0, 1), got {self.drop_path_rate!r}.")
+        if self.student_temperature <= 0:
+            raise ValueError(
+                f"DinoConfig.student_temperature must be positive (official 0.1), got {self.student_temperature!r}."
+            )
+        if not 0.0 <= self.center_momentum <= 1.0:
+            raise ValueError(f"DinoConfig.center_momentum must be in [0, 1] (official 0.9), got {self.center_momentum!r}.")
+        backbone = self.backbone_config
+        if backbone.hidden_size % backbone.num_attention_heads != 0:
+            raise ValueError(
+                f"backbone_config.hidden_size ({backbone.hidden_size}) must be divisible by "
+                f"backbone_config.num_attention_heads ({backbone.num_attention_heads})."
+            )
+        image_size, patch_size = backbone.image_size, backbone.patch_size
+        if isinstance(image_size, int) and isinstance(patch_size, int) and image_size % patch_size != 0:
+            raise ValueError(
+                f"backbone_config.image_size ({image_size}) must be a multiple of backbone_config.patch_size ({patch_size})."
+            )
+
+    @staticmethod
+    def preset_names() -> list[str]:
+        """Names accepted by :meth:`from_preset`."""
+        return sorted(_BACKBONE_PRESETS)
+
+    @classmethod
+    def from_preset(cls, name: str, **kwargs) -> DinoConfig:
+        """Build the configuration of an official DINO architecture.
+
+        Args:
+            name: one of :meth:`preset_names` (``vit_tiny_patch16``, ``vit_small_patch16``,
+                ``vit_small_patch8``, ``vit_base_patch16``, ``vit_base_patch8``).
+            kwargs: overrides of the DinoConfig fields (head, K, drop path...).
+        """
+        if name not in _BACKBONE_PRESETS:
+            raise ValueError(f"Unknown DINO preset {name!r}; use one of: {', '.join(cls.preset_names())}.")
+        backbone = dino_backbone_config(**_BACKBONE_PRESETS[name])
+        return cls(backbone_config=backbone, **kwargs)
+
+
+__all__ = ["DinoConfig", "dino_backbone_config", "DINO_BACKBONE_DEFAULTS"]

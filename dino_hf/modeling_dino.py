@@ -1,0 +1,488 @@
+"""DINO student/teacher model as a ``transformers`` ``PreTrainedModel``.
+
+``DinoForPreTraining`` holds everything a restart needs — student (ViT backbone + projection head),
+teacher (an identical copy updated only by EMA) and the loss with its centering buffer — so that
+``save_pretrained``/``from_pretrained`` round-trip a run through one safetensors file. The trained
+backbone leaves through :meth:`DinoForPreTraining.save_backbone` as a stock ``ViTModel`` folder that
+plain ``transformers`` loads without dino_hf.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTImageProcessor, ViTModel
+from transformers import initialization as init
+from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
+from transformers.utils import ModelOutput
+
+from .configuration_dino import DinoConfig
+from .loss import DinoLoss
+
+
+@dataclass
+class DinoForPreTrainingOutput(ModelOutput):
+    """Output of :class:`DinoForPreTraining`.
+
+    Args:
+        loss: 0-dim float32, the DINO cross-entropy averaged over crop pairs and batch.
+        student_logits: ``(num_crops, batch, num_prototypes)``, global crops first.
+        teacher_logits: ``(num_global_crops, batch, num_prototypes)``, no gradient.
+        teacher_entropy: 0-dim, mean entropy (nats) of the per-sample teacher distributions.
+            Near 0 for many steps means one-hot collapse.
+        teacher_mean_entropy: 0-dim, entropy (nats) of the batch-mean teacher distribution.
+            Near ln(K) together with ``teacher_entropy`` near ln(K) means uniform collapse.
+        teacher_logits_mean: ``(1, num_prototypes)``, this process's batch mean of the teacher logits;
+            what the center EMA consumes (see ``DinoLoss.update_center`` for gradient accumulation).
+    """
+
+    loss: torch.FloatTensor | None = None
+    student_logits: torch.FloatTensor | None = None
+    teacher_logits: torch.FloatTensor | None = None
+    teacher_entropy: torch.FloatTensor | None = None
+    teacher_mean_entropy: torch.FloatTensor | None = None
+    teacher_logits_mean: torch.FloatTensor | None = None
+
+
+class WeightNormalizedLinear(nn.Module):
+    """Bias-free linear layer with weight normalisation, ``weight = g * v / ||v||`` per output row.
+
+    Parameter names ``weight_g`` ``(out, 1)`` and ``weight_v`` ``(out, in)`` match the official DINO
+    checkpoints (``torch.nn.utils.weight_norm``), so they import one-to-one. With ``fix_norm`` the
+    norm ``g`` stays at 1 and receives no gradient (the official ``norm_last_layer=True``).
+    """
+
+    def __init__(self, in_features: int, out_features: int, fix_norm: bool = True) -> None:
+        super().__init__()
+        self.weight_g = nn.Parameter(torch.ones(out_features, 1), requires_grad=not fix_norm)
+        self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """PyTorch's ``nn.Linear`` init for the direction, unit norm (official DINO head)."""
+        nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)
+        nn.init.ones_(self.weight_g)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """``(N, in_features)`` -> ``(N, out_features)``."""
+        weight = self.weight_v * (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True))
+        return F.linear(hidden_states, weight)
+
+
+class DinoHead(nn.Module):
+    """The official DINO projection head.
+
+    ``mlp``: ``num_layers`` linear layers (GELU between them, optional BatchNorm after each hidden
+    one) from the backbone width to the bottleneck; then L2 normalisation; then a weight-normalised
+    linear layer to ``num_prototypes`` logits. The ``mlp`` layout (an ``nn.Sequential``, or a
+    single ``nn.Linear`` when ``num_layers == 1``) reproduces the official module indices.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        num_prototypes: int,
+        hidden_size: int = 2048,
+        bottleneck_size: int = 256,
+        num_layers: int = 3,
+        use_batch_norm: bool = False,
+        norm_last_layer: bool = True,
+    ) -> None:
+        super().__init__()
+        if num_layers == 1:
+            self.mlp = nn.Linear(in_features, bottleneck_size)
+        else:
+            layers: list[nn.Module] = []
+            width = in_features
+            for _ in range(num_layers - 1):
+                layers.append(nn.Linear(width, hidden_size))
+                if use_batch_norm:
+                    layers.append(nn.BatchNorm1d(hidden_size))
+                layers.append(nn.GELU())
+                width = hidden_size
+            layers.append(nn.Linear(hidden_size, bottleneck_size))
+            self.mlp = nn.Sequential(*layers)
+        self.last_layer = WeightNormalizedLinear(bottleneck_size, num_prototypes, fix_norm=norm_last_layer)
+        for module in self.mlp.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.trunc_normal_(module.weight, std=0.02)
+                nn.init.zeros_(module.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, in_features)`` backbone embeddings -> ``(N, num_prototypes)`` logits."""
+        projected = F.normalize(self.mlp(features), dim=-1, p=2)
+        return self.last_layer(projected)
+
+
+def _drop_path_hook(drop_probability: float):
+    """Forward hook that drops a residual branch per sample (stochastic depth, timm's ``DropPath``).
+
+    It is attached to the ``dropout`` module every ``ViTLayer`` applies to its attention and MLP
+    branch outputs just before adding the residual, so the backbone's weights and code stay a stock
+    ``ViTModel`` (and exports are unaffected). Each call draws its own mask, as timm's two
+    ``drop_path`` modules per block do.
+    """
+    keep_probability = 1.0 - drop_probability
+
+    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
+        if not module.training or drop_probability == 0.0:
+            return None
+        # (batch, 1, 1): one Bernoulli draw per sample, broadcast over tokens and channels.
+        mask_shape = (output.shape[0],) + (1,) * (output.ndim - 1)
+        mask = output.new_empty(mask_shape).bernoulli_(keep_probability)
+        return output * mask / keep_probability
+
+    return hook
+
+
+class DinoStudentTeacherNetwork(nn.Module):
+    """A ViT backbone followed by a :class:`DinoHead`; the student and the teacher are each one."""
+
+    def __init__(self, config: DinoConfig, drop_path_rate: float = 0.0) -> None:
+        super().__init__()
+        self.backbone = ViTModel(config.backbone_config, add_pooling_layer=False)
+        self.head = DinoHead(
+            in_features=config.backbone_config.hidden_size,
+            num_prototypes=config.num_prototypes,
+            hidden_size=config.head_hidden_size,
+            bottleneck_size=config.head_bottleneck_size,
+            num_layers=config.head_num_layers,
+            use_batch_norm=config.head_use_batch_norm,
+            norm_last_layer=config.norm_last_layer,
+        )
+        if drop_path_rate > 0.0:
+            # Linearly increasing drop rate over depth, as in the official ViT.
+            num_layers = len(self.backbone.layers)
+            for index, layer in enumerate(self.backbone.layers):
+                rate = drop_path_rate * index / max(num_layers - 1, 1)
+                layer.dropout.register_forward_hook(_drop_path_hook(rate))
+
+    def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` -> ``(N, hidden)``: CLS token of ``last_hidden_state`` (after the final norm).
+
+        Position embeddings are interpolated when ``H, W`` differ from the configured image size
+        (local crops).
+        """
+        outputs = self.backbone(pixel_values=pixel_values, interpolate_pos_encoding=True)
+        return outputs.last_hidden_state[:, 0]
+
+    def forward(self, crops_per_resolution: list[torch.Tensor]) -> torch.Tensor:
+        """Embed each resolution group with one backbone call, then run the head once.
+
+        Args:
+            crops_per_resolution: tensors of shape ``(N_i, 3, H_i, W_i)``.
+        Returns:
+            ``(sum N_i, num_prototypes)`` logits in the order of the inputs.
+        """
+        features = torch.cat([self.embed(crops) for crops in crops_per_resolution])
+        return self.head(features)
+
+
+def save_vit_backbone(backbone: ViTModel, output_dir: str | Path, image_size: int | None = None) -> Path:
+    """Write ``backbone`` with ``save_pretrained`` plus a matching ``preprocessor_config.json``.
+
+    The processor resizes any picture to the backbone's resolution (bicubic, as DINO's crops) and
+    normalises with ImageNet mean/std (``ViTImageProcessor`` would otherwise default to 0.5/0.5).
+    """
+    output_dir = Path(output_dir)
+    backbone.save_pretrained(output_dir)
+    size = image_size or backbone.config.image_size
+    height, width = size if isinstance(size, (list, tuple)) else (size, size)
+    processor = ViTImageProcessor(
+        do_resize=True,
+        size={"height": int(height), "width": int(width)},
+        resample=PILImageResampling.BICUBIC,
+        do_rescale=True,
+        do_normalize=True,
+        image_mean=list(IMAGENET_DEFAULT_MEAN),
+        image_std=list(IMAGENET_DEFAULT_STD),
+    )
+    processor.save_pretrained(output_dir)
+    return output_dir
+
+
+class DinoPreTrainedModel(PreTrainedModel):
+    """Weight initialisation and loading conventions shared by the DINO models."""
+
+    config: DinoConfig
+    config_class = DinoConfig
+    base_model_prefix = "dino"
+    main_input_name = "global_crops"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["ViTEmbeddings", "ViTLayer"]
+    _supports_sdpa = True
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Official DINO head init: truncated normal (std 0.02) for linears, zero bias.
+
+        The backbone (a ``ViTModel``) initialises itself; the prototype layer keeps PyTorch's
+        default ``nn.Linear`` init for ``weight_v`` with ``weight_g = 1``, as the official head does
+        (it is created after ``apply(_init_weights)``).
+        """
+        if isinstance(module, nn.Linear):
+            init.trunc_normal_(module.weight, std=0.02)
+            if module.bias is not None:
+                init.zeros_(module.bias)
+        elif isinstance(module, nn.BatchNorm1d):
+            init.ones_(module.weight)
+            init.zeros_(module.bias)
+            if module.running_mean is not None:
+                init.zeros_(module.running_mean)
+                init.ones_(module.running_var)
+        elif isinstance(module, WeightNormalizedLinear):
+            init.kaiming_uniform_(module.weight_v, a=5**0.5)
+            init.ones_(module.weight_g)
+        elif isinstance(module, DinoLoss):
+            init.zeros_(module.center)
+
+
+class DinoForPreTraining(DinoPreTrainedModel):
+    """Student and teacher networks plus the DINO loss.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from dino_hf import DinoConfig, DinoForPreTraining
+    >>> config = DinoConfig.from_preset("vit_tiny_patch16", num_prototypes=1024)
+    >>> model = DinoForPreTraining(config)
+    >>> global_crops = torch.randn(2, 4, 3, 224, 224)  # (num_global, batch, 3, H, W)
+    >>> local_crops = torch.randn(8, 4, 3, 96, 96)  # (num_local, batch, 3, h, w)
+    >>> output = model(global_crops, local_crops, teacher_temperature=0.04)
+    >>> output.loss.backward()
+    >>> model.update_teacher(momentum=0.996)
+    ```
+    """
+
+    def __init__(self, config: DinoConfig) -> None:
+        super().__init__(config)
+        config.check_architecture()
+        self.student = DinoStudentTeacherNetwork(config, drop_path_rate=config.drop_path_rate)
+        self.teacher = DinoStudentTeacherNetwork(config, drop_path_rate=0.0)
+        self.loss_fn = DinoLoss(
+            num_prototypes=config.num_prototypes,
+            student_temperature=config.student_temperature,
+            center_momentum=config.center_momentum,
+        )
+        self.post_init()
+        self._set_trainable_parameters()
+        # The teacher starts as an exact copy of the student (official: load_state_dict).
+        self._copy_student_to_teacher()
+
+    def _set_trainable_parameters(self) -> None:
+        """Teacher: no gradients at all. Student: all but a fixed prototype norm (``norm_last_layer``)."""
+        self.teacher.requires_grad_(False)
+        self.student.requires_grad_(True)
+        self.student.head.last_layer.weight_g.requires_grad_(not self.config.norm_last_layer)
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs) -> DinoForPreTraining:
+        """``PreTrainedModel.from_pretrained``, then the gradient flags that loading resets."""
+        model = super().from_pretrained(*args, **kwargs)
+        if isinstance(model, tuple):  # output_loading_info=True
+            model[0]._set_trainable_parameters()
+        else:
+            model._set_trainable_parameters()
+        return model
+
+    @torch.no_grad()
+    def _copy_student_to_teacher(self) -> None:
+        for student_tensor, teacher_tensor in self._student_teacher_pairs():
+            if not teacher_tensor.is_meta:
+                teacher_tensor.copy_(student_tensor)
+
+    def _student_teacher_pairs(self) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Matching (student, teacher) parameters, in a fixed order."""
+        teacher_parameters = dict(self.teacher.named_parameters())
+        return [(parameter, teacher_parameters[name]) for name, parameter in self.student.named_parameters()]
+
+    # ------------------------------------------------------------------ forward
+    @staticmethod
+    def _check_crops(global_crops: torch.Tensor, local_crops: torch.Tensor | None) -> None:
+        if not isinstance(global_crops, torch.Tensor) or global_crops.ndim != 5 or global_crops.shape[2] != 3:
+            shape = tuple(global_crops.shape) if isinstance(global_crops, torch.Tensor) else type(global_crops)
+            raise ValueError(
+                f"global_crops must have shape (num_global_crops, batch, 3, height, width), got {shape}."
+            )
+        num_global, batch = global_crops.shape[:2]
+        num_local = 0
+        if local_crops is not None:
+            if local_crops.ndim != 5 or local_crops.shape[2] != 3 or local_crops.shape[1] != batch:
+                raise ValueError(
+                    f"local_crops must have shape (num_local_crops, {batch}, 3, height, width) to match "
+                    f"global_crops, got {tuple(local_crops.shape)}."
+                )
+            num_local = local_crops.shape[0]
+        if num_global < 1 or num_global + num_local < 2:
+            raise ValueError(
+                "DINO needs at least 2 crops per image (e.g. 2 global crops); got "
+                f"{num_global} global and {num_local} local crops."
+            )
+
+    def forward(
+        self,
+        global_crops: torch.Tensor,
+        local_crops: torch.Tensor | None = None,
+        teacher_temperature: float | torch.Tensor = 0.04,
+        update_center: bool | None = None,
+        return_dict: bool = True,
+    ) -> DinoForPreTrainingOutput | tuple:
+        """Run teacher on the global crops and student on all crops; compute the DINO loss.
+
+        Args:
+            global_crops: ``(num_global_crops, batch, 3, H, W)``, crop-major.
+            local_crops: ``(num_local_crops, batch, 3, h, w)`` or ``None``.
+            teacher_temperature: teacher softmax temperature (schedule value for this step).
+            update_center: update the loss's center after the loss; ``None`` means "in training mode".
+                Pass ``False`` on gradient-accumulation micro-steps and update once per optimiser
+                step from the averaged ``teacher_logits_mean``.
+        """
+        self._check_crops(global_crops, local_crops)
+        num_global, batch = global_crops.shape[:2]
+        global_flat = global_crops.flatten(0, 1)
+        with torch.no_grad():
+            teacher_logits = self.teacher([global_flat]).view(num_global, batch, -1)
+
+        student_inputs = [global_flat]
+        if local_crops is not None and local_crops.shape[0] > 0:
+            student_inputs.append(local_crops.flatten(0, 1))
+        student_logits = self.student(student_inputs)
+        student_logits = student_logits.view(-1, batch, student_logits.shape[-1])
+
+        with torch.no_grad():
+            # Statistics use the center *before* this step's update, like the loss itself.
+            teacher_probabilities = self.loss_fn.teacher_probabilities(teacher_logits, teacher_temperature)
+            teacher_entropy, teacher_mean_entropy = DinoLoss.teacher_statistics(teacher_probabilities)
+            teacher_logits_mean = teacher_logits.float().mean(dim=(0, 1)).unsqueeze(0)
+        loss = self.loss_fn(student_logits, teacher_logits, teacher_temperature, update_center=update_center)
+
+        output = DinoForPreTrainingOutput(
+            loss=loss,
+            student_logits=student_logits,
+            teacher_logits=teacher_logits,
+            teacher_entropy=teacher_entropy,
+            teacher_mean_entropy=teacher_mean_entropy,
+            teacher_logits_mean=teacher_logits_mean,
+        )
+        return output if return_dict else output.to_tuple()
+
+    def embed(self, pixel_values: torch.Tensor, which: str = "teacher") -> torch.Tensor:
+        """``(N, 3, H, W)`` -> ``(N, hidden)`` CLS embedding of the teacher (default) or student."""
+        return self._network(which).embed(pixel_values)
+
+    def _network(self, which: str) -> DinoStudentTeacherNetwork:
+        if which not in ("teacher", "student"):
+            raise ValueError(f"which must be 'teacher' or 'student', got {which!r}.")
+        return self.teacher if which == "teacher" else self.student
+
+    # ------------------------------------------------------------------ training helpers
+    @torch.no_grad()
+    def update_teacher(self, momentum: float) -> None:
+        """EMA of the student into the teacher: ``teacher = momentum * teacher + (1 - momentum) * student``.
+
+        One fused ``torch._foreach_lerp_`` over all parameters (no Python loop over tensors); with
+        ``momentum == 1`` the teacher is unchanged and with ``momentum == 0`` it becomes the student.
+        """
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (official 0.996 -> 1), got {momentum!r}.")
+        if getattr(self, "_ema_pairs", None) is None:
+            pairs = self._student_teacher_pairs()
+            self._ema_pairs = ([student for student, _ in pairs], [teacher for _, teacher in pairs])
+        student_parameters, teacher_parameters = self._ema_pairs
+        torch._foreach_lerp_(teacher_parameters, student_parameters, 1.0 - momentum)
+
+    def _apply(self, fn, recurse: bool = True):
+        # Moving or casting the model creates new parameter tensors: forget the cached EMA pairs.
+        self._ema_pairs = None
+        return super()._apply(fn, recurse)
+
+    def get_parameter_groups(self, weight_decay: float) -> list[dict]:
+        """AdamW parameter groups of the student, following the official DINO rule.
+
+        Biases and all 1-D parameters (norm weights) get no weight decay; frozen parameters (the
+        teacher, a fixed prototype norm) are left out. Each group carries ``apply_weight_decay`` so
+        that a weight-decay schedule updates only the decayed group.
+        """
+        decayed, not_decayed = [], []
+        for name, parameter in self.student.named_parameters():
+            if not parameter.requires_grad:
+                continue
+            if name.endswith(".bias") or parameter.ndim <= 1:
+                not_decayed.append(parameter)
+            else:
+                decayed.append(parameter)
+        return [
+            {"params": decayed, "weight_decay": weight_decay, "apply_weight_decay": True},
+            {"params": not_decayed, "weight_decay": 0.0, "apply_weight_decay": False},
+        ]
+
+    def cancel_last_layer_gradients(self) -> None:
+        """Drop the gradients of the student's prototype layer (official last-layer freeze)."""
+        for parameter in self.student.head.last_layer.parameters():
+            parameter.grad = None
+
+    # ------------------------------------------------------------------ export / import
+    def save_backbone(self, output_dir: str | Path, which: str = "teacher", image_size: int | None = None) -> Path:
+        """Write the teacher (default) or student backbone as a stock ``ViTModel`` folder.
+
+        The folder holds ``config.json``, ``model.safetensors`` and a ``preprocessor_config.json``
+        with ImageNet mean/std and a resize to the backbone's resolution, so that
+        ``AutoModel.from_pretrained``, ``AutoImageProcessor`` and
+        ``pipeline("image-feature-extraction")`` work without dino_hf. The DINO embedding is the CLS
+        token of ``last_hidden_state``; load with ``add_pooling_layer=False`` to avoid a random pooler.
+
+        Args:
+            output_dir: destination folder (created).
+            which: ``"teacher"`` (the official choice for evaluation) or ``"student"``.
+            image_size: processor resolution; defaults to the backbone's ``image_size``.
+        """
+        return save_vit_backbone(self._network(which).backbone, output_dir, image_size)
+
+    @classmethod
+    def from_backbone(
+        cls, backbone: str | Path | ViTModel, config: DinoConfig | None = None, **config_kwargs
+    ) -> DinoForPreTraining:
+        """Start DINO pre-training from an existing ViT backbone (continued pre-training).
+
+        Args:
+            backbone: a ``ViTModel`` or a folder / Hub id that ``ViTModel.from_pretrained`` loads
+                (e.g. a folder written by :meth:`save_backbone`).
+            config: a DinoConfig for the head and loss; its ``backbone_config`` is replaced by the
+                backbone's own. When omitted, DINO defaults plus ``config_kwargs`` are used.
+        Returns:
+            A model whose student and teacher backbones both hold the given weights and whose heads
+            are freshly initialised.
+        """
+        if not isinstance(backbone, ViTModel):
+            backbone = ViTModel.from_pretrained(backbone, add_pooling_layer=False)
+        backbone_config = copy.deepcopy(backbone.config)
+        if config is None:
+            config = DinoConfig(backbone_config=backbone_config, **config_kwargs)
+        else:
+            config = copy.deepcopy(config)
+            config.backbone_config = backbone_config
+            for key, value in config_kwargs.items():
+                setattr(config, key, value)
+        model = cls(config)
+        state = {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
+        for network in (model.student, model.teacher):
+            network.backbone.load_state_dict(state, strict=True)
+        return model
+
+
+AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
+AutoModel.register(DinoConfig, DinoForPreTraining, exist_ok=True)
+
+__all__ = [
+    "DinoForPreTraining",
+    "DinoForPreTrainingOutput",
+    "DinoHead",
+    "DinoPreTrainedModel",
+    "save_vit_backbone",
+]

@@ -1,0 +1,264 @@
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+from tiny_models import tiny_dino_config
+from transformers import ViTModel
+
+from dino_hf import DinoForPreTraining, DinoHead
+from dino_hf.modeling_dino import WeightNormalizedLinear
+
+BATCH = 3
+
+
+def make_crops(batch: int = BATCH, num_local: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    global_crops = torch.randn(2, batch, 3, 32, 32, generator=generator)
+    local_crops = torch.randn(num_local, batch, 3, 16, 16, generator=generator)
+    return global_crops, local_crops
+
+
+@pytest.fixture
+def model() -> DinoForPreTraining:
+    torch.manual_seed(0)
+    return DinoForPreTraining(tiny_dino_config())
+
+
+def test_teacher_starts_as_a_copy_and_gets_no_gradient(model):
+    for (name, student), (_, teacher) in zip(model.student.named_parameters(), model.teacher.named_parameters()):
+        assert torch.equal(student, teacher), name
+        assert not teacher.requires_grad
+    global_crops, local_crops = make_crops()
+    output = model(global_crops, local_crops, teacher_temperature=0.04)
+    output.loss.backward()
+    assert all(parameter.grad is None for parameter in model.teacher.parameters())
+    assert model.student.backbone.embeddings.cls_token.grad is not None
+    assert model.student.head.last_layer.weight_v.grad is not None
+    # norm_last_layer: the prototype norm is fixed to 1
+    assert model.student.head.last_layer.weight_g.grad is None
+    assert torch.equal(model.student.head.last_layer.weight_g, torch.ones_like(model.student.head.last_layer.weight_g))
+
+
+def test_output_shapes_and_statistics(model):
+    global_crops, local_crops = make_crops(num_local=5)
+    output = model(global_crops, local_crops, teacher_temperature=0.04)
+    assert output.loss.shape == () and output.loss.dtype == torch.float32
+    assert output.student_logits.shape == (7, BATCH, 64)
+    assert output.teacher_logits.shape == (2, BATCH, 64)
+    assert output.teacher_logits_mean.shape == (1, 64)
+    assert 0.0 <= output.teacher_entropy.item() <= torch.log(torch.tensor(64.0)).item() + 1e-5
+    assert output.teacher_entropy.item() <= output.teacher_mean_entropy.item() + 1e-5
+    assert torch.allclose(output.teacher_logits_mean, output.teacher_logits.mean(dim=(0, 1)).unsqueeze(0))
+
+
+def test_one_backbone_call_per_resolution(model):
+    calls = []
+    model.student.backbone.register_forward_hook(lambda module, args, kwargs_out: calls.append("student"))
+    model.teacher.backbone.register_forward_hook(lambda module, args, kwargs_out: calls.append("teacher"))
+    model(*make_crops(num_local=6))
+    assert sorted(calls) == ["student", "student", "teacher"]
+    calls.clear()
+    model(make_crops()[0])  # global crops only
+    assert sorted(calls) == ["student", "teacher"]
+
+
+def test_student_sees_the_same_views_as_the_teacher_first(model):
+    model.update_teacher(0.0)
+    model.eval()  # no drop path: student == teacher on the same views
+    global_crops, local_crops = make_crops()
+    output = model(global_crops, local_crops, teacher_temperature=0.04)
+    assert torch.allclose(output.student_logits[:2], output.teacher_logits, atol=1e-5)
+
+
+def test_update_teacher_momentum_endpoints_and_value(model):
+    with torch.no_grad():
+        for parameter in model.student.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = {name: tensor.clone() for name, tensor in model.teacher.named_parameters()}
+    model.update_teacher(1.0)
+    for name, tensor in model.teacher.named_parameters():
+        assert torch.equal(tensor, before[name]), name
+    model.update_teacher(0.9)
+    students = dict(model.student.named_parameters())
+    for name, tensor in model.teacher.named_parameters():
+        assert torch.allclose(tensor, 0.9 * before[name] + 0.1 * students[name], atol=1e-6), name
+    model.update_teacher(0.0)
+    for name, tensor in model.teacher.named_parameters():
+        assert torch.equal(tensor, students[name]), name
+    with pytest.raises(ValueError, match="momentum"):
+        model.update_teacher(1.5)
+
+
+def test_update_teacher_after_moving_the_model(model):
+    model.update_teacher(0.5)  # caches the parameter lists
+    model.to(torch.float64)
+    model.update_teacher(0.0)
+    for student, teacher in zip(model.student.parameters(), model.teacher.parameters()):
+        assert teacher.dtype == torch.float64
+        assert torch.equal(student, teacher)
+
+
+def test_stochastic_depth_on_the_student_only(model):
+    images = torch.randn(4, 3, 32, 32)
+    model.train()
+    assert not torch.allclose(model.embed(images, "student"), model.embed(images, "student"))
+    assert torch.equal(model.embed(images, "teacher"), model.embed(images, "teacher"))
+    model.eval()
+    assert torch.equal(model.embed(images, "student"), model.embed(images, "student"))
+    # the exported student has the plain ViT weights: stochastic depth lives in hooks, not weights
+    assert set(model.student.backbone.state_dict()) == set(model.teacher.backbone.state_dict())
+
+
+def test_parameter_groups_follow_the_official_rule(model):
+    groups = model.get_parameter_groups(weight_decay=0.04)
+    decayed, not_decayed = groups
+    assert decayed["apply_weight_decay"] and decayed["weight_decay"] == 0.04
+    assert not not_decayed["apply_weight_decay"] and not_decayed["weight_decay"] == 0.0
+    decayed_ids = {id(parameter) for parameter in decayed["params"]}
+    not_decayed_ids = {id(parameter) for parameter in not_decayed["params"]}
+    for name, parameter in model.student.named_parameters():
+        if not parameter.requires_grad:
+            assert id(parameter) not in decayed_ids | not_decayed_ids
+        elif name.endswith(".bias") or parameter.ndim == 1:
+            assert id(parameter) in not_decayed_ids, name
+        else:
+            assert id(parameter) in decayed_ids, name
+    teacher_ids = {id(parameter) for parameter in model.teacher.parameters()}
+    assert not teacher_ids & (decayed_ids | not_decayed_ids)
+
+
+def test_cancel_last_layer_gradients(model):
+    model(*make_crops()).loss.backward()
+    model.cancel_last_layer_gradients()
+    assert model.student.head.last_layer.weight_v.grad is None
+    assert model.student.head.mlp[0].weight.grad is not None
+
+
+def test_bf16_autocast_keeps_the_loss_in_float32(model):
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = model(*make_crops(), teacher_temperature=0.04)
+    assert output.loss.dtype == torch.float32
+    assert torch.isfinite(output.loss)
+
+
+def test_center_updates_only_in_training_mode(model):
+    model.eval()
+    model(*make_crops())
+    assert torch.count_nonzero(model.loss_fn.center) == 0
+    model.train()
+    model(*make_crops(), update_center=False)
+    assert torch.count_nonzero(model.loss_fn.center) == 0
+    model(*make_crops())
+    assert torch.count_nonzero(model.loss_fn.center) > 0
+
+
+def test_save_and_load_round_trip_everything(model, tmp_path):
+    model.train()
+    optimizer = torch.optim.AdamW(model.get_parameter_groups(0.04), lr=1e-3)
+    for step in range(2):
+        model(*make_crops(seed=step)).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        model.update_teacher(0.9)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors").exists()
+    loaded = DinoForPreTraining.from_pretrained(tmp_path)
+    original, restored = model.state_dict(), loaded.state_dict()
+    assert original.keys() == restored.keys()
+    assert "loss_fn.center" in restored
+    for key in original:
+        assert torch.equal(original[key], restored[key]), key
+    assert not any(parameter.requires_grad for parameter in loaded.teacher.parameters())
+
+
+def test_head_matches_the_official_layout():
+    head = DinoHead(in_features=8, num_prototypes=10, hidden_size=6, bottleneck_size=4, num_layers=3, use_batch_norm=True)
+    assert [type(module).__name__ for module in head.mlp] == [
+        "Linear", "BatchNorm1d", "GELU", "Linear", "BatchNorm1d", "GELU", "Linear"
+    ]
+    assert isinstance(head.last_layer, WeightNormalizedLinear)
+    assert isinstance(DinoHead(8, 10, num_layers=1, bottleneck_size=4).mlp, torch.nn.Linear)
+    features = torch.randn(5, 8)
+    logits = head(features)
+    # weight-normalised rows and L2-normalised bottleneck: |logit| <= 1 when the norm is fixed to 1
+    assert logits.shape == (5, 10) and logits.abs().max() <= 1.0 + 1e-6
+
+
+@pytest.mark.parametrize(
+    ("global_shape", "local_shape", "message"),
+    [
+        ((2, 3, 32, 32), None, "global_crops"),
+        ((2, 3, 1, 32, 32), None, "global_crops"),
+        ((1, 3, 3, 32, 32), None, "at least 2 crops"),
+        ((2, 3, 3, 32, 32), (4, 2, 3, 16, 16), "local_crops"),
+    ],
+)
+def test_wrong_crop_shapes_raise_one_sentence(model, global_shape, local_shape, message):
+    local_crops = None if local_shape is None else torch.zeros(local_shape)
+    with pytest.raises(ValueError, match=message):
+        model(torch.zeros(global_shape), local_crops)
+
+
+def test_from_backbone_starts_student_and_teacher_from_the_given_weights(tmp_path):
+    torch.manual_seed(1)
+    source = DinoForPreTraining(tiny_dino_config())
+    source.save_backbone(tmp_path / "backbone", which="student")
+    model = DinoForPreTraining.from_backbone(tmp_path / "backbone", num_prototypes=32, head_hidden_size=16)
+    assert model.config.num_prototypes == 32
+    expected = source.student.backbone.state_dict()
+    for network in (model.student, model.teacher):
+        for key, value in network.backbone.state_dict().items():
+            assert torch.equal(value, expected[key]), key
+
+
+def test_exported_backbone_loads_with_plain_transformers(model, tmp_path):
+    """In a process that never imports dino_hf: AutoModel, AutoImageProcessor and the pipeline."""
+    with torch.no_grad():
+        for parameter in model.teacher.parameters():
+            parameter.add_(0.01 * torch.randn_like(parameter))  # teacher != student
+    backbone_dir = model.save_backbone(tmp_path / "backbone")
+    processor_config = json.loads((backbone_dir / "preprocessor_config.json").read_text())
+    assert processor_config["image_mean"] == [0.485, 0.456, 0.406]
+    assert processor_config["size"] == {"height": 32, "width": 32}
+
+    pixel_values = torch.randn(2, 3, 32, 32)
+    torch.save(pixel_values, tmp_path / "pixels.pt")
+    model.eval()
+    with torch.no_grad():
+        expected = model.embed(pixel_values, "teacher")
+    script = textwrap.dedent(
+        f"""
+        import sys
+        import numpy as np
+        import torch
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModel, pipeline
+        backbone = AutoModel.from_pretrained({str(backbone_dir)!r}, add_pooling_layer=False).eval()
+        assert type(backbone).__name__ == "ViTModel"
+        pixels = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
+        with torch.no_grad():
+            cls = backbone(pixel_values=pixels).last_hidden_state[:, 0]
+        torch.save(cls, {str(tmp_path / "cls.pt")!r})
+        processor = AutoImageProcessor.from_pretrained({str(backbone_dir)!r})
+        picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+        assert processor(picture, return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
+        extractor = pipeline("image-feature-extraction", model={str(backbone_dir)!r})
+        features = np.asarray(extractor(picture))
+        assert features.shape[-1] == 32, features.shape
+        assert "dino_hf" not in sys.modules
+        print("ok")
+        """
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert torch.allclose(torch.load(tmp_path / "cls.pt", weights_only=True), expected, atol=1e-5)
+
+
+def test_exported_backbone_has_no_pooler_weights(model, tmp_path):
+    model.save_backbone(tmp_path)
+    loaded = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert loaded.config.layer_norm_eps == 1e-6
+    assert loaded.pooler is None

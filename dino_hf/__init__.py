@@ -26,7 +26,19 @@ _LAZY_EXPORTS = {
     "DinoTrainingArguments": "training_args",
 }
 
-__all__ = sorted(_LAZY_EXPORTS)
+__all__ = [
+    "DinoConfig",
+    "DinoForPreTraining",
+    "DinoForPreTrainingOutput",
+    "DinoHead",
+    "DinoLoss",
+    "DinoSchedules",
+    "DinoTrainingArguments",
+    "MultiCropAugmentation",
+    "collate_multi_crop",
+    "create_train_dataloader",
+    "load_image_dataset",
+]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from .augmentation import MultiCropAugmentation, collate_multi_crop

@@ -77,6 +77,10 @@ class DinoConfig(PreTrainedConfig):
             Temperature of the student softmax in the DINO loss.
         center_momentum (`float`, *optional*, defaults to 0.9):
             EMA momentum of the teacher-logit center.
+        teacher_centering (`str`, *optional*, defaults to `"centering"`):
+            How teacher targets avoid collapse: `"centering"` (DINO: subtract an EMA center, then
+            sharpen) or `"sinkhorn_knopp"` (DINOv2: equipartition over prototypes by 3 Sinkhorn-Knopp
+            iterations; the center buffer is then unused).
 
     Example:
 
@@ -110,6 +114,7 @@ class DinoConfig(PreTrainedConfig):
     drop_path_rate: float | int = 0.1
     student_temperature: float | int = 0.1
     center_momentum: float | int = 0.9
+    teacher_centering: str = "centering"
 
     def check_architecture(self) -> None:
         """Raise ``ValueError`` with one sentence when a field has an impossible value."""
@@ -126,6 +131,10 @@ class DinoConfig(PreTrainedConfig):
             )
         if not 0.0 <= self.center_momentum <= 1.0:
             raise ValueError(f"DinoConfig.center_momentum must be in [0, 1] (official 0.9), got {self.center_momentum!r}.")
+        if self.teacher_centering not in ("centering", "sinkhorn_knopp"):
+            raise ValueError(
+                f"DinoConfig.teacher_centering must be 'centering' or 'sinkhorn_knopp', got {self.teacher_centering!r}."
+            )
         backbone = self.backbone_config
         if backbone.hidden_size % backbone.num_attention_heads != 0:
             raise ValueError(

@@ -269,6 +269,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
             num_prototypes=config.num_prototypes,
             student_temperature=config.student_temperature,
             center_momentum=config.center_momentum,
+            centering=config.teacher_centering,
         )
         self.post_init()
         self._set_trainable_parameters()
@@ -356,11 +357,16 @@ class DinoForPreTraining(DinoPreTrainedModel):
         student_logits = student_logits.view(-1, batch, student_logits.shape[-1])
 
         with torch.no_grad():
-            # Statistics use the center *before* this step's update, like the loss itself.
+            # One teacher softmax serves the loss and the monitor statistics; it uses the center
+            # *before* this step's update, as the official code does.
             teacher_probabilities = self.loss_fn.teacher_probabilities(teacher_logits, teacher_temperature)
             teacher_entropy, teacher_mean_entropy = DinoLoss.teacher_statistics(teacher_probabilities)
-            teacher_logits_mean = teacher_logits.float().mean(dim=(0, 1)).unsqueeze(0)
-        loss = self.loss_fn(student_logits, teacher_logits, teacher_temperature, update_center=update_center)
+            teacher_logits_mean = DinoLoss.teacher_logits_mean(teacher_logits)
+        loss = self.loss_fn.cross_entropy(student_logits, teacher_probabilities)
+        if update_center is None:
+            update_center = self.loss_fn.training
+        if update_center and self.loss_fn.centering == "centering":
+            self.loss_fn.update_center(teacher_logits_mean)
 
         output = DinoForPreTrainingOutput(
             loss=loss,

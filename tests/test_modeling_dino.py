@@ -28,7 +28,7 @@ def model() -> DinoForPreTraining:
 
 
 def test_teacher_starts_as_a_copy_and_gets_no_gradient(model):
-    for (name, student), (_, teacher) in zip(model.student.named_parameters(), model.teacher.named_parameters()):
+    for (name, student), (_, teacher) in zip(model.student.named_parameters(), model.teacher.named_parameters(), strict=True):
         assert torch.equal(student, teacher), name
         assert not teacher.requires_grad
     global_crops, local_crops = make_crops()
@@ -96,7 +96,7 @@ def test_update_teacher_after_moving_the_model(model):
     model.update_teacher(0.5)  # caches the parameter lists
     model.to(torch.float64)
     model.update_teacher(0.0)
-    for student, teacher in zip(model.student.parameters(), model.teacher.parameters()):
+    for student, teacher in zip(model.student.parameters(), model.teacher.parameters(), strict=True):
         assert teacher.dtype == torch.float64
         assert torch.equal(student, teacher)
 
@@ -262,3 +262,10 @@ def test_exported_backbone_has_no_pooler_weights(model, tmp_path):
     loaded = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False)
     assert loaded.config.layer_norm_eps == 1e-6
     assert loaded.pooler is None
+
+
+def test_sinkhorn_knopp_centering_option():
+    model = DinoForPreTraining(tiny_dino_config(teacher_centering="sinkhorn_knopp"))
+    output = model(*make_crops())
+    assert torch.isfinite(output.loss)
+    assert torch.count_nonzero(model.loss_fn.center) == 0  # the center is not used

@@ -1,0 +1,624 @@
+"""Streaming image data for DINO: any ``datasets`` source in, crop-major multi-crop batches out.
+
+Pipeline (per process)::
+
+    load_image_dataset (streaming by default)
+      -> keep the image column, undecoded            (bytes are decoded once, by us, so bad images are caught)
+      -> shard order shuffled by seed and epoch      (datasets' shard shuffling, exact on resume)
+      -> split_dataset_by_node(rank, world_size)     (by shard when shards % processes == 0)
+      -> DataLoader workers, one slice of shards each (datasets' own worker split)
+      -> shuffle buffer of ``shuffle_buffer_size``   (fill, permute, drain: see below)
+      -> decode, skip and count bad images, augment, batch  (inside the worker)
+
+Exact resumption. ``datasets``' own buffer shuffle loses the buffer on resume (its docs say so), and
+a ``DataLoader`` does not know the stream position. Here the shuffle buffer is filled with
+``shuffle_buffer_size`` undecoded examples, permuted by a generator seeded with
+``(seed, epoch, process, worker, block)`` and drained; the augmentation of each example is seeded the
+same way plus its position. So a position is fully described by the ``datasets`` state at the start
+of the current block plus the offset in it: workers send it along with every batch, the loader keeps
+the latest per worker, and :meth:`DinoDataLoader.load_state_dict` restores it (re-reading one block
+undecoded) and rotates the worker order so the next batches are exactly those an uninterrupted run
+would have produced. No extra dependency (torchdata) is needed.
+"""
+
+from __future__ import annotations
+
+import copy
+import io
+import itertools
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .augmentation import MultiCropAugmentation, to_rgb_uint8
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["BadImageError", "DinoDataLoader", "create_train_dataloader", "decode_image", "load_image_dataset"]
+
+_IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
+_STATE_VERSION = 1
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading
+# --------------------------------------------------------------------------------------------------
+def _builder_for_file(path: str) -> str | None:
+    lowered = path.lower()
+    if lowered.endswith(".parquet"):
+        return "parquet"
+    if lowered.endswith(".tar"):
+        return "webdataset"
+    if Path(lowered).suffix in _IMAGE_EXTENSIONS:
+        return "imagefolder"
+    return None
+
+
+def _looks_like_local_path(name: str) -> bool:
+    """A Hub id is ``name`` or ``owner/name``; anything else with path syntax is meant to be local."""
+    return (
+        name.startswith(("/", "./", "../", "~"))
+        or name.rstrip("/").count("/") > 1
+        or _builder_for_file(name) is not None
+        or "*" in name
+    )
+
+
+def load_image_dataset(
+    dataset_name: str,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    streaming: bool = True,
+) -> Any:
+    """Load an image dataset split as a ``datasets`` ``IterableDataset`` (streaming) or ``Dataset``.
+
+    ``dataset_name`` may be:
+
+    - a local folder: ``datasets`` infers the format from the files it holds (images -> imagefolder,
+      with labels from sub-folder names; ``*.parquet`` -> parquet; ``*.tar`` -> webdataset) and the
+      splits from file names (``train-00000-of-00004.parquet``, ``train/`` ...);
+    - a ``*.parquet`` or ``*.tar`` file or glob pattern (its content becomes ``split``);
+    - a Hub dataset id (``dataset_config_name`` selects the configuration).
+
+    Raises:
+        ValueError: one sentence naming ``--dataset_name`` when the dataset cannot be found.
+    """
+    import datasets
+
+    expanded = os.path.expanduser(dataset_name)
+    try:
+        if os.path.isdir(expanded):
+            return datasets.load_dataset(expanded, dataset_config_name, split=split, streaming=streaming)
+        builder = _builder_for_file(expanded)
+        if builder in ("parquet", "webdataset") and (os.path.isfile(expanded) or "*" in expanded):
+            return datasets.load_dataset(builder, data_files={split: expanded}, split=split, streaming=streaming)
+        if _looks_like_local_path(dataset_name) and not os.path.exists(expanded):
+            raise FileNotFoundError(expanded)
+        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    except ConnectionError as error:
+        raise ValueError(
+            f"Dataset {dataset_name!r} is not a local path and the Hub could not be reached ({error}); pass a local "
+            "image folder or parquet/webdataset files with --dataset_name, or allow network access."
+        ) from error
+    except (FileNotFoundError, datasets.exceptions.DatasetNotFoundError) as error:
+        raise ValueError(
+            f"Dataset {dataset_name!r} was not found: --dataset_name must be a local image folder, a folder or "
+            f"file of parquet or webdataset (.tar) shards, or a Hub dataset id ({type(error).__name__}: {error})."
+        ) from error
+
+
+def _count_local_examples(dataset_name: str, dataset_config_name: str | None, split: str) -> int | None:
+    """Number of examples of a local parquet / imagefolder split without reading the data, else None."""
+    import datasets
+
+    expanded = os.path.expanduser(dataset_name)
+    try:
+        if os.path.isfile(expanded):
+            files = [expanded]
+        elif os.path.isdir(expanded):
+            builder = datasets.load_dataset_builder(expanded, dataset_config_name)
+            files = list(builder.config.data_files[split])
+        else:
+            return None
+        if files and all(str(f).lower().endswith(".parquet") for f in files):
+            import pyarrow.parquet as pq
+
+            return sum(pq.read_metadata(str(f)).num_rows for f in files)
+        if files and all(Path(str(f)).suffix.lower() in _IMAGE_EXTENSIONS for f in files):
+            return len(files)
+    except Exception:  # noqa: BLE001 - a count is a nicety; never fail loading for it
+        return None
+    return None
+
+
+def _check_image_column(dataset: Any, image_column: str, dataset_name: str) -> None:
+    columns = dataset.column_names
+    if columns is None and dataset.features is not None:
+        columns = list(dataset.features)
+    if columns is not None and image_column not in columns:
+        raise ValueError(
+            f"Image column {image_column!r} is not in dataset {dataset_name!r}, whose columns are "
+            f"{', '.join(repr(c) for c in columns)}; pass one of them with --image_column."
+        )
+
+
+# --------------------------------------------------------------------------------------------------
+# Decoding
+# --------------------------------------------------------------------------------------------------
+class BadImageError(ValueError):
+    """An example whose image cannot be used (missing, undecodable, truncated, too small)."""
+
+
+def decode_image(value: Any, min_image_size: int = 2) -> Tensor:
+    """Decode one image-column value to an RGB ``(3, H, W)`` uint8 tensor.
+
+    ``value`` may be an undecoded ``datasets.Image`` dict (``{"bytes", "path"}``), raw bytes, a path,
+    a PIL image, an array or a tensor. Raises :class:`BadImageError` for a missing value, bytes that do
+    not decode (including truncated and zero-byte files) and images smaller than ``min_image_size``
+    pixels on a side.
+    """
+    from PIL import Image
+
+    if value is None:
+        raise BadImageError("missing image value")
+    try:
+        if isinstance(value, dict):
+            data, path = value.get("bytes"), value.get("path")
+            if data is None and path is None:
+                raise BadImageError("missing image value")
+            if data is None:
+                import datasets
+
+                image = datasets.Image().decode_example({"bytes": None, "path": path})
+            else:
+                image = Image.open(io.BytesIO(data))
+                image.load()
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value))
+            image.load()
+        elif isinstance(value, str):
+            import datasets
+
+            image = datasets.Image().decode_example({"bytes": None, "path": value})
+        else:
+            image = value
+        pixels = to_rgb_uint8(image)
+    except BadImageError:
+        raise
+    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
+        raise BadImageError(f"{type(error).__name__}: {error}") from error
+    if min(pixels.shape[-2:]) < min_image_size:
+        raise BadImageError(f"image of {pixels.shape[-1]}x{pixels.shape[-2]} pixels is smaller than {min_image_size}")
+    return pixels
+
+
+# --------------------------------------------------------------------------------------------------
+# The worker-side stream
+# --------------------------------------------------------------------------------------------------
+def _seed_for(*values: int) -> int:
+    """A 63-bit seed mixing ``values`` (numpy SeedSequence)."""
+    return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint64)[0] >> 1)
+
+
+_MARKER = "_dino_marker"  # key of the dicts that carry state without data
+_STATE = "_dino_state"
+
+
+class _MultiCropStream(torch.utils.data.IterableDataset):
+    """Yields augmented batches (dicts) of one loader worker ("role"), each with its stream position."""
+
+    def __init__(
+        self,
+        source: Any,
+        augmentation: Callable[..., Any],
+        batch_size: int,
+        image_column: str,
+        shuffle_buffer_size: int,
+        seed: int,
+        process_index: int,
+        drop_last: bool,
+        min_image_size: int,
+    ) -> None:
+        super().__init__()
+        self.source = source
+        self.augmentation = augmentation
+        self.batch_size = batch_size
+        self.image_column = image_column
+        self.shuffle_buffer_size = max(1, shuffle_buffer_size)
+        self.seed = seed
+        self.process_index = process_index
+        self.drop_last = drop_last
+        self.min_image_size = min_image_size
+        self.epoch = 0
+        self.resume_states: dict[int, dict] = {}
+        self.rotate_before = -1  # roles <= this emit one marker first (worker-order rotation on resume)
+
+    def _augment(self, pixels: Tensor, example_seed: int) -> tuple[Tensor, Tensor | None]:
+        """Views of one image, seeded by ``example_seed``: ``(G, 3, H, W)`` and ``(N, 3, h, w)`` or ``None``."""
+        if isinstance(self.augmentation, MultiCropAugmentation):
+            return self.augmentation.multi_crop(pixels, torch.Generator().manual_seed(example_seed))
+        # Any other callable: seed the global generators it may draw from, without disturbing the
+        # caller's (with num_workers=0 this runs in the training process).
+        python_state, numpy_state = random.getstate(), np.random.get_state()
+        try:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(example_seed)
+                random.seed(example_seed)
+                np.random.seed(example_seed % 2**32)
+                views = self.augmentation(pixels)
+        finally:
+            random.setstate(python_state)
+            np.random.set_state(numpy_state)
+        num_global = getattr(self.augmentation, "num_global_crops", 2)
+        global_views = torch.stack(list(views[:num_global]))
+        local_views = torch.stack(list(views[num_global:])) if len(views) > num_global else None
+        return global_views, local_views
+
+    def _shuffled_values(self, source: Any, role: int, start: dict | None) -> Iterator[tuple[Any, dict]]:
+        """Image values of ``source`` in shuffle-buffer order, each with the position just after it.
+
+        Blocks of ``shuffle_buffer_size`` undecoded values are read, permuted by a generator seeded
+        with ``(seed, epoch, process, role, block)`` and drained. A position is ``{"block_start":
+        datasets state before the block, "block_index", "position": values of the block consumed}``;
+        ``start`` resumes from one.
+        """
+        block_start, block_index, skip = None, 0, 0
+        if start is not None:
+            block_start, block_index, skip = start["block_start"], start["block_index"], start["position"]
+            if block_start is not None:
+                source.load_state_dict(block_start)
+        iterator = iter(source)
+        while True:
+            block = [example[self.image_column] for example in itertools.islice(iterator, self.shuffle_buffer_size)]
+            if not block:
+                return
+            order_seed = _seed_for(self.seed, self.epoch, self.process_index, role, block_index)
+            order = np.random.default_rng(order_seed).permutation(len(block))
+            for position in range(skip, len(block)):
+                yield (
+                    block[order[position]],
+                    {
+                        "block_start": block_start,
+                        "block_index": block_index,
+                        "position": position + 1,
+                    },
+                )
+            skip, block_index, block_start = 0, block_index + 1, source.state_dict()
+
+    def __iter__(self) -> Iterator[dict]:
+        info = torch.utils.data.get_worker_info()
+        role = info.id if info is not None else 0
+        resume = self.resume_states.get(role)
+        if role <= self.rotate_before:
+            yield {_MARKER: "rotate"}
+        if resume is not None and resume["finished"]:
+            return
+        source = copy.deepcopy(self.source)
+        # datasets shuffles the shard order with np.random.default_rng(epoch) when epoch != 0; giving it
+        # a positive mix of (seed, epoch) makes the shard order depend on both, reproducibly.
+        source.set_epoch(_seed_for(self.seed, self.epoch) % (2**31 - 1) + 1)
+        counters = {"role": role, "bad_images": 0, "last_error": "", "batches": 0, "finished": False}
+        if resume is not None:
+            counters.update(bad_images=resume["bad_images"], last_error=resume["last_error"], batches=resume["batches"])
+        position = resume
+        global_batch: list[Tensor] = []
+        local_batch: list[Tensor] = []
+        for value, position in self._shuffled_values(source, role, resume):
+            try:
+                pixels = decode_image(value, self.min_image_size)
+            except BadImageError as error:
+                counters["bad_images"] += 1
+                counters["last_error"] = str(error)
+                continue
+            seed = _seed_for(
+                self.seed, self.epoch, self.process_index, role, position["block_index"], position["position"]
+            )
+            global_views, local_views = self._augment(pixels, seed)
+            global_batch.append(global_views)
+            if local_views is not None:
+                local_batch.append(local_views)
+            if len(global_batch) == self.batch_size:
+                counters["batches"] += 1
+                yield self._collate(global_batch, local_batch, {**counters, **position})
+                global_batch, local_batch = [], []
+        final = {**counters, **(position or {"block_start": None, "block_index": 0, "position": 0}), "finished": True}
+        if global_batch and not self.drop_last:
+            final["batches"] += 1
+            yield self._collate(global_batch, local_batch, final)
+        else:
+            yield {_MARKER: "end", _STATE: final}
+
+    @staticmethod
+    def _collate(global_batch: list[Tensor], local_batch: list[Tensor], state: dict) -> dict:
+        return {
+            "global_crops": torch.stack(global_batch, dim=1),  # (G, B, 3, H, W)
+            "local_crops": torch.stack(local_batch, dim=1) if local_batch else None,  # (N, B, 3, h, w)
+            _STATE: state,
+        }
+
+
+# --------------------------------------------------------------------------------------------------
+# The loader
+# --------------------------------------------------------------------------------------------------
+class DinoDataLoader:
+    """Iterable of crop-major DINO batches with epochs, exact resumption and bad-image accounting.
+
+    Iterating yields ``{"global_crops": (G, B, 3, H, W), "local_crops": (N, B, 3, h, w) or None}``
+    CPU float32 tensors (``B = batch_size``; the last smaller batch of an epoch only with
+    ``drop_last=False``). Built by :func:`create_train_dataloader`.
+
+    Attributes:
+        num_examples: examples this process sees per epoch when known (``None`` for a stream of
+            unknown length). With shard-based splitting the ranks' counts can differ by a shard.
+        bad_image_count: bad images skipped so far by this process (all epochs).
+        epoch: the epoch the next iteration streams.
+    """
+
+    def __init__(
+        self,
+        stream: _MultiCropStream,
+        *,
+        num_workers: int,
+        num_examples: int | None,
+        num_processes: int,
+        pin_memory: bool = False,
+        prefetch_factor: int | None = None,
+    ) -> None:
+        self._stream = stream
+        self.num_workers = num_workers
+        self.num_examples = num_examples
+        self.num_processes = num_processes
+        self.pin_memory = pin_memory
+        self.prefetch_factor = prefetch_factor
+        self.batch_size = stream.batch_size
+        self.epoch = 0
+        self._role_states: dict[int, dict] = {}
+        self._last_role: int | None = None
+        self._bad_images_before_epoch = 0
+        self._warned_bad_count = 0
+        self._pending_resume = False
+
+    @property
+    def bad_image_count(self) -> int:
+        return self._bad_images_before_epoch + sum(s["bad_images"] for s in self._role_states.values())
+
+    @property
+    def num_roles(self) -> int:
+        return max(1, self.num_workers)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch the next iteration streams (reseeds the shuffle and the augmentation).
+
+        Calling it with the epoch of a state just loaded keeps that state; another epoch starts fresh.
+        """
+        if epoch == self.epoch:
+            return
+        self._bad_images_before_epoch = self.bad_image_count
+        self.epoch = epoch
+        self._role_states = {}
+        self._last_role = None
+        self._pending_resume = False
+
+    def __iter__(self) -> Iterator[dict[str, Tensor | None]]:
+        stream = copy.copy(self._stream)
+        stream.epoch = self.epoch
+        if self._pending_resume:
+            stream.resume_states = copy.deepcopy(self._role_states)
+            stream.rotate_before = -1 if self._last_role is None or self.num_workers == 0 else self._last_role
+        else:  # a new pass over this epoch
+            self._bad_images_before_epoch = self.bad_image_count
+            self._role_states = {}
+            self._last_role = None
+            stream.resume_states = {}
+            stream.rotate_before = -1
+        self._pending_resume = False
+        loader = torch.utils.data.DataLoader(
+            stream,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
+            # worker base seeds from a private generator: the global torch generator is left alone
+            generator=torch.Generator().manual_seed(_seed_for(self._stream.seed, self.epoch)),
+        )
+        for item in loader:
+            state = item.pop(_STATE, None)
+            if state is not None:
+                self._role_states[state["role"]] = state
+                self._last_role = state["role"]
+                self._report_bad_images(state)
+            if _MARKER in item:
+                continue
+            yield item
+        if self.bad_image_count > self._bad_images_before_epoch:
+            logger.warning(
+                "Epoch %d: skipped %d bad image(s) (%d in total; last: %s).",
+                self.epoch,
+                self.bad_image_count - self._bad_images_before_epoch,
+                self.bad_image_count,
+                self._last_error(),
+            )
+            self._warned_bad_count = self.bad_image_count
+
+    def _last_error(self) -> str:
+        errors = [s["last_error"] for s in self._role_states.values() if s.get("last_error")]
+        return errors[-1] if errors else "unknown"
+
+    def _report_bad_images(self, state: dict) -> None:
+        count = self.bad_image_count
+        # warn on the first bad image and then each time the count doubles
+        if count > 0 and count >= 2 * self._warned_bad_count and count != self._warned_bad_count:
+            logger.warning(
+                "Skipped %d bad image(s) so far (missing, undecodable, truncated or too small; last: %s).",
+                count,
+                state.get("last_error") or self._last_error(),
+            )
+            self._warned_bad_count = count
+
+    def state_dict(self) -> dict[str, Any]:
+        """The exact stream position after the last batch yielded (plain Python, picklable / JSON-able)."""
+        return {
+            "version": _STATE_VERSION,
+            "epoch": self.epoch,
+            "seed": self._stream.seed,
+            "num_workers": self.num_workers,
+            "num_processes": self.num_processes,
+            "process_index": self._stream.process_index,
+            "batch_size": self._stream.batch_size,
+            "shuffle_buffer_size": self._stream.shuffle_buffer_size,
+            "last_worker": self._last_role,
+            "bad_images_before_epoch": self._bad_images_before_epoch,
+            "workers": {str(role): copy.deepcopy(state) for role, state in sorted(self._role_states.items())},
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a position saved by :meth:`state_dict`; the next iteration continues from it.
+
+        The loader must be built with the same dataset, seed, batch size, shuffle buffer, number of
+        workers and process layout (checked).
+        """
+        expected = {
+            "num_workers": self.num_workers,
+            "num_processes": self.num_processes,
+            "process_index": self._stream.process_index,
+            "batch_size": self._stream.batch_size,
+            "shuffle_buffer_size": self._stream.shuffle_buffer_size,
+            "seed": self._stream.seed,
+        }
+        mismatched = {k: (state.get(k), v) for k, v in expected.items() if state.get(k) != v}
+        if mismatched:
+            details = ", ".join(f"{k}: saved {saved}, now {now}" for k, (saved, now) in mismatched.items())
+            raise ValueError(f"Cannot resume the data stream exactly with different loader settings ({details}).")
+        self.epoch = int(state["epoch"])
+        self._role_states = {int(role): copy.deepcopy(s) for role, s in state["workers"].items()}
+        self._last_role = state["last_worker"]
+        self._bad_images_before_epoch = int(state["bad_images_before_epoch"])
+        self._warned_bad_count = self.bad_image_count
+        self._pending_resume = True
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+def create_train_dataloader(
+    dataset_name: str,
+    *,
+    augmentation: Callable[..., Any],
+    batch_size: int,
+    dataset_config_name: str | None = None,
+    split: str = "train",
+    image_column: str = "image",
+    streaming: bool = True,
+    num_workers: int = 0,
+    shuffle_buffer_size: int = 10_000,
+    seed: int = 0,
+    process_index: int = 0,
+    num_processes: int = 1,
+    drop_last: bool = True,
+    min_image_size: int = 2,
+    pin_memory: bool = False,
+    prefetch_factor: int | None = None,
+) -> DinoDataLoader:
+    """Build this process's training loader of DINO multi-crop batches.
+
+    Args:
+        dataset_name: local folder / parquet or tar file / Hub id (see :func:`load_image_dataset`).
+        augmentation: a :class:`~dino_hf.augmentation.MultiCropAugmentation`, or any callable taking an
+            RGB ``(3, H, W)`` uint8 tensor and returning its views (global views first; an attribute
+            ``num_global_crops`` says how many, default 2).
+        batch_size: images per batch for this process.
+        streaming: stream the data (default) instead of preparing an Arrow cache first.
+        num_workers: loader worker processes; each reads its own shards (see the shard warning).
+        shuffle_buffer_size: examples per shuffle block (1 disables example shuffling; shard order is
+            still shuffled per epoch).
+        seed: base seed of shuffling and augmentation (mixed with epoch, process and worker).
+        process_index, num_processes: this process's rank and the world size.
+        drop_last: drop each worker's last incomplete batch (the official recipe does).
+        min_image_size: images with a smaller side are skipped as bad (default 2: drops 1x1 images).
+        pin_memory, prefetch_factor: passed to ``torch.utils.data.DataLoader``.
+
+    Raises:
+        ValueError: when the dataset cannot be found or has no column ``image_column`` (the message
+            lists the columns that exist).
+    """
+    from datasets import Image as ImageFeature
+    from datasets import IterableDataset
+    from datasets.distributed import split_dataset_by_node
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if not 0 <= process_index < num_processes:
+        raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
+    dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    _check_image_column(dataset, image_column, dataset_name)
+    dataset = dataset.select_columns([image_column])
+    if isinstance(dataset.features.get(image_column) if dataset.features else None, ImageFeature):
+        dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # we decode, and catch errors
+
+    readers = num_processes * max(1, num_workers)
+    if isinstance(dataset, IterableDataset):
+        num_examples = None
+        if dataset.info.splits and split in dataset.info.splits and dataset.info.splits[split].num_examples:
+            num_examples = dataset.info.splits[split].num_examples
+        if num_examples is None:
+            num_examples = _count_local_examples(dataset_name, dataset_config_name, split)
+    else:  # a non-streamed Dataset: make as many shards as needed (a multiple of the readers)
+        num_examples = len(dataset)
+        num_shards = max(1, min(num_examples, readers * math.ceil(64 / readers)))
+        dataset = dataset.to_iterable_dataset(num_shards=num_shards)
+    per_process_examples = None if num_examples is None else num_examples // num_processes
+
+    num_shards = dataset.num_shards
+    if num_shards % num_processes != 0 or num_shards // num_processes < max(1, num_workers):
+        consequence = []
+        if num_shards % num_processes != 0:
+            consequence.append("every process reads every shard and keeps 1 example in " + str(num_processes))
+        if num_shards // num_processes < max(1, num_workers):
+            consequence.append("some loader workers get no shard and stay idle")
+        logger.warning(
+            "The dataset %r has %d shard(s) for %d process(es) x %d worker(s) = %d readers, so %s; to fix it, "
+            "write the data as at least %d (a multiple of %d) parquet or webdataset files "
+            "(e.g. scripts/prepare_fashion_mnist.py --num_shards %d), or for a local dataset loaded with "
+            "streaming=False use dataset.to_iterable_dataset(num_shards=%d).",
+            dataset_name,
+            num_shards,
+            num_processes,
+            max(1, num_workers),
+            readers,
+            " and ".join(consequence),
+            readers,
+            num_processes,
+            readers,
+            readers,
+        )
+
+    if num_processes > 1:
+        dataset = split_dataset_by_node(dataset, rank=process_index, world_size=num_processes)
+
+    stream = _MultiCropStream(
+        dataset,
+        augmentation,
+        batch_size=batch_size,
+        image_column=image_column,
+        shuffle_buffer_size=shuffle_buffer_size,
+        seed=seed,
+        process_index=process_index,
+        drop_last=drop_last,
+        min_image_size=min_image_size,
+    )
+    return DinoDataLoader(
+        stream,
+        num_workers=num_workers,
+        num_examples=per_process_examples,
+        num_processes=num_processes,
+        pin_memory=pin_memory,
+        prefetch_factor=prefetch_factor,
+    )

@@ -1,0 +1,1035 @@
+"""Evaluation of (DINO) vision backbones: frozen features, weighted k-NN, linear probe, attention maps,
+training curves.
+
+Everything here works on any ``transformers.AutoModel``-loadable ViT-style backbone whose
+``last_hidden_state[:, 0]`` is a CLS token (``ViTModel`` written by ``save_backbone``, ``facebook/dino-*``,
+``facebook/dinov2-*``...), as the official DINO evaluation does:
+
+- features: CLS token of ``last_hidden_state`` (after the final LayerNorm), L2-normalised;
+- k-NN: cosine similarity to every training feature, the top-k neighbours vote for their class with
+  weight ``exp(similarity / T)`` (T = 0.07), the class with the largest vote wins (official
+  ``eval_knn.py``, ``knn_classifier``);
+- linear probe: a logistic regression trained on standardised frozen features;
+- attention maps: the last layer's CLS -> patch self-attention per head, and the DINO-paper
+  thresholded maps (the smallest set of patches that holds 60 % of the attention mass).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import json
+import logging
+import math
+import os
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch import Tensor, nn
+
+logger = logging.getLogger(__name__)
+
+#: ImageNet normalisation, as the official DINO transforms and ``save_backbone`` use.
+IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
+IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+
+#: Official DINO k-NN temperature.
+DEFAULT_KNN_TEMPERATURE = 0.07
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading a backbone and its preprocessing
+# --------------------------------------------------------------------------------------------------
+
+
+def load_backbone(
+    model_name_or_path: str | Path,
+    *,
+    attn_implementation: str | None = None,
+    revision: str | None = None,
+) -> nn.Module:
+    """Load a ViT-style backbone with ``transformers.AutoModel`` (in eval mode).
+
+    ``add_pooling_layer=False`` is passed to model classes that accept it (``ViTModel`` and friends), so
+    no randomly initialised pooler is created; the DINO embedding is the CLS token anyway.
+
+    Args:
+        model_name_or_path: a folder written by ``save_backbone`` / ``save_pretrained`` or a Hub id.
+        attn_implementation: e.g. ``"eager"`` to be able to return attention weights.
+        revision: Hub revision (branch, tag or commit).
+    Raises:
+        OSError / ValueError from transformers when the path or id does not hold a model.
+    """
+    from transformers import AutoConfig, AutoModel
+    from transformers.models.auto.modeling_auto import MODEL_MAPPING
+
+    config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
+    kwargs: dict[str, Any] = {"revision": revision}
+    if attn_implementation is not None:
+        kwargs["attn_implementation"] = attn_implementation
+    model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+    if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+        kwargs["add_pooling_layer"] = False
+    model = AutoModel.from_pretrained(model_name_or_path, config=config, **kwargs)
+    return model.eval()
+
+
+def _patch_size(config: Any) -> tuple[int, int]:
+    """``config.patch_size`` as (height, width)."""
+    patch_size = getattr(config, "patch_size", 16)
+    if isinstance(patch_size, Sequence):
+        return int(patch_size[0]), int(patch_size[1])
+    return int(patch_size), int(patch_size)
+
+
+def _config_image_size(config: Any) -> int:
+    image_size = getattr(config, "image_size", 224)
+    return int(image_size[0] if isinstance(image_size, Sequence) else image_size)
+
+
+def load_image_processor(
+    model_name_or_path: str | Path | None,
+    backbone_config: Any,
+    image_size: int | None = None,
+    *,
+    revision: str | None = None,
+) -> Any:
+    """The image processor that evaluation feeds the backbone with.
+
+    The model's own ``AutoImageProcessor`` when it has one (``save_backbone`` writes a ``ViTImageProcessor``
+    with ImageNet mean/std and a resize to the backbone's resolution); otherwise (or for
+    ``model_name_or_path=None``, e.g. a backbone in training) a ``ViTImageProcessor`` with ImageNet
+    mean/std resizing to ``backbone_config.image_size``, i.e. what ``save_backbone`` would write.
+
+    Args:
+        image_size: overrides the processor's output resolution (square ``image_size`` px; processors
+            that resize the shorter side then centre-crop keep their resize / crop ratio).
+    """
+    from transformers import AutoImageProcessor, ViTImageProcessor
+
+    processor = None
+    if model_name_or_path is not None:
+        try:
+            processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=revision)
+        except (OSError, ValueError, KeyError) as error:
+            logger.info(
+                "No image processor with %s (%s); using ImageNet mean/std.",
+                model_name_or_path,
+                error,
+            )
+    if processor is None:
+        size = image_size or _config_image_size(backbone_config)
+        return ViTImageProcessor(
+            image_mean=list(IMAGENET_DEFAULT_MEAN),
+            image_std=list(IMAGENET_DEFAULT_STD),
+            size={"height": size, "width": size},
+        )
+    if image_size is not None:
+        _set_processor_size(processor, image_size)
+    return processor
+
+
+def _set_processor_size(processor: Any, image_size: int) -> None:
+    """Make ``processor`` output ``image_size`` x ``image_size`` images (in place)."""
+    size = processor.size
+    get = size.get if isinstance(size, Mapping) else lambda key: getattr(size, key, None)
+    crop_size = getattr(processor, "crop_size", None)
+    shortest_edge = get("shortest_edge")
+    if get("height") is not None:
+        processor.size = {"height": image_size, "width": image_size}
+    elif shortest_edge is not None:
+        ratio = 1.0
+        if crop_size is not None and getattr(processor, "do_center_crop", False):
+            crop_get = crop_size.get if isinstance(crop_size, Mapping) else lambda key: getattr(crop_size, key)
+            ratio = shortest_edge / crop_get("height")
+        processor.size = {"shortest_edge": round(image_size * ratio)}
+    else:
+        processor.size = {"height": image_size, "width": image_size}
+    if crop_size is not None:
+        processor.crop_size = {"height": image_size, "width": image_size}
+
+
+def to_rgb_image(value: Any) -> Image.Image:
+    """A dataset cell (PIL image, ``{"bytes", "path"}`` dict, file path or ``(H, W[, C])`` array) as RGB PIL."""
+    if isinstance(value, Image.Image):
+        image = value
+    elif isinstance(value, Mapping):
+        if value.get("bytes"):
+            import io
+
+            image = Image.open(io.BytesIO(value["bytes"]))
+        elif value.get("path"):
+            image = Image.open(value["path"])
+        else:
+            raise ValueError("Image entry holds neither bytes nor a path.")
+    elif isinstance(value, (str, Path)):
+        image = Image.open(value)
+    elif value is None:
+        raise ValueError("Image entry is missing (None).")
+    else:
+        image = Image.fromarray(np.asarray(value))
+    return image if image.mode == "RGB" else image.convert("RGB")
+
+
+class LabelEncoder:
+    """Maps dataset labels to class ids: non-negative ints (``ClassLabel``) stay as they are; any other
+    hashable value (strings...) gets the next free id.
+
+    Share one encoder between the train and the test split so both use the same ids. :meth:`fit` on a
+    map-style split registers its values in sorted order up front, so that DataLoader workers and
+    processes (which hold copies of the encoder) agree; values first met while iterating (streamed
+    string labels) are numbered in order of appearance, which is only consistent with
+    ``num_workers=0`` and one process.
+    """
+
+    def __init__(self) -> None:
+        self.mapping: dict[Any, int] = {}
+
+    def fit(self, dataset: Any, column: str) -> LabelEncoder:
+        """Register the non-integer labels of a map-style ``datasets.Dataset`` column (sorted)."""
+        import datasets
+
+        if not isinstance(dataset, datasets.Dataset):
+            return self
+        feature = dataset.features.get(column)
+        if isinstance(feature, datasets.ClassLabel) or (
+            isinstance(feature, datasets.Value) and feature.dtype.startswith(("int", "uint"))
+        ):
+            return self
+        for value in sorted(dataset.select_columns([column]).unique(column), key=str):
+            if value not in self.mapping:
+                self.mapping[value] = len(self.mapping)
+        return self
+
+    def __call__(self, label: Any) -> int:
+        if isinstance(label, Tensor):
+            label = label.item()
+        if isinstance(label, (int, np.integer)) and not isinstance(label, (bool, np.bool_)):
+            if label < 0:
+                raise ValueError(f"Label {int(label)} is negative; k-NN needs labelled images (class ids >= 0).")
+            return int(label)
+        if label not in self.mapping:
+            self.mapping[label] = len(self.mapping)
+        return self.mapping[label]
+
+
+class ImageClassificationCollator:
+    """Collates dataset rows ``{image_column: image, label_column: label}`` into
+    ``{"pixel_values": (B, 3, H, W) float32, "labels": (B,) int64}`` with an image processor."""
+
+    def __init__(
+        self,
+        processor: Any,
+        image_column: str = "image",
+        label_column: str = "label",
+        label_encoder: LabelEncoder | None = None,
+    ) -> None:
+        self.processor = processor
+        self.image_column = image_column
+        self.label_column = label_column
+        self.label_encoder = label_encoder or LabelEncoder()
+
+    def __call__(self, examples: list[Mapping[str, Any]]) -> dict[str, Tensor]:
+        for column in (self.image_column, self.label_column):
+            if column not in examples[0]:
+                raise ValueError(f"The dataset has no column {column!r} (columns: {', '.join(map(str, examples[0]))}).")
+        images = [to_rgb_image(example[self.image_column]) for example in examples]
+        labels = [self.label_encoder(example[self.label_column]) for example in examples]
+        pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
+        return {
+            "pixel_values": pixel_values.float(),
+            "labels": torch.tensor(labels, dtype=torch.long),
+        }
+
+
+def check_columns(dataset: Any, columns: Sequence[str], flags: Sequence[str] | None = None) -> None:
+    """Raise a one-sentence ``ValueError`` when ``dataset`` (map-style or streamed) lacks a column.
+
+    Streamed datasets whose columns are unknown before reading are not checked here (the collator
+    raises the same error on the first batch).
+    """
+    names = getattr(dataset, "column_names", None)
+    if names is None:
+        return
+    for index, column in enumerate(columns):
+        if column not in names:
+            flag = f" (set {flags[index]})" if flags else ""
+            raise ValueError(f"The dataset has no column {column!r}{flag}; its columns are: {', '.join(names)}.")
+
+
+def limit_examples(dataset: Any, max_samples: int | None, seed: int = 0) -> Any:
+    """At most ``max_samples`` rows of ``dataset``, drawn with a fixed seed (class-sorted folders would
+    otherwise give one class only). Map-style: a seeded shuffle then ``select``; streamed: a seeded
+    buffer shuffle then ``take``."""
+    if max_samples is None:
+        return dataset
+    import datasets
+
+    if isinstance(dataset, datasets.Dataset):
+        if max_samples >= len(dataset):
+            return dataset
+        return dataset.shuffle(seed=seed).select(range(max_samples))
+    return dataset.shuffle(seed=seed, buffer_size=10_000).take(max_samples)
+
+
+def make_eval_dataloader(
+    dataset: Any,
+    processor: Any,
+    *,
+    image_column: str = "image",
+    label_column: str = "label",
+    batch_size: int = 64,
+    num_workers: int = 0,
+    label_encoder: LabelEncoder | None = None,
+) -> torch.utils.data.DataLoader:
+    """A non-shuffled ``DataLoader`` over a ``datasets`` (Iterable)Dataset of labelled images yielding
+    ``{"pixel_values": (B, 3, H, W), "labels": (B,)}``. Raises ``ValueError`` for a missing column."""
+    check_columns(dataset, [image_column, label_column], ["--image_column", "--label_column"])
+    label_encoder = (label_encoder or LabelEncoder()).fit(dataset, label_column)
+    collator = ImageClassificationCollator(processor, image_column, label_column, label_encoder)
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collator
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Features
+# --------------------------------------------------------------------------------------------------
+
+
+def _accepts_keyword(module: nn.Module, name: str) -> bool:
+    try:
+        return name in inspect.signature(module.forward).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def backbone_forward(backbone: nn.Module, pixel_values: Tensor, **kwargs: Any) -> Any:
+    """``backbone(pixel_values=..., **kwargs)``, asking for position-embedding interpolation when the
+    input resolution differs from ``backbone.config.image_size`` and the model supports it."""
+    config = getattr(backbone, "config", None)
+    if (
+        config is not None
+        and tuple(pixel_values.shape[-2:]) != (_config_image_size(config),) * 2
+        and _accepts_keyword(backbone, "interpolate_pos_encoding")
+    ):
+        kwargs.setdefault("interpolate_pos_encoding", True)
+    return backbone(pixel_values=pixel_values, **kwargs)
+
+
+def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
+    if isinstance(batch, Mapping):
+        return batch["pixel_values"], batch["labels"]
+    pixel_values, labels = batch[0], batch[1]
+    return pixel_values, labels
+
+
+def _is_accelerate_loader(loader: Any) -> bool:
+    from accelerate.data_loader import DataLoaderDispatcher, DataLoaderShard
+
+    return isinstance(loader, (DataLoaderShard, DataLoaderDispatcher))
+
+
+@torch.inference_mode()
+def extract_features(
+    backbone: nn.Module,
+    images_loader: Iterable[Any],
+    accelerator: Any | None = None,
+    *,
+    normalize: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """CLS features of every image a loader yields.
+
+    Args:
+        backbone: a ViT-style model whose output has ``last_hidden_state`` (B, 1 + T, D).
+        images_loader: yields ``{"pixel_values": (B, 3, H, W), "labels": (B,)}`` or
+            ``(pixel_values, labels)``. With an ``accelerator`` of several processes, a torch
+            ``DataLoader`` is sharded here (``accelerate.data_loader.prepare_data_loader``, without
+            registering it with the accelerator's checkpointed state; an already prepared one is used
+            as is) and the results are gathered with ``accelerator.gather_for_metrics`` (padding
+            duplicates dropped), so every process returns all features. Any other iterable is run in
+            full on every process.
+        accelerator: optional ``accelerate.Accelerator``: device, autocast and gathering.
+        normalize: L2-normalise the features (the official k-NN protocol).
+    Returns:
+        ``features`` (N, D) float32 and ``labels`` (N,) int64, on the compute device.
+    """
+    shard = False
+    if accelerator is not None:
+        backbone = accelerator.unwrap_model(backbone)
+        device = accelerator.device
+        shard = accelerator.num_processes > 1 and (
+            isinstance(images_loader, torch.utils.data.DataLoader) or _is_accelerate_loader(images_loader)
+        )
+        if shard and not _is_accelerate_loader(images_loader):
+            from accelerate.data_loader import prepare_data_loader
+
+            images_loader = prepare_data_loader(
+                images_loader,
+                device=device,
+                num_processes=accelerator.num_processes,
+                process_index=accelerator.process_index,
+                put_on_device=True,
+            )
+        autocast = accelerator.autocast  # a fresh context manager per batch
+    else:
+        device = next(backbone.parameters()).device
+        autocast = contextlib.nullcontext
+
+    was_training = backbone.training
+    backbone.eval()
+    features_list: list[Tensor] = []
+    labels_list: list[Tensor] = []
+    try:
+        for batch in images_loader:
+            pixel_values, labels = _split_batch(batch)
+            pixel_values = pixel_values.to(device, non_blocking=True)
+            labels = torch.as_tensor(labels).to(device, non_blocking=True)
+            with autocast():
+                output = backbone_forward(backbone, pixel_values)
+            features = output.last_hidden_state[:, 0].float()
+            if normalize:
+                features = F.normalize(features, dim=-1)
+            if shard:  # gather inside the loop: gather_for_metrics drops the last batch's padding
+                features, labels = accelerator.gather_for_metrics((features.contiguous(), labels.long()))
+            features_list.append(features)
+            labels_list.append(labels.long())
+    finally:
+        backbone.train(was_training)
+    if not features_list:
+        raise ValueError("The evaluation loader yielded no images.")
+    return torch.cat(features_list), torch.cat(labels_list)
+
+
+# --------------------------------------------------------------------------------------------------
+# Weighted k-NN (official DINO eval_knn.py)
+# --------------------------------------------------------------------------------------------------
+
+
+def _normalise_ks(k: int | Sequence[int]) -> tuple[int, ...]:
+    ks = (k,) if isinstance(k, int) else tuple(int(value) for value in k)
+    if not ks or min(ks) < 1:
+        raise ValueError(f"k must be positive integers, got {k!r}.")
+    return ks
+
+
+def _num_classes(*label_tensors: Tensor, num_classes: int | None) -> int:
+    largest = max(int(labels.max()) for labels in label_tensors if labels.numel())
+    if min(int(labels.min()) for labels in label_tensors if labels.numel()) < 0:
+        raise ValueError("Labels must be class ids >= 0.")
+    if num_classes is None:
+        return largest + 1
+    if largest >= num_classes:
+        raise ValueError(f"Label {largest} does not fit num_classes={num_classes}.")
+    return num_classes
+
+
+def weighted_knn_predict(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    k: int | Sequence[int] = (20,),
+    temperature: float = DEFAULT_KNN_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> dict[int, Tensor]:
+    """Weighted k-NN class predictions, as the official DINO ``knn_classifier``.
+
+    For each test feature: similarities ``s = test @ train.T`` (cosine for L2-normalised features), the
+    ``k`` most similar training samples, each voting for its class with weight ``exp(s / temperature)``;
+    the prediction is the class with the largest summed vote. The top ``max(k)`` neighbours are found
+    once and shared by every ``k``. The test set is processed in chunks to bound memory.
+
+    Ties: equal votes go to the smaller class id (``argmax`` takes the first maximum); neighbours with
+    exactly equal similarity at the k-th place are chosen by ``torch.topk``. A ``k`` larger than the
+    training set uses every training sample.
+
+    Args:
+        train_features: (N, D) training features (L2-normalised for cosine similarity).
+        train_labels: (N,) int class ids >= 0.
+        test_features: (M, D).
+        k: one or several numbers of neighbours.
+        temperature: vote temperature T (official 0.07).
+        num_classes: number of classes; default ``max(train_labels) + 1``.
+        chunk_size: test rows per chunk; default keeps a chunk's similarity matrix at ~32 M entries.
+    Returns:
+        ``{k: predictions (M,) int64}`` on ``train_features.device``.
+    """
+    ks = _normalise_ks(k)
+    device = train_features.device
+    train_features = train_features.float()
+    test_features = test_features.to(device=device, dtype=torch.float32)
+    train_labels = train_labels.to(device=device, dtype=torch.long)
+    num_classes = _num_classes(train_labels, num_classes=num_classes)
+    num_train, num_test = train_features.shape[0], test_features.shape[0]
+    if num_train == 0:
+        raise ValueError("k-NN needs at least one training feature.")
+    max_k = min(max(ks), num_train)
+    chunk_size = chunk_size or max(1, min(num_test, 2**25 // num_train))
+    predictions: dict[int, list[Tensor]] = {value: [] for value in ks}
+    for start in range(0, num_test, chunk_size):
+        features = test_features[start : start + chunk_size]
+        similarity = features @ train_features.T  # (b, N)
+        top_similarity, top_indices = similarity.topk(max_k, dim=1, largest=True, sorted=True)  # (b, max_k)
+        neighbour_labels = train_labels[top_indices]  # (b, max_k)
+        weights = (top_similarity / temperature).exp()  # (b, max_k)
+        for value in ks:
+            kk = min(value, max_k)
+            votes = torch.zeros(features.shape[0], num_classes, device=device, dtype=torch.float32)
+            votes.scatter_add_(1, neighbour_labels[:, :kk], weights[:, :kk])  # (b, C)
+            predictions[value].append(votes.argmax(dim=1))
+    return {
+        value: torch.cat(chunks) if chunks else torch.empty(0, dtype=torch.long, device=device)
+        for value, chunks in predictions.items()
+    }
+
+
+def knn_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    k: int | Sequence[int] = (20,),
+    temperature: float = DEFAULT_KNN_TEMPERATURE,
+    num_classes: int | None = None,
+    chunk_size: int | None = None,
+) -> dict[int, float]:
+    """Top-1 accuracy of :func:`weighted_knn_predict` for each ``k``: ``{k: accuracy in [0, 1]}``.
+
+    Test labels that never occur in the training set simply count as errors."""
+    if test_labels.shape[0] != test_features.shape[0]:
+        raise ValueError("test_features and test_labels differ in length.")
+    if test_labels.numel() == 0:
+        raise ValueError("k-NN accuracy needs at least one test sample.")
+    test_labels = test_labels.to(train_features.device, dtype=torch.long)
+    if num_classes is None:
+        num_classes = _num_classes(train_labels, test_labels, num_classes=None)
+    predictions = weighted_knn_predict(
+        train_features, train_labels, test_features, k, temperature, num_classes, chunk_size
+    )
+    total = test_labels.shape[0]
+    return {value: int((predicted == test_labels).sum()) / total for value, predicted in predictions.items()}
+
+
+# --------------------------------------------------------------------------------------------------
+# Linear probe
+# --------------------------------------------------------------------------------------------------
+
+
+def linear_probe_accuracy(
+    train_features: Tensor,
+    train_labels: Tensor,
+    test_features: Tensor,
+    test_labels: Tensor,
+    *,
+    num_classes: int | None = None,
+    weight_decay: float = 1e-4,
+    max_iterations: int = 300,
+    standardize: bool = True,
+) -> float:
+    """Accuracy of a logistic-regression probe trained on frozen features.
+
+    A ``nn.Linear(D, C)`` (zero-initialised, hence deterministic) is fitted full-batch with L-BFGS
+    (strong-Wolfe line search) on the cross-entropy plus ``weight_decay / 2 * ||W||^2``. Features are
+    standardised with the training mean / std first, which makes L-BFGS converge in a few hundred
+    iterations whatever the feature scale.
+
+    Args:
+        train_features: (N, D); train_labels: (N,) class ids >= 0.
+        test_features: (M, D); test_labels: (M,).
+        num_classes: default ``max(labels) + 1``.
+        weight_decay: L2 penalty on the weights (not the bias).
+        max_iterations: L-BFGS iterations.
+        standardize: subtract the training mean and divide by the training std per dimension.
+    Returns:
+        top-1 accuracy on the test set, in [0, 1].
+    """
+    device = train_features.device
+    x_train = train_features.detach().clone().float()  # clone: inference tensors cannot enter autograd
+    x_test = test_features.detach().clone().to(device=device, dtype=torch.float32)
+    y_train = train_labels.detach().clone().to(device=device, dtype=torch.long)
+    y_test = test_labels.detach().clone().to(device=device, dtype=torch.long)
+    num_classes = _num_classes(y_train, y_test, num_classes=num_classes)
+    if standardize:
+        mean = x_train.mean(dim=0, keepdim=True)
+        std = x_train.std(dim=0, keepdim=True).nan_to_num(1.0).clamp_min(1e-6)
+        x_train, x_test = (x_train - mean) / std, (x_test - mean) / std
+    classifier = nn.Linear(x_train.shape[1], num_classes).to(device)
+    nn.init.zeros_(classifier.weight)
+    nn.init.zeros_(classifier.bias)
+    optimizer = torch.optim.LBFGS(
+        classifier.parameters(),
+        lr=1.0,
+        max_iter=max_iterations,
+        history_size=20,
+        tolerance_grad=1e-7,
+        tolerance_change=1e-10,
+        line_search_fn="strong_wolfe",
+    )
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        loss = F.cross_entropy(classifier(x_train), y_train)
+        loss = loss + 0.5 * weight_decay * classifier.weight.pow(2).sum()
+        loss.backward()
+        return loss
+
+    with torch.inference_mode(False), torch.enable_grad():
+        optimizer.step(closure)
+    with torch.no_grad():
+        predictions = classifier(x_test).argmax(dim=1)
+    return int((predictions == y_test).sum()) / y_test.shape[0]
+
+
+# --------------------------------------------------------------------------------------------------
+# In-training monitor
+# --------------------------------------------------------------------------------------------------
+
+
+class KnnMonitor:
+    """Periodic k-NN evaluation of a backbone on a labelled dataset (``--eval_dataset_name``).
+
+    The datasets are opened (and their columns checked) at construction, so a wrong name fails before
+    training starts. On the first :meth:`evaluate` the images are decoded and preprocessed once (RGB,
+    resize to the backbone's resolution, ImageNet mean/std: what ``save_backbone``'s processor does,
+    so the figure matches ``scripts/eval_knn.py`` on the exported backbone) and kept as float16
+    tensors when they fit in ``cache_max_bytes``; later evaluations only run the backbone.
+
+    Args:
+        dataset_name: local folder / parquet / tar or Hub id (``dino_hf.data.load_image_dataset``).
+        dataset_config_name: Hub configuration name.
+        train_split: split whose features are the k-NN memory.
+        test_split: split that is classified.
+        image_column, label_column: column names.
+        max_train_samples, max_test_samples: seeded random subsets (None: all).
+        image_size: evaluation resolution; default the backbone's ``config.image_size``.
+        k: numbers of neighbours; each gives a metric ``knn_top1_k{k}``.
+        temperature: k-NN vote temperature (official 0.07).
+        batch_size: images per forward pass and process.
+        num_workers: DataLoader workers for decoding.
+        streaming: stream the datasets instead of downloading / converting them first.
+        linear_probe: also fit a linear probe (metric ``linear_probe_top1``).
+        cache_max_bytes: largest preprocessed-image cache kept in memory (per process).
+        seed: seed of the subset draw.
+    """
+
+    def __init__(
+        self,
+        dataset_name: str,
+        *,
+        dataset_config_name: str | None = None,
+        train_split: str = "train",
+        test_split: str = "test",
+        image_column: str = "image",
+        label_column: str = "label",
+        max_train_samples: int | None = None,
+        max_test_samples: int | None = None,
+        image_size: int | None = None,
+        k: int | Sequence[int] = (20,),
+        temperature: float = DEFAULT_KNN_TEMPERATURE,
+        batch_size: int = 128,
+        num_workers: int = 0,
+        streaming: bool = False,
+        linear_probe: bool = False,
+        cache_max_bytes: int = 2 * 1024**3,
+        seed: int = 0,
+    ) -> None:
+        from dino_hf.data import load_image_dataset
+
+        self.dataset_name = dataset_name
+        self.image_column = image_column
+        self.label_column = label_column
+        self.image_size = image_size
+        self.ks = _normalise_ks(k)
+        self.temperature = temperature
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.linear_probe = linear_probe
+        self.cache_max_bytes = cache_max_bytes
+        self.label_encoder = LabelEncoder()
+        self.datasets: dict[str, Any] = {}
+        for name, split, max_samples in (
+            ("train", train_split, max_train_samples),
+            ("test", test_split, max_test_samples),
+        ):
+            dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+            check_columns(dataset, [image_column, label_column], ["--image_column", "--eval_label_column"])
+            self.datasets[name] = limit_examples(dataset, max_samples, seed)
+        self._cache: dict[str, tuple[Tensor, Tensor]] = {}
+        self._uncacheable: set[str] = set()
+        self._processor: Any = None
+
+    @classmethod
+    def from_training_args(cls, args: Any) -> KnnMonitor:
+        """Build from ``DinoTrainingArguments``: ``eval_dataset_name``, ``eval_split`` (classified),
+        ``eval_train_split`` (memory bank), ``eval_label_column``, ``eval_max_samples`` (each split),
+        ``image_column``, ``dataloader_num_workers``, ``seed``; optional ``eval_dataset_config_name``,
+        ``eval_image_column``, ``eval_image_size``, ``eval_batch_size``, ``eval_knn_k`` when present.
+
+        A Hub dataset is streamed when the training data is (``streaming``), so that
+        ``eval_max_samples`` images are read rather than the whole split downloaded; a local one is
+        read map-style (its seeded subset is then an unbiased draw even from class-sorted folders).
+        """
+        max_samples = getattr(args, "eval_max_samples", None)
+        return cls(
+            args.eval_dataset_name,
+            dataset_config_name=getattr(args, "eval_dataset_config_name", None),
+            train_split=getattr(args, "eval_train_split", None) or "train",
+            test_split=getattr(args, "eval_split", None) or "test",
+            image_column=getattr(args, "eval_image_column", None) or getattr(args, "image_column", "image"),
+            label_column=getattr(args, "eval_label_column", None) or "label",
+            max_train_samples=max_samples,
+            max_test_samples=max_samples,
+            image_size=getattr(args, "eval_image_size", None),
+            k=getattr(args, "eval_knn_k", None) or (20,),
+            batch_size=getattr(args, "eval_batch_size", None) or 128,
+            num_workers=getattr(args, "dataloader_num_workers", 0) or 0,
+            streaming=bool(getattr(args, "streaming", False))
+            and not os.path.exists(os.path.expanduser(str(args.eval_dataset_name))),
+            seed=getattr(args, "seed", 0) or 0,
+        )
+
+    def _loader(self, name: str, backbone: nn.Module, accelerator: Any | None) -> Iterable[Any]:
+        """Loader of split ``name`` ("train" / "test"), from the in-memory cache when possible."""
+        if name in self._cache:
+            pixel_values, labels = self._cache[name]
+            return torch.utils.data.DataLoader(
+                _HalfTensorDataset(pixel_values, labels), batch_size=self.batch_size, shuffle=False
+            )
+        if self._processor is None:
+            self._processor = load_image_processor(None, backbone.config, self.image_size)
+        loader = make_eval_dataloader(
+            self.datasets[name],
+            self._processor,
+            image_column=self.image_column,
+            label_column=self.label_column,
+            batch_size=self.batch_size,
+            num_workers=self.num_workers,
+            label_encoder=self.label_encoder,
+        )
+        if name in self._uncacheable:
+            return loader  # too large: decoded again at every evaluation (sharded when distributed)
+        if accelerator is not None and accelerator.num_processes > 1:
+            # every process decodes the split once into its cache, then the cache is sharded
+            for _ in self._caching(name, loader):
+                pass
+            return self._loader(name, backbone, accelerator)
+        return self._caching(name, loader)
+
+    def _caching(self, name: str, loader: Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
+        """Yield the batches of ``loader`` and keep them (float16) for the next evaluations."""
+        pixel_chunks: list[Tensor] = []
+        label_chunks: list[Tensor] = []
+        stored_bytes = 0
+        for batch in loader:
+            stored_bytes += batch["pixel_values"].numel() * 2
+            if stored_bytes <= self.cache_max_bytes:
+                pixel_chunks.append(batch["pixel_values"].half())
+                label_chunks.append(batch["labels"])
+            else:
+                pixel_chunks, label_chunks = [], []
+            yield batch
+        if stored_bytes > self.cache_max_bytes:
+            self._uncacheable.add(name)
+        elif pixel_chunks:
+            self._cache[name] = (torch.cat(pixel_chunks), torch.cat(label_chunks))
+
+    def features(self, backbone: nn.Module, accelerator: Any | None = None) -> dict[str, tuple[Tensor, Tensor]]:
+        """``{"train": (features (N, D), labels (N,)), "test": (...)}`` of ``backbone``."""
+        return {
+            name: extract_features(backbone, self._loader(name, backbone, accelerator), accelerator)
+            for name in ("train", "test")
+        }
+
+    def evaluate(self, backbone: nn.Module, accelerator: Any | None = None) -> dict[str, float]:
+        """k-NN top-1 accuracy of ``backbone`` (the teacher's ``ViTModel``, unwrapped or not).
+
+        Returns ``{"knn_top1_k20": 0.8, ...}`` (plus ``linear_probe_top1`` when enabled), identical on
+        every process. The backbone's train/eval mode is restored afterwards.
+        """
+        features = self.features(backbone, accelerator)
+        train_features, train_labels = features["train"]
+        test_features, test_labels = features["test"]
+        accuracies = knn_accuracy(train_features, train_labels, test_features, test_labels, self.ks, self.temperature)
+        metrics = {f"knn_top1_k{value}": accuracy for value, accuracy in accuracies.items()}
+        if self.linear_probe:
+            metrics["linear_probe_top1"] = linear_probe_accuracy(
+                train_features, train_labels, test_features, test_labels
+            )
+        return metrics
+
+
+class _HalfTensorDataset(torch.utils.data.Dataset):
+    """Cached float16 pixels served as float32 ``{"pixel_values", "labels"}`` rows."""
+
+    def __init__(self, pixel_values: Tensor, labels: Tensor) -> None:
+        self.pixel_values = pixel_values
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, Tensor]:
+        return {"pixel_values": self.pixel_values[index].float(), "labels": self.labels[index]}
+
+
+# --------------------------------------------------------------------------------------------------
+# Attention maps
+# --------------------------------------------------------------------------------------------------
+
+
+@torch.inference_mode()
+def attention_maps(backbone: nn.Module, pixel_values: Tensor) -> Tensor:
+    """The last layer's CLS self-attention over the patches, per head.
+
+    Needs attention weights: a model loaded with ``attn_implementation="eager"`` returns them; for any
+    other implementation (``sdpa`` in training) the backbone is switched to ``eager`` for this call and
+    switched back.
+
+    Args:
+        backbone: ViT-style model (``output_attentions=True`` support; extra tokens such as registers
+            between CLS and the patches are skipped).
+        pixel_values: (B, 3, H, W), H and W multiples of the patch size.
+    Returns:
+        (B, heads, H / patch, W / patch) float32 attention weights of the CLS query (each head's map
+        sums to 1 minus the weight on non-patch tokens).
+    """
+    patch_height, patch_width = _patch_size(backbone.config)
+    grid_height, grid_width = (
+        pixel_values.shape[-2] // patch_height,
+        pixel_values.shape[-1] // patch_width,
+    )
+    num_patches = grid_height * grid_width
+    was_training = backbone.training
+    previous = getattr(backbone.config, "_attn_implementation", "eager")
+    backbone.eval()
+    try:
+        if previous != "eager":
+            backbone.set_attn_implementation("eager")
+        output = backbone_forward(backbone, pixel_values, output_attentions=True)
+    finally:
+        if previous != "eager":
+            backbone.set_attn_implementation(previous)
+        backbone.train(was_training)
+    attentions = getattr(output, "attentions", None)
+    if not attentions:
+        raise ValueError("The backbone returned no attention weights; load it with attn_implementation='eager'.")
+    last = attentions[-1]  # (B, heads, tokens, tokens)
+    cls_attention = last[:, :, 0, -num_patches:].float()  # (B, heads, num_patches)
+    return cls_attention.reshape(last.shape[0], last.shape[1], grid_height, grid_width)
+
+
+def threshold_attention(attentions: Tensor, mass: float = 0.6) -> Tensor:
+    """DINO-paper masks: per map, the smallest set of the most attended patches whose weights hold
+    ``mass`` of the map's total (official ``visualize_attention.py`` with ``--threshold 0.6``).
+
+    Args:
+        attentions: (..., h, w) non-negative maps.
+    Returns:
+        (..., h, w) boolean masks.
+    """
+    shape = attentions.shape
+    flat = attentions.reshape(-1, shape[-2] * shape[-1]).float()
+    values, indices = flat.sort(dim=1)  # ascending
+    values = values / values.sum(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
+    keep_sorted = values.cumsum(dim=1) > (1 - mass)
+    mask = torch.zeros_like(keep_sorted).scatter_(1, indices, keep_sorted)
+    return mask.reshape(shape)
+
+
+def _colorize(values: np.ndarray) -> np.ndarray:
+    """(h, w) values in [0, 1] -> (h, w, 3) uint8 heat map (matplotlib ``inferno`` when available)."""
+    try:
+        from matplotlib import colormaps
+
+        return (colormaps["inferno"](values)[..., :3] * 255).astype(np.uint8)
+    except ImportError:  # plain black -> red -> yellow ramp
+        red = np.clip(values * 2, 0, 1)
+        green = np.clip(values * 2 - 1, 0, 1)
+        return (np.stack([red, green, values * 0.2], axis=-1) * 255).astype(np.uint8)
+
+
+def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Nearest-neighbour upsampling of a (h, w) map to ``size`` = (width, height), as the official code."""
+    image = Image.fromarray(values.astype(np.float32), mode="F").resize(size, Image.Resampling.NEAREST)
+    return np.asarray(image)
+
+
+def attention_overlay(image: Image.Image, attention: Tensor | np.ndarray, alpha: float = 0.6) -> Image.Image:
+    """``attention`` (h, w) as a heat map blended over ``image`` (RGB, any size)."""
+    values = np.asarray(attention, dtype=np.float32)
+    values = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
+    heat = Image.fromarray(_colorize(_upsample(values, image.size)))
+    return Image.blend(image.convert("RGB"), heat, alpha)
+
+
+def mask_overlay(image: Image.Image, mask: Tensor | np.ndarray, dim: float = 0.25) -> Image.Image:
+    """``image`` with the patches outside ``mask`` (h, w) darkened to ``dim`` of their brightness."""
+    keep = _upsample(np.asarray(mask, dtype=np.float32), image.size)[..., None]
+    array = np.asarray(image.convert("RGB"), dtype=np.float32)
+    return Image.fromarray((array * (dim + (1 - dim) * keep)).astype(np.uint8))
+
+
+def _display_image(image: Image.Image, min_display_size: int) -> Image.Image:
+    """``image`` in RGB, enlarged by an integer factor (nearest) until its shorter side reaches
+    ``min_display_size``, so that 32 px training images give readable figures."""
+    image = image.convert("RGB")
+    factor = math.ceil(min_display_size / min(image.size))
+    if factor > 1:
+        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
+    return image
+
+
+def attention_grid(
+    image: Image.Image, attentions: Tensor, mass: float = 0.6, min_display_size: int = 224
+) -> Image.Image:
+    """One picture of an image's attention: top row the image, each head's map and the mean map over
+    it; bottom row the thresholded maps (keeping ``mass`` of the attention).
+
+    Args:
+        image: the input image (any size; enlarged for display up to ``min_display_size``).
+        attentions: (heads, h, w) maps of this image.
+    """
+    image = _display_image(image, min_display_size)
+    attentions = attentions.detach().float().cpu()
+    maps = [*attentions, attentions.mean(dim=0)]
+    tops = [image] + [attention_overlay(image, attention) for attention in maps]
+    bottoms = [image] + [mask_overlay(image, threshold_attention(attention, mass)) for attention in maps]
+    width, height = image.size
+    grid = Image.new("RGB", (width * len(tops), height * 2), "white")
+    for column, (top, bottom) in enumerate(zip(tops, bottoms, strict=True)):
+        grid.paste(top, (column * width, 0))
+        grid.paste(bottom, (column * width, height))
+    return grid
+
+
+def save_attention_maps(
+    image: Image.Image,
+    attentions: Tensor,
+    output_dir: str | Path,
+    prefix: str = "",
+    mass: float = 0.6,
+    min_display_size: int = 224,
+) -> list[Path]:
+    """Save PNG overlays of one image's attention maps.
+
+    Writes ``{prefix}head{i}.png`` (heat map over the image), ``{prefix}head{i}-mask.png`` (thresholded
+    map keeping ``mass`` of the attention), ``{prefix}mean.png``, ``{prefix}mean-mask.png`` and
+    ``{prefix}grid.png`` (everything side by side, see :func:`attention_grid`) in ``output_dir``.
+
+    Args:
+        image: the input image as fed to the model (RGB); small images are enlarged by an integer
+            factor until their shorter side reaches ``min_display_size``.
+        attentions: (heads, h, w).
+    Returns:
+        the written paths.
+    """
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    image = _display_image(image, min_display_size)
+    attentions = attentions.detach().float().cpu()
+    pictures: dict[str, Image.Image] = {}
+    for name, attention in [*((f"head{i}", a) for i, a in enumerate(attentions)), ("mean", attentions.mean(0))]:
+        pictures[name] = attention_overlay(image, attention)
+        pictures[f"{name}-mask"] = mask_overlay(image, threshold_attention(attention, mass))
+    pictures["grid"] = attention_grid(image, attentions, mass, min_display_size)
+    paths = []
+    for name, picture in pictures.items():
+        path = output_dir / f"{prefix}{name}.png"
+        picture.save(path)
+        paths.append(path)
+    return paths
+
+
+# --------------------------------------------------------------------------------------------------
+# Training curves
+# --------------------------------------------------------------------------------------------------
+
+
+def read_metrics(metrics_jsonl_path: str | Path) -> list[dict[str, Any]]:
+    """Rows of a ``metrics.jsonl`` (one JSON object per line; blank or truncated lines skipped)."""
+    rows = []
+    for line in Path(metrics_jsonl_path).read_text().splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            logger.warning("Skipping an unreadable line of %s.", metrics_jsonl_path)
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+    return rows
+
+
+def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
+    steps, values = [], []
+    for row in rows:
+        value = row.get(key)
+        if "step" in row and isinstance(value, (int, float)) and math.isfinite(value):
+            steps.append(row["step"])
+            values.append(float(value))
+    return steps, values
+
+
+def plot_training_curves(metrics_jsonl_path: str | Path, output_png: str | Path) -> None:
+    """Plot loss, k-NN accuracy, teacher entropy and learning rate against steps into one PNG.
+
+    Panels with no data say so; every ``knn_*`` / ``linear_probe_*`` metric is drawn. Needs
+    matplotlib (a warning is logged and nothing is written without it).
+    """
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        logger.warning("matplotlib is not installed; %s was not written.", output_png)
+        return
+    rows = read_metrics(metrics_jsonl_path)
+    keys = sorted({key for row in rows for key in row})
+    accuracy_keys = [key for key in keys if key.startswith(("knn_", "linear_probe_"))]
+    panels = [
+        ("loss", ["loss"], False),
+        ("evaluation accuracy", accuracy_keys, False),
+        ("teacher entropy (nats)", ["teacher_entropy", "teacher_mean_entropy"], False),
+        ("learning rate", ["learning_rate"], True),
+    ]
+    figure = Figure(figsize=(11, 7.5), layout="constrained")
+    FigureCanvasAgg(figure)
+    axes = figure.subplots(2, 2, sharex=True).ravel()
+    for axis, (title, series_keys, log_scale) in zip(axes, panels, strict=True):
+        drawn = False
+        for key in series_keys:
+            steps, values = _series(rows, key)
+            if not values:
+                continue
+            marker = "o" if len(values) < 50 else None
+            axis.plot(steps, values, label=key, marker=marker, markersize=3)
+            drawn = True
+        axis.set_title(title)
+        axis.grid(alpha=0.3)
+        if drawn:
+            if len(series_keys) > 1:
+                axis.legend(fontsize=8)
+            if log_scale and all(v > 0 for key in series_keys for v in _series(rows, key)[1]):
+                axis.set_yscale("log")
+        else:
+            axis.text(
+                0.5,
+                0.5,
+                "no data",
+                ha="center",
+                va="center",
+                transform=axis.transAxes,
+                color="gray",
+            )
+    for axis in axes[2:]:
+        axis.set_xlabel("step")
+    output_png = Path(output_png)
+    output_png.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(output_png, dpi=100)

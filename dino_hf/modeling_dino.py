@@ -70,8 +70,13 @@ class WeightNormalizedLinear(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(N, in_features)`` -> ``(N, out_features)``."""
-        weight = self.weight_v * (self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True))
-        return F.linear(hidden_states, weight)
+        scale = self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)  # (out, 1)
+        if hidden_states.shape[0] < self.weight_v.shape[1]:
+            # Few rows (the teacher's 2 x batch, small batches): scaling the (N, out) output costs less
+            # than materialising the normalised (out, in) weight, e.g. 65536 x 256 (same result).
+            logits = F.linear(hidden_states, self.weight_v)
+            return logits * scale.squeeze(1).to(logits.dtype)
+        return F.linear(hidden_states, self.weight_v * scale)
 
 
 class DinoHead(nn.Module):

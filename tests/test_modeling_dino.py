@@ -269,3 +269,22 @@ def test_sinkhorn_knopp_centering_option():
     output = model(*make_crops())
     assert torch.isfinite(output.loss)
     assert torch.count_nonzero(model.loss_fn.center) == 0  # the center is not used
+
+
+@pytest.mark.parametrize("num_rows", [3, 40])  # fewer rows than inputs (output scaling) and more (weight)
+def test_weight_normalized_linear_matches_the_definition(num_rows):
+    torch.manual_seed(0)
+    layer = WeightNormalizedLinear(16, 50, fix_norm=False)
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    inputs = torch.randn(num_rows, 16)
+
+    def reference(values):
+        weight = layer.weight_v * (layer.weight_g / layer.weight_v.norm(dim=1, keepdim=True))
+        return torch.nn.functional.linear(values, weight)
+
+    assert torch.allclose(layer(inputs), reference(inputs), atol=1e-6)
+    ours = torch.autograd.grad(layer(inputs).square().sum(), [layer.weight_v, layer.weight_g])
+    expected = torch.autograd.grad(reference(inputs).square().sum(), [layer.weight_v, layer.weight_g])
+    for gradient, expected_gradient in zip(ours, expected, strict=True):
+        assert torch.allclose(gradient, expected_gradient, atol=1e-5)

@@ -1,0 +1,142 @@
+"""Smoke tests of the performance benchmarks' CPU paths (tiny models, results to a temporary file).
+
+They check that the scripts run end to end and record what they promise, not how fast anything is.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+
+import pytest
+import torch
+
+REPOSITORY = Path(__file__).resolve().parents[1]
+BENCHMARKS = REPOSITORY / "benchmarks"
+TINY_STEP = [
+    "--preset", "vit_tiny_patch16", "--config_overrides", "num_hidden_layers=2,head_hidden_size=64",
+    "--num_prototypes", "64", "--global_crop_size", "32", "--local_crop_size", "16", "--num_local_crops", "2",
+    "--batch_size", "2", "--device", "cpu", "--threads", "1",
+]  # fmt: skip
+
+
+def _load(name: str) -> ModuleType:
+    """Import ``benchmarks/<name>.py`` as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(name, BENCHMARKS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def bench_train_step() -> ModuleType:
+    return _load("bench_train_step")
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """The scripts' ``--threads`` sets torch's global thread count: give the next tests theirs back."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
+def _rows(results_file: Path, benchmark: str) -> list[str]:
+    return [line for line in results_file.read_text().splitlines() if f"| {benchmark} |" in line]
+
+
+def test_train_step_benchmark_runs_every_variant_and_records(tmp_path: Path, bench_train_step: ModuleType) -> None:
+    results_file, json_file = tmp_path / "RESULTS.md", tmp_path / "metrics.json"
+    metrics = bench_train_step.main(
+        TINY_STEP
+        + ["--gradient_checkpointing", "--device_augmentation", "--augmentation_image_size", "40",
+           "--repeats", "1", "--steps_per_repeat", "1", "--skip_memory",
+           "--results_file", str(results_file), "--json_output", str(json_file)]
+    )  # fmt: skip
+    for variant in ("reference", "ours", "ours_checkpointing", "ours_device_augmentation"):
+        assert metrics[f"{variant}_images_per_second"] > 0
+    assert metrics["speedup_ours_vs_reference"] > 0
+    # Reference and ours start from the same weights, seeds and crops: the same first loss.
+    assert metrics["first_step_loss_difference"] < 1e-4
+    assert json.loads(json_file.read_text())["crops"] == "2x32+2x16"
+    assert len(_rows(results_file, "bench_train_step")) == 1
+
+
+def test_train_step_memory_probe_reports_growth(bench_train_step: ModuleType) -> None:
+    args = bench_train_step.parse_args(TINY_STEP)
+    peaks = bench_train_step.measure_memory(args, ["ours"])  # one fresh process
+    assert peaks["ours"] > 0
+
+
+def test_train_step_refuses_fp16_on_cpu(bench_train_step: ModuleType) -> None:
+    with pytest.raises(SystemExit, match="fp16"):
+        bench_train_step.main(TINY_STEP + ["--mixed_precision", "fp16"])
+
+
+def test_sync_free_clipping_equals_official_clip_gradients(bench_train_step: ModuleType) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    twin = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Linear(16, 4))
+    for parameter, other in zip(model.parameters(), twin.parameters(), strict=True):
+        parameter.grad = torch.randn_like(parameter) * torch.rand(()) * 4
+        other.grad = parameter.grad.clone()
+    bench_train_step.official_clip_gradients(model, 3.0)
+    bench_train_step.clip_gradients_per_parameter_(list(twin.parameters()), 3.0)
+    for parameter, other in zip(model.parameters(), twin.parameters(), strict=True):
+        torch.testing.assert_close(parameter.grad, other.grad)
+        assert parameter.grad.norm() <= 3.0 + 1e-4
+
+
+def test_batched_augmentation_benchmark_records(tmp_path: Path) -> None:
+    results_file = tmp_path / "RESULTS.md"
+    metrics = _load("bench_batched_augmentation").main(
+        ["--device", "cpu", "--threads", "1", "--batch_size", "3", "--image_size", "40", "--global_crop_size", "32",
+         "--local_crop_size", "16", "--num_local_crops", "2", "--repeats", "1",
+         "--results_file", str(results_file)]
+    )  # fmt: skip
+    assert metrics["reference_images_per_second"] > 0
+    assert metrics["batched_cpu_images_per_second"] > 0
+    assert metrics["speedup_batched_cpu_1thread_vs_reference"] > 0
+    assert len(_rows(results_file, "bench_batched_augmentation")) == 1
+
+
+def test_gpu_check_cpu_path(tmp_path: Path) -> None:
+    results_table = BENCHMARKS / "RESULTS.md"
+    before = results_table.read_text() if results_table.exists() else None
+    out = tmp_path / "out"
+    environment = {**os.environ, "OUT": str(out), "PYTHON": sys.executable}
+    environment.pop("RESULTS_FILE", None)
+    completed = subprocess.run(
+        ["bash", str(BENCHMARKS / "gpu_check.sh"), "--cpu"],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["mode"] == "cpu" and summary["failures"] == 0
+    assert set(summary["steps"]) == {"bench_batched_augmentation", "bench_train_step_tiny"}
+    assert (
+        json.loads((out / "bench_train_step_tiny.json").read_text())["ours_device_augmentation_images_per_second"] > 0
+    )
+    assert len(_rows(out / "RESULTS.md", "bench_train_step")) == 1
+    assert len(_rows(out / "RESULTS.md", "bench_batched_augmentation")) == 1
+    # The CPU path never writes to the project's results table.
+    assert (results_table.read_text() if results_table.exists() else None) == before
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_with_torch_compile(tmp_path: Path, bench_train_step: ModuleType) -> None:
+    metrics = bench_train_step.main(
+        TINY_STEP + ["--torch_compile", "--repeats", "1", "--steps_per_repeat", "1", "--skip_memory",
+                     "--results_file", str(tmp_path / "RESULTS.md")]
+    )  # fmt: skip
+    assert metrics["compile_seconds"] > 0
+    assert metrics["ours_compiled_images_per_second"] > 0

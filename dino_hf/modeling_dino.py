@@ -394,18 +394,26 @@ class DinoForPreTraining(DinoPreTrainedModel):
 
     # ------------------------------------------------------------------ training helpers
     @torch.no_grad()
-    def update_teacher(self, momentum: float) -> None:
+    def update_teacher(self, momentum: float | torch.Tensor) -> None:
         """EMA of the student into the teacher: ``teacher = momentum * teacher + (1 - momentum) * student``.
 
         One fused ``torch._foreach_lerp_`` over all parameters (no Python loop over tensors); with
         ``momentum == 1`` the teacher is unchanged and with ``momentum == 0`` it becomes the student.
+        ``momentum`` may be a 0-dim tensor on the parameters' device (e.g. 1.0 on a skipped step,
+        chosen on the device): it is then used without reading it back to the host.
         """
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1] (official 0.996 -> 1), got {momentum!r}.")
         if getattr(self, "_ema_pairs", None) is None:
             pairs = self._student_teacher_pairs()
             self._ema_pairs = ([student for student, _ in pairs], [teacher for _, teacher in pairs])
         student_parameters, teacher_parameters = self._ema_pairs
+        if isinstance(momentum, torch.Tensor):
+            if momentum.ndim != 0:
+                raise ValueError(f"momentum must be a number or a 0-dim tensor, got shape {tuple(momentum.shape)}.")
+            weight = (1.0 - momentum).to(teacher_parameters[0].dtype)
+            torch._foreach_lerp_(teacher_parameters, student_parameters, [weight] * len(teacher_parameters))
+            return
+        if not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1] (official 0.996 -> 1), got {momentum!r}.")
         torch._foreach_lerp_(teacher_parameters, student_parameters, 1.0 - momentum)
 
     def _apply(self, fn, recurse: bool = True):

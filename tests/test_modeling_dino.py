@@ -288,3 +288,17 @@ def test_weight_normalized_linear_matches_the_definition(num_rows):
     expected = torch.autograd.grad(reference(inputs).square().sum(), [layer.weight_v, layer.weight_g])
     for gradient, expected_gradient in zip(ours, expected, strict=True):
         assert torch.allclose(gradient, expected_gradient, atol=1e-5)
+
+
+def test_update_teacher_accepts_a_tensor_momentum(model):
+    with torch.no_grad():
+        for parameter in model.student.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    before = {name: tensor.clone() for name, tensor in model.teacher.named_parameters()}
+    model.update_teacher(torch.tensor(1.0))
+    for name, tensor in model.teacher.named_parameters():
+        assert torch.equal(tensor, before[name]), name
+    model.update_teacher(torch.tensor(0.75))
+    students = dict(model.student.named_parameters())
+    for name, tensor in model.teacher.named_parameters():
+        assert torch.allclose(tensor, 0.75 * before[name] + 0.25 * students[name], atol=1e-6), name

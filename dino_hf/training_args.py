@@ -1,0 +1,733 @@
+"""Command-line arguments of DINO pre-training: the recipe plus runtime options.
+
+`DinoTrainingArguments` is a frozen dataclass parsed with `transformers.HfArgumentParser`, either
+from the command line alone or from one YAML/JSON file (`--config FILE`) whose values the command
+line overrides. It is never mutated after parsing: values that depend on the run (the batch-scaled
+learning rate, the number of optimiser steps, epoch-denominated settings converted to steps) are
+computed by `plan_steps` into a separate `StepPlan` and logged.
+
+Defaults are those of the official DINO code (`main_dino.py`, ViT-S/16, 100 epochs); each help
+string says why and what range is sane.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+from transformers import HfArgumentParser
+
+__all__ = [
+    "RUN_FACT_KEYS",
+    "DinoTrainingArguments",
+    "StepPlan",
+    "build_argument_parser",
+    "load_config_file",
+    "parse_training_args",
+    "plan_steps",
+]
+
+
+#: Keys that ``training_args.json`` adds to the arguments (facts of the run, not settings); a
+#: config file may contain them (so that a run's ``training_args.json`` can be replayed) and they
+#: are ignored, as is its ``config`` entry.
+RUN_FACT_KEYS = (
+    "num_processes",
+    "global_batch_size",
+    "scaled_learning_rate",
+    "steps_per_epoch",
+    "hardware",
+    "train_runtime",
+    "dino_hf_version",
+)
+
+
+def _help(text: str, **metadata: Any) -> dict[str, Any]:
+    return {"help": text, **metadata}
+
+
+@dataclass(frozen=True)
+class DinoTrainingArguments:
+    """Everything `scripts/train.py` accepts. See each field's help string (`--help`)."""
+
+    # ------------------------------------------------------------------ config file
+    config: str | None = field(
+        default=None,
+        metadata=_help(
+            "YAML or JSON file with any of these arguments (keys are the flag names without '--'); "
+            "flags given on the command line override the file."
+        ),
+    )
+
+    # ------------------------------------------------------------------ data
+    dataset_name: str | None = field(
+        default=None,
+        metadata=_help(
+            "Training images: a Hub dataset id, a local image folder, a parquet file or folder of "
+            "parquet shards, or webdataset .tar shards. Required. Labels are ignored."
+        ),
+    )
+    dataset_config_name: str | None = field(
+        default=None, metadata=_help("Configuration (subset) name of a Hub dataset, if it has several.")
+    )
+    train_split: str = field(default="train", metadata=_help("Dataset split to train on."))
+    image_column: str = field(
+        default="image", metadata=_help("Column that holds the images (PIL images or encoded bytes).")
+    )
+    streaming: bool = field(
+        default=True,
+        metadata=_help(
+            "Stream the dataset instead of downloading and converting it first. Streaming starts at "
+            "once and needs no disk space; a stream whose length is unknown needs --max_steps."
+        ),
+    )
+    shuffle_buffer_size: int = field(
+        default=10_000,
+        metadata=_help(
+            "Images held in the streaming shuffle buffer. Larger mixes better and costs memory "
+            "(about 10k decoded-on-demand records is a good trade-off; 1 disables shuffling)."
+        ),
+    )
+    dataloader_num_workers: int = field(
+        default=4,
+        metadata=_help(
+            "Data-loading worker processes per training process. Multi-crop augmentation is CPU "
+            "heavy: the official code uses 10 per GPU. Use 0 for bit-exact resume."
+        ),
+    )
+
+    # ------------------------------------------------------------------ model
+    model_config: str = field(
+        default="vit_small_patch16",
+        metadata=_help(
+            "Model architecture: a preset name (vit_tiny_patch16, vit_small_patch16, "
+            "vit_small_patch8, vit_base_patch16, vit_base_patch8) or a folder/JSON file written by "
+            "DinoConfig.save_pretrained. ViT-S/16 is the official default: best accuracy per "
+            "compute in the paper."
+        ),
+    )
+    config_overrides: str | None = field(
+        default=None,
+        metadata=_help(
+            "Comma-separated key=value changes to the model config, e.g. "
+            "'backbone_config.hidden_size=192,num_prototypes=4096,norm_last_layer=false'. "
+            "Ignored keys are an error."
+        ),
+    )
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Start from weights instead of a random initialisation: a DinoForPreTraining folder "
+            "(student, teacher and center) or an exported ViT backbone folder (student and teacher "
+            "both start from it; a new head is initialised)."
+        ),
+    )
+
+    # ------------------------------------------------------------------ crops
+    num_local_crops: int = field(
+        default=8,
+        metadata=_help(
+            "Small local views per image, seen by the student only. 8 is the official default; "
+            "10 gives slightly better features, 0 disables multi-crop (much worse in the paper)."
+        ),
+    )
+    global_crop_size: int = field(
+        default=224,
+        metadata=_help("Side in pixels of the 2 global views (teacher and student); a multiple of the patch size."),
+    )
+    local_crop_size: int = field(
+        default=96,
+        metadata=_help("Side in pixels of the local views; a multiple of the patch size, at most --global_crop_size."),
+    )
+    global_crop_scale: list[float] = field(
+        default_factory=lambda: [0.4, 1.0],
+        metadata=_help(
+            "Min and max area fraction of the image kept by a global crop. The official (0.4, 1) "
+            "was chosen with multi-crop; use (0.14, 1) when --num_local_crops is 0."
+        ),
+    )
+    local_crop_scale: list[float] = field(
+        default_factory=lambda: [0.05, 0.4],
+        metadata=_help(
+            "Min and max area fraction of the image kept by a local crop; its max should equal the "
+            "min of --global_crop_scale."
+        ),
+    )
+
+    color_jitter_probability: float = field(
+        default=0.8,
+        metadata=_help("Probability of colour jitter per view (official 0.8)."),
+    )
+    color_jitter_strength: float = field(
+        default=1.0,
+        metadata=_help(
+            "Multiplier of the official jitter strengths (brightness 0.4, contrast 0.4, saturation "
+            "0.2, hue 0.1). Lower it for small or grayscale images, where strong jitter destroys "
+            "the little signal there is."
+        ),
+    )
+    grayscale_probability: float = field(
+        default=0.2, metadata=_help("Probability of grayscale conversion per view (official 0.2).")
+    )
+    blur_probability_scale: float = field(
+        default=1.0,
+        metadata=_help(
+            "Multiplier of the official Gaussian-blur probabilities (1.0 and 0.1 on the global views, "
+            "0.5 on local views); 0 disables blur, which is sensible below ~64 px."
+        ),
+    )
+    blur_sigma: list[float] = field(
+        default_factory=lambda: [0.1, 2.0],
+        metadata=_help("Min and max blur standard deviation in output pixels (official 0.1 2.0, for 224 px views)."),
+    )
+    solarize_probability: float = field(
+        default=0.2,
+        metadata=_help("Probability of solarisation of the second global view (official 0.2)."),
+    )
+
+    # ------------------------------------------------------------------ optimisation
+    per_device_train_batch_size: int = field(
+        default=64,
+        metadata=_help(
+            "Source images per process per micro-step (each gives 2 + --num_local_crops views). "
+            "The official runs use 64 per GPU for a global batch of 1024 on 16 GPUs."
+        ),
+    )
+    gradient_accumulation_steps: int = field(
+        default=1,
+        metadata=_help(
+            "Micro-steps per optimiser step. Schedules, the teacher EMA and the center update advance "
+            "once per optimiser step, so a global batch built by accumulation trains like a real one."
+        ),
+    )
+    max_steps: int | None = field(
+        default=None,
+        metadata=_help(
+            "Total optimiser steps; overrides --num_train_epochs. Required for a stream of unknown "
+            "length, where epoch-denominated settings then count --max_steps / --num_train_epochs "
+            "steps per epoch."
+        ),
+    )
+    num_train_epochs: float = field(
+        default=100.0,
+        metadata=_help(
+            "Passes over the dataset. 100 is the official short recipe (k-NN 69.3%% for ViT-S/16 on "
+            "ImageNet); 300-800 epochs add a few points."
+        ),
+    )
+    learning_rate: float = field(
+        default=5e-4,
+        metadata=_help(
+            "Peak AdamW learning rate per 256 images: the rate used is this times the global batch "
+            "size / 256 (linear scaling rule), reached after the warm-up."
+        ),
+    )
+    min_learning_rate: float = field(
+        default=1e-6,
+        metadata=_help("Final learning rate of the cosine decay (not scaled by the batch size)."),
+    )
+    warmup_epochs: float = field(
+        default=10.0,
+        metadata=_help("Epochs of linear learning-rate warm-up from 0 (official: 10)."),
+    )
+    warmup_steps: int | None = field(
+        default=None, metadata=_help("Learning-rate warm-up in optimiser steps; overrides --warmup_epochs.")
+    )
+    weight_decay: float = field(
+        default=0.04,
+        metadata=_help(
+            "Initial AdamW weight decay, on weights only (not on biases and norms). A cosine schedule "
+            "raises it to --weight_decay_end: a small decay early and a larger one late is what "
+            "worked for ViTs in the paper."
+        ),
+    )
+    weight_decay_end: float = field(
+        default=0.4, metadata=_help("Final weight decay of the cosine schedule (official: 0.4).")
+    )
+    teacher_momentum: float = field(
+        default=0.996,
+        metadata=_help(
+            "Initial EMA momentum of the teacher, raised to 1 with a cosine schedule. 0.996 suits "
+            "batch 1024; with small batches try 0.99-0.995 (the teacher must move faster)."
+        ),
+    )
+    teacher_temperature: float = field(
+        default=0.04,
+        metadata=_help(
+            "Teacher softmax temperature after the warm-up. Lower sharpens the targets; above 0.07 "
+            "training tends to collapse to a uniform output. 0.04 is the official default, 0.07 the "
+            "'boost' recipe (with a 30-epoch warm-up)."
+        ),
+    )
+    warmup_teacher_temperature: float = field(
+        default=0.04,
+        metadata=_help(
+            "Teacher temperature at step 0, raised linearly to --teacher_temperature. Start low "
+            "(0.04): a too high value early makes the training collapse."
+        ),
+    )
+    warmup_teacher_temperature_epochs: float = field(
+        default=0.0,
+        metadata=_help("Epochs of the teacher-temperature warm-up (official: 0; 30 with teacher temperature 0.07)."),
+    )
+    warmup_teacher_temperature_steps: int | None = field(
+        default=None,
+        metadata=_help("Teacher-temperature warm-up in optimiser steps; overrides --warmup_teacher_temperature_epochs."),
+    )
+    student_temperature: float | None = field(
+        default=None,
+        metadata=_help("Student softmax temperature; default: the model config's (0.1, as the official code)."),
+    )
+    center_momentum: float | None = field(
+        default=None,
+        metadata=_help("EMA momentum of the teacher center; default: the model config's (0.9, as the official code)."),
+    )
+    freeze_last_layer_epochs: float = field(
+        default=1.0,
+        metadata=_help(
+            "Epochs during which the head's last (prototype) layer is not updated. Freezing it for "
+            "the first epoch helps optimisation (official: 1; 3 for ViT-B)."
+        ),
+    )
+    freeze_last_layer_steps: int | None = field(
+        default=None,
+        metadata=_help("Last-layer freeze in optimiser steps; overrides --freeze_last_layer_epochs."),
+    )
+    max_grad_norm: float = field(
+        default=3.0,
+        metadata=_help(
+            "Gradient clipping threshold (official: 3.0; 0.3 for ViT-B). Clipping helps ViT "
+            "optimisation; 0 disables it."
+        ),
+    )
+    clip_mode: Literal["per_parameter", "global"] = field(
+        default="per_parameter",
+        metadata=_help(
+            "per_parameter clips each parameter's gradient norm separately, as the official code; "
+            "global clips the norm of all gradients together (torch.nn.utils.clip_grad_norm_)."
+        ),
+    )
+    mixed_precision: Literal["no", "bf16", "fp16"] = field(
+        default="no",
+        metadata=_help(
+            "Autocast precision. bf16 works on CPUs and recent GPUs and needs no loss scaling; fp16 "
+            "(what the official code uses) needs a CUDA GPU and uses a loss scaler."
+        ),
+    )
+    seed: int = field(
+        default=0,
+        metadata=_help("Random seed of initialisation, augmentation and data order (official: 0)."),
+    )
+    max_consecutive_nonfinite_steps: int = field(
+        default=10,
+        metadata=_help(
+            "A step with a non-finite loss or gradient is skipped (no optimiser, teacher or center "
+            "update); the run stops after this many in a row, keeping the last good checkpoint."
+        ),
+    )
+    collapse_warning_steps: int = field(
+        default=500,
+        metadata=_help(
+            "Warn when the loss stays at ln(K) (uniform collapse) or the teacher's batch-mean "
+            "entropy near 0 (one-hot collapse) for this many optimiser steps."
+        ),
+    )
+    torch_compile: bool = field(
+        default=False,
+        metadata=_help(
+            "Compile the student and teacher backbones with torch.compile. Pays off for long GPU "
+            "runs; the first steps are slow while it compiles."
+        ),
+    )
+    activation_checkpointing: bool = field(
+        default=False,
+        metadata=_help(
+            "Recompute the student backbone's activations during backward to save memory "
+            "(about a third more compute); for large backbones or batches."
+        ),
+    )
+
+    # ------------------------------------------------------------------ output
+    output_dir: str | None = field(
+        default=None,
+        metadata=_help(
+            "Folder for checkpoints, metrics.jsonl, the final model and the exported backbone. Required."
+        ),
+    )
+    overwrite_output_dir: bool = field(
+        default=False,
+        metadata=_help(
+            "Start afresh even if --output_dir already holds checkpoints (they are deleted). "
+            "Without it such a folder is refused unless --resume_from_checkpoint is given."
+        ),
+    )
+    checkpointing_steps: int = field(
+        default=1000,
+        metadata=_help(
+            "Save a resumable checkpoint every this many optimiser steps (and on SIGTERM/SIGINT)."
+        ),
+    )
+    checkpoints_total_limit: int | None = field(
+        default=2,
+        metadata=_help("Keep only the newest this many checkpoints (each holds model and optimiser state); unset keeps all."),
+    )
+    resume_from_checkpoint: str | None = field(
+        default=None,
+        metadata=_help(
+            "Continue a run: 'latest' (the newest complete checkpoint in --output_dir; starts "
+            "afresh if there is none, so a requeued job can always pass it) or a checkpoint folder."
+        ),
+    )
+    logging_steps: int = field(
+        default=10,
+        metadata=_help(
+            "Log metrics every this many optimiser steps. Logging reads values from the device, so "
+            "it is the only place the loop waits for it."
+        ),
+    )
+    report_to: Literal["none", "tensorboard", "wandb", "all"] = field(
+        default="none",
+        metadata=_help("Trackers besides output_dir/metrics.jsonl: tensorboard, wandb, all or none."),
+    )
+    tracker_project_name: str = field(
+        default="dino_hf", metadata=_help("Project name under which trackers record the run.")
+    )
+    debug: bool = field(
+        default=False, metadata=_help("Show full tracebacks instead of one-sentence errors.")
+    )
+
+    # ------------------------------------------------------------------ evaluation (k-NN monitor)
+    eval_dataset_name: str | None = field(
+        default=None,
+        metadata=_help(
+            "Labelled dataset for the periodic weighted k-NN evaluation of the teacher (same forms as "
+            "--dataset_name). Unset disables evaluation."
+        ),
+    )
+    eval_split: str = field(default="test", metadata=_help("Split of --eval_dataset_name to classify."))
+    eval_train_split: str = field(
+        default="train", metadata=_help("Split of --eval_dataset_name whose features are the k-NN memory bank.")
+    )
+    eval_label_column: str = field(default="label", metadata=_help("Column holding the integer labels."))
+    eval_steps: int | None = field(
+        default=None,
+        metadata=_help("Evaluate every this many optimiser steps; unset evaluates once at the end."),
+    )
+    eval_max_samples: int | None = field(
+        default=10_000,
+        metadata=_help(
+            "Use at most this many images of each evaluation split, so that a periodic evaluation "
+            "stays cheap; unset uses all."
+        ),
+    )
+
+    # ------------------------------------------------------------------ hub
+    push_to_hub: bool = field(
+        default=False,
+        metadata=_help(
+            "Push the exported backbone, model card and metrics to the Hub (main process only; a "
+            "failed push warns and never stops training)."
+        ),
+    )
+    hub_model_id: str | None = field(
+        default=None, metadata=_help("Hub repository 'user/name' to push to (needed with --push_to_hub).")
+    )
+    hub_private_repo: bool = field(default=False, metadata=_help("Create the Hub repository as private."))
+    hub_strategy: Literal["end", "checkpoint"] = field(
+        default="end",
+        metadata=_help("'end' pushes once after training; 'checkpoint' also pushes at every checkpoint."),
+    )
+
+    def __post_init__(self) -> None:
+        for name, allowed in (
+            ("clip_mode", ("per_parameter", "global")),
+            ("mixed_precision", ("no", "bf16", "fp16")),
+            ("report_to", ("none", "tensorboard", "wandb", "all")),
+            ("hub_strategy", ("end", "checkpoint")),
+        ):
+            value = getattr(self, name)
+            _check(value in allowed, f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
+
+        _check(bool(self.dataset_name), "--dataset_name is required: pass a Hub dataset id or a local path.")
+        _check(bool(self.output_dir), "--output_dir is required: pass the folder where the run is written.")
+
+        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "shuffle_buffer_size",
+                     "global_crop_size", "local_crop_size", "checkpointing_steps", "logging_steps",
+                     "max_consecutive_nonfinite_steps", "collapse_warning_steps"):
+            value = getattr(self, name)
+            _check(value >= 1, f"--{name} must be a positive integer, not {value}.")
+        for name in ("dataloader_num_workers", "num_local_crops"):
+            value = getattr(self, name)
+            _check(value >= 0, f"--{name} must be 0 or more, not {value}.")
+        for name in ("max_steps", "checkpoints_total_limit", "eval_steps", "eval_max_samples"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"--{name} must be a positive integer (or unset), not {value}.")
+        for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps"):
+            value = getattr(self, name)
+            _check(value is None or value >= 0, f"--{name} must be 0 or more (or unset), not {value}.")
+        for name in ("warmup_epochs", "warmup_teacher_temperature_epochs", "freeze_last_layer_epochs",
+                     "min_learning_rate", "weight_decay", "weight_decay_end", "max_grad_norm"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value >= 0, f"--{name} must be 0 or more, not {value}.")
+        for name in ("learning_rate", "num_train_epochs", "teacher_temperature", "warmup_teacher_temperature"):
+            value = getattr(self, name)
+            _check(math.isfinite(value) and value > 0, f"--{name} must be greater than 0, not {value}.")
+        _check(
+            self.student_temperature is None or self.student_temperature > 0,
+            f"--student_temperature must be greater than 0, not {self.student_temperature}.",
+        )
+        for name in ("teacher_momentum", "center_momentum"):
+            value = getattr(self, name)
+            _check(value is None or 0.0 <= value <= 1.0, f"--{name} must be between 0 and 1, not {value}.")
+
+        for name in ("color_jitter_probability", "grayscale_probability", "solarize_probability"):
+            value = getattr(self, name)
+            _check(0.0 <= value <= 1.0, f"--{name} must be between 0 and 1, not {value}.")
+        _check(
+            0.0 <= self.color_jitter_strength <= 5.0,
+            f"--color_jitter_strength must be between 0 and 5, not {self.color_jitter_strength}.",
+        )
+        _check(
+            0.0 <= self.blur_probability_scale <= 10.0,
+            f"--blur_probability_scale must be between 0 and 10, not {self.blur_probability_scale}.",
+        )
+        _check(
+            len(self.blur_sigma) == 2 and 0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
+            f"--blur_sigma must be two numbers 0 < min <= max, not {list(self.blur_sigma)}.",
+        )
+        _check(
+            self.local_crop_size <= self.global_crop_size,
+            f"--local_crop_size ({self.local_crop_size}) must not exceed --global_crop_size "
+            f"({self.global_crop_size}).",
+        )
+        for name in ("global_crop_scale", "local_crop_scale"):
+            scale = list(getattr(self, name))
+            _check(
+                len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,
+                f"--{name} must be two numbers 0 < min <= max <= 1, not {scale}.",
+            )
+        _check(
+            not self.push_to_hub or bool(self.hub_model_id),
+            "--push_to_hub needs --hub_model_id user/name to know where to push.",
+        )
+        _check(
+            self.resume_from_checkpoint is None or not self.overwrite_output_dir,
+            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would use; pass only one.",
+        )
+
+    # ------------------------------------------------------------------ derived values
+    def global_batch_size(self, num_processes: int) -> int:
+        """Source images per optimiser step over all processes and accumulation micro-steps."""
+        return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
+
+    def scaled_learning_rate(self, num_processes: int) -> float:
+        """Peak learning rate after the linear scaling rule: learning_rate * global batch / 256."""
+        return self.learning_rate * self.global_batch_size(num_processes) / 256.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json_string(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write the resolved arguments as JSON (e.g. output_dir/training_args.json)."""
+        with open(path, "w", encoding="utf-8") as handle:
+            handle.write(self.to_json_string())
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike) -> DinoTrainingArguments:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{key: value for key, value in values.items() if key in known})
+
+
+def _check(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)
+
+
+# ---------------------------------------------------------------------------------- step plan
+@dataclass(frozen=True)
+class StepPlan:
+    """Run-dependent values derived once from the arguments, the data size and the process count.
+
+    Epoch-denominated settings are converted with `steps_per_epoch`: the optimiser steps in one
+    pass over the data when its size is known, else `max_steps / num_train_epochs`.
+    """
+
+    num_processes: int
+    global_batch_size: int
+    learning_rate: float  # batch-scaled peak learning rate
+    steps_per_epoch: float
+    total_steps: int
+    warmup_steps: int
+    warmup_teacher_temperature_steps: int
+    freeze_last_layer_steps: int
+    dataset_size_known: bool
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+def plan_steps(args: DinoTrainingArguments, num_examples_per_process: int | None, num_processes: int) -> StepPlan:
+    """Compute the batch-scaled learning rate and every step count of the run.
+
+    Args:
+        args: parsed arguments.
+        num_examples_per_process: images one process sees per epoch (`DinoDataLoader.num_examples`),
+            or None for a stream of unknown length.
+        num_processes: number of training processes.
+
+    Raises:
+        ValueError: with one sentence naming the flag, when the run length cannot be determined.
+    """
+    micro_batch = args.per_device_train_batch_size
+    if num_examples_per_process is not None:
+        steps_per_epoch = float(num_examples_per_process // (micro_batch * args.gradient_accumulation_steps))
+        _check(
+            steps_per_epoch >= 1,
+            f"The dataset has only {num_examples_per_process} images per process, fewer than one optimiser step "
+            f"needs: lower --per_device_train_batch_size or --gradient_accumulation_steps.",
+        )
+    else:
+        _check(
+            args.max_steps is not None,
+            "The dataset is a stream of unknown length, so --num_train_epochs cannot be converted to "
+            "steps: pass --max_steps.",
+        )
+        steps_per_epoch = args.max_steps / args.num_train_epochs
+
+    total_steps = args.max_steps if args.max_steps is not None else math.ceil(args.num_train_epochs * steps_per_epoch)
+
+    def steps(name: str, explicit: int | None, epochs: float) -> int:
+        """Explicit step counts must fit in the run; epoch-derived ones are capped at its length."""
+        if explicit is not None:
+            _check(
+                explicit <= total_steps,
+                f"--{name} ({explicit}) exceeds the run's {total_steps} optimiser steps.",
+            )
+            return explicit
+        return min(round(epochs * steps_per_epoch), int(total_steps))
+
+    return StepPlan(
+        num_processes=num_processes,
+        global_batch_size=args.global_batch_size(num_processes),
+        learning_rate=args.scaled_learning_rate(num_processes),
+        steps_per_epoch=steps_per_epoch,
+        total_steps=int(total_steps),
+        warmup_steps=steps("warmup_steps", args.warmup_steps, args.warmup_epochs),
+        warmup_teacher_temperature_steps=steps(
+            "warmup_teacher_temperature_steps",
+            args.warmup_teacher_temperature_steps,
+            args.warmup_teacher_temperature_epochs,
+        ),
+        freeze_last_layer_steps=steps(
+            "freeze_last_layer_steps", args.freeze_last_layer_steps, args.freeze_last_layer_epochs
+        ),
+        dataset_size_known=num_examples_per_process is not None,
+    )
+
+
+# ---------------------------------------------------------------------------------- parsing
+class _OneLineErrorParser(HfArgumentParser):
+    """HfArgumentParser whose usage errors are one line on stderr and exit status 2."""
+
+    def error(self, message: str) -> None:
+        sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
+        raise SystemExit(2)
+
+
+def build_argument_parser(prog: str | None = None) -> HfArgumentParser:
+    """The parser of `scripts/train.py` (one flag per `DinoTrainingArguments` field)."""
+    return _OneLineErrorParser(
+        DinoTrainingArguments,
+        prog=prog,
+        description="Self-supervised DINO pre-training of a ViT backbone (Caron et al., 2021).",
+    )
+
+
+def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    """Read a YAML/JSON config file into argument values, converted with the flags' own types.
+
+    Raises:
+        ValueError: one sentence naming the file and the offending key.
+    """
+    if not os.path.isfile(path):
+        raise ValueError(f"--config {path} does not exist: pass a YAML or JSON file.")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
+    except (OSError, yaml.YAMLError, json.JSONDecodeError) as error:
+        raise ValueError(f"--config {path} could not be read as YAML/JSON ({error.__class__.__name__}).") from None
+    if values is None:
+        return {}
+    if not isinstance(values, dict):
+        raise ValueError(f"--config {path} must hold a mapping of argument names to values.")  # noqa: TRY004
+
+    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    converted: dict[str, Any] = {}
+    for key, value in values.items():
+        if key in RUN_FACT_KEYS or key == "config":
+            continue
+        action = actions.get(key)
+        if action is None or key == "help":
+            raise ValueError(f"--config {path}: '{key}' is not a training argument (see --help).")
+        converted[key] = _convert_config_value(path, key, value, action)
+    return converted
+
+
+def _convert_config_value(path: str, key: str, value: Any, action: argparse.Action) -> Any:
+    """Convert one config-file value the way argparse converts the flag's string, and check choices."""
+    convert = action.type if callable(action.type) else None
+
+    def one(item: Any) -> Any:
+        if item is None or convert is None:
+            return item
+        if convert is float and isinstance(item, (int, float)) and not isinstance(item, bool):
+            return float(item)
+        if convert is int and isinstance(item, int) and not isinstance(item, bool):
+            return item
+        if isinstance(item, bool) and convert is not int and convert is not float:
+            return item
+        try:
+            return convert(item if isinstance(item, str) else str(item))
+        except (TypeError, ValueError, argparse.ArgumentTypeError):
+            raise ValueError(f"--config {path}: '{key}' has value {item!r}, which is not a valid {key}.") from None
+
+    if action.nargs == "+":
+        items = value if isinstance(value, (list, tuple)) else [value]
+        result: Any = [one(item) for item in items]
+    else:
+        if isinstance(value, (list, dict)):
+            raise ValueError(f"--config {path}: '{key}' takes a single value, not {value!r}.")
+        result = one(value)
+    if action.choices is not None and result is not None and result not in action.choices:
+        raise ValueError(f"--config {path}: '{key}' must be one of {', '.join(map(str, action.choices))}.")
+    return result
+
+
+def parse_training_args(argv: list[str] | None = None, prog: str | None = None) -> DinoTrainingArguments:
+    """Parse `argv` (default `sys.argv[1:]`), with `--config FILE` values as overridable defaults.
+
+    Raises:
+        ValueError: one sentence naming the flag, for invalid values.
+        SystemExit: status 2, for usage errors (unknown flag, wrong type), as argparse does.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_argument_parser(prog)
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument("--config", default=None)
+    known, _ = config_parser.parse_known_args(argv)
+    if known.config is not None:
+        parser.set_defaults(**load_config_file(known.config, parser))
+    namespace = parser.parse_args(argv)  # unknown flags: one-line usage error, exit 2
+    return DinoTrainingArguments(**vars(namespace))

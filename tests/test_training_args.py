@@ -1,0 +1,195 @@
+"""DinoTrainingArguments: parsing (command line, YAML/JSON config), validation, derived step plan."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import pytest
+
+from dino_hf.training_args import (
+    DinoTrainingArguments,
+    build_argument_parser,
+    parse_training_args,
+    plan_steps,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((REPO / "scripts" / "configs").glob("*.yaml"))
+REQUIRED = ["--dataset_name", "data", "--output_dir", "out"]
+
+
+def make_args(**overrides) -> DinoTrainingArguments:
+    return DinoTrainingArguments(dataset_name="data", output_dir="out", **overrides)
+
+
+def test_defaults_are_the_official_recipe():
+    args = make_args()
+    assert args.learning_rate == 5e-4 and args.min_learning_rate == 1e-6 and args.warmup_epochs == 10
+    assert (args.weight_decay, args.weight_decay_end) == (0.04, 0.4)
+    assert args.teacher_momentum == 0.996 and args.teacher_temperature == 0.04
+    assert args.max_grad_norm == 3.0 and args.clip_mode == "per_parameter"
+    assert args.num_local_crops == 8 and (args.global_crop_size, args.local_crop_size) == (224, 96)
+    assert args.global_crop_scale == [0.4, 1.0] and args.local_crop_scale == [0.05, 0.4]
+    assert args.freeze_last_layer_epochs == 1 and args.num_train_epochs == 100
+    assert args.model_config == "vit_small_patch16"
+
+
+def test_every_flag_has_a_help_string_and_help_exits_zero(capsys):
+    for field in dataclasses.fields(DinoTrainingArguments):
+        assert len(field.metadata.get("help", "")) > 20, field.name
+    with pytest.raises(SystemExit) as exit_info:
+        parse_training_args(["--help"])
+    assert exit_info.value.code == 0
+    assert "official" in capsys.readouterr().out
+
+
+def test_command_line_types_lists_and_booleans():
+    args = parse_training_args(
+        REQUIRED + ["--global_crop_scale", "0.3", "1", "--no_streaming", "--max_steps", "7",
+                    "--learning_rate", "1e-3", "--torch_compile", "--clip_mode", "global"]
+    )
+    assert args.global_crop_scale == [0.3, 1.0]
+    assert args.streaming is False and args.torch_compile is True
+    assert args.max_steps == 7 and args.learning_rate == 1e-3 and args.clip_mode == "global"
+
+
+def test_arguments_are_frozen():
+    args = make_args()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        args.learning_rate = 1.0  # type: ignore[misc]
+
+
+def test_config_file_values_with_command_line_overrides(tmp_path):
+    config = tmp_path / "recipe.yaml"
+    # 5e-4 without a dot is a *string* for YAML 1.1; it must still become a float.
+    config.write_text(
+        "dataset_name: data\noutput_dir: out\nlearning_rate: 5e-4\nmax_steps: 10\n"
+        "local_crop_scale: [0.1, 0.3]\nstreaming: false\nmixed_precision: bf16\n"
+    )
+    args = parse_training_args(["--config", str(config), "--max_steps", "20"])
+    assert args.learning_rate == 5e-4 and isinstance(args.learning_rate, float)
+    assert args.max_steps == 20  # the command line wins
+    assert args.local_crop_scale == [0.1, 0.3] and args.streaming is False
+    assert args.mixed_precision == "bf16" and args.config == str(config)
+
+
+def test_json_config_and_round_trip(tmp_path):
+    args = make_args(max_steps=3, global_crop_scale=[0.5, 1.0])
+    path = tmp_path / "training_args.json"
+    args.save(path)
+    assert DinoTrainingArguments.from_json_file(path) == args
+    parsed = parse_training_args(["--config", str(path)])
+    assert parsed == dataclasses.replace(args, config=str(path))
+
+
+@pytest.mark.parametrize(
+    ("content", "fragment"),
+    [
+        ("learning_rate: fast\n", "'learning_rate' has value 'fast'"),
+        ("no_such_flag: 1\n", "'no_such_flag' is not a training argument"),
+        ("clip_mode: sometimes\n", "'clip_mode' must be one of"),
+        ("- a list\n", "must hold a mapping"),
+        ("max_steps: [1, 2]\n", "'max_steps' takes a single value"),
+    ],
+)
+def test_bad_config_files_name_the_key(tmp_path, content, fragment):
+    config = tmp_path / "bad.yaml"
+    config.write_text(content)
+    with pytest.raises(ValueError, match="--config") as error:
+        parse_training_args(["--config", str(config)] + REQUIRED)
+    assert fragment in str(error.value)
+
+
+def test_missing_config_file():
+    with pytest.raises(ValueError, match="--config nowhere.yaml does not exist"):
+        parse_training_args(["--config", "nowhere.yaml"])
+
+
+@pytest.mark.parametrize(
+    ("flags", "flag_named"),
+    [
+        ([], "--dataset_name"),
+        (["--dataset_name", "d"], "--output_dir"),
+        (REQUIRED + ["--num_local_crops", "-1"], "--num_local_crops"),
+        (REQUIRED + ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),
+        (REQUIRED + ["--global_crop_size", "0"], "--global_crop_size"),
+        (REQUIRED + ["--local_crop_size", "256"], "--local_crop_size"),
+        (REQUIRED + ["--global_crop_scale", "0.5", "0.2"], "--global_crop_scale"),
+        (REQUIRED + ["--local_crop_scale", "0.1"], "--local_crop_scale"),
+        (REQUIRED + ["--learning_rate", "0"], "--learning_rate"),
+        (REQUIRED + ["--teacher_momentum", "1.5"], "--teacher_momentum"),
+        (REQUIRED + ["--teacher_temperature", "-0.1"], "--teacher_temperature"),
+        (REQUIRED + ["--max_steps", "0"], "--max_steps"),
+        (REQUIRED + ["--gradient_accumulation_steps", "0"], "--gradient_accumulation_steps"),
+        (REQUIRED + ["--max_grad_norm", "-1"], "--max_grad_norm"),
+        (REQUIRED + ["--push_to_hub"], "--hub_model_id"),
+        (REQUIRED + ["--blur_sigma", "2", "1"], "--blur_sigma"),
+        (REQUIRED + ["--color_jitter_probability", "2"], "--color_jitter_probability"),
+    ],
+)
+def test_invalid_values_raise_one_sentence_naming_the_flag(flags, flag_named):
+    with pytest.raises(ValueError) as error:
+        parse_training_args(flags)
+    message = str(error.value)
+    assert flag_named in message
+    assert message.endswith(".") and message.count(". ") == 0 and "\n" not in message
+
+
+def test_usage_errors_are_one_line_and_exit_2(capsys):
+    for argv in (REQUIRED + ["--no_such_flag"], REQUIRED + ["--clip_mode", "sometimes"],
+                 REQUIRED + ["--max_steps", "ten"]):
+        with pytest.raises(SystemExit) as exit_info:
+            parse_training_args(argv)
+        assert exit_info.value.code == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "error:" in err
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[path.name for path in CONFIGS])
+def test_shipped_recipes_parse(config):
+    args = parse_training_args(["--config", str(config)])
+    assert args.dataset_name and args.output_dir
+
+
+# ------------------------------------------------------------------------------- step plan
+def test_plan_with_known_dataset_size():
+    args = make_args(per_device_train_batch_size=64, gradient_accumulation_steps=2, num_train_epochs=3,
+                     warmup_epochs=1, freeze_last_layer_epochs=0.5, warmup_teacher_temperature_epochs=2)
+    plan = plan_steps(args, num_examples_per_process=1000, num_processes=4)
+    assert plan.global_batch_size == 64 * 2 * 4
+    assert plan.learning_rate == pytest.approx(5e-4 * 512 / 256)
+    assert plan.steps_per_epoch == 7  # 1000 // 128
+    assert plan.total_steps == 21 and plan.warmup_steps == 7
+    assert plan.freeze_last_layer_steps == 4 and plan.warmup_teacher_temperature_steps == 14
+    assert args.learning_rate == 5e-4  # the arguments themselves are untouched
+
+
+def test_plan_for_a_stream_of_unknown_length():
+    args = make_args(max_steps=1000, num_train_epochs=100)
+    plan = plan_steps(args, num_examples_per_process=None, num_processes=1)
+    assert plan.steps_per_epoch == 10 and plan.total_steps == 1000
+    assert plan.warmup_steps == 100 and plan.freeze_last_layer_steps == 10
+    with pytest.raises(ValueError, match="pass --max_steps"):
+        plan_steps(make_args(), num_examples_per_process=None, num_processes=1)
+
+
+def test_plan_caps_epoch_settings_and_rejects_explicit_steps_beyond_the_run():
+    plan = plan_steps(make_args(max_steps=5), num_examples_per_process=6400, num_processes=1)
+    assert plan.total_steps == 5 and plan.warmup_steps == 5  # 10 epochs capped at the run
+    with pytest.raises(ValueError, match="--warmup_steps"):
+        plan_steps(make_args(max_steps=5, warmup_steps=6), num_examples_per_process=6400, num_processes=1)
+    with pytest.raises(ValueError, match="--per_device_train_batch_size"):
+        plan_steps(make_args(), num_examples_per_process=10, num_processes=1)
+
+
+def test_parser_lists_every_field():
+    parser = build_argument_parser()
+    destinations = {action.dest for action in parser._actions}
+    assert {field.name for field in dataclasses.fields(DinoTrainingArguments)} <= destinations
+
+
+def test_to_json_string_is_valid_json():
+    values = json.loads(make_args().to_json_string())
+    assert values["clip_mode"] == "per_parameter"

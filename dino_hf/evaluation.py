@@ -763,6 +763,38 @@ class KnnMonitor:
             )
         return metrics
 
+    def attention_snapshot(
+        self, backbone: nn.Module, output_dir: str | Path, num_images: int = 4
+    ) -> list[Image.Image]:
+        """Attention maps of the first ``num_images`` test images, saved and returned for trackers.
+
+        The same images at every evaluation, so the maps show how attention evolves: writes
+        ``output_dir/image{i}-*.png`` (see :func:`save_attention_maps`) and returns one grid picture
+        per image (:func:`attention_grid`).
+        """
+        if self._processor is None:
+            self._processor = load_image_processor(None, backbone.config, self.image_size)
+        images = []
+        for example in self.datasets["test"]:
+            value = example.get(self.image_column)
+            if value is not None:
+                images.append(to_rgb_image(value))
+            if len(images) == num_images:
+                break
+        if not images:
+            return []
+        pixel_values = self._processor(images, return_tensors="pt")["pixel_values"]
+        device = next(backbone.parameters()).device
+        attentions = attention_maps(backbone, pixel_values.to(device))
+        height, width = pixel_values.shape[-2:]
+        grids = []
+        for index, (image, maps) in enumerate(zip(images, attentions, strict=True)):
+            shown = image.resize((width, height), Image.Resampling.BICUBIC)
+            save_attention_maps(shown, maps, output_dir, prefix=f"image{index}-")
+            grids.append(attention_grid(shown, maps))
+        return grids
+
+
 
 class _HalfTensorDataset(torch.utils.data.Dataset):
     """Cached float16 pixels served as float32 ``{"pixel_values", "labels"}`` rows."""

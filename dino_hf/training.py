@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -1183,11 +1184,32 @@ def _evaluate(run: _Run) -> dict[str, float]:
     if run.knn_monitor is None:
         return {}
     metrics = run.knn_monitor.evaluate(run.unwrapped.teacher.backbone, run.accelerator)
+    if run.accelerator.is_main_process:
+        _save_attention_snapshot(run)
     run.model.train()
     run.metrics.write({"step": run.step, **metrics})
     logger.info("Step %d k-NN evaluation: %s", run.step,
                 ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
     return metrics
+
+
+def _save_attention_snapshot(run: _Run) -> None:
+    """Teacher attention of a few fixed eval images: ``output_dir/attention/step_N/`` and the trackers.
+
+    A failure here (e.g. an exotic backbone without attention weights) is logged, never fatal.
+    """
+    output_dir = Path(run.args.output_dir) / "attention" / f"step_{run.step}"
+    try:
+        grids = run.knn_monitor.attention_snapshot(run.unwrapped.teacher.backbone, output_dir)
+    except Exception as error:  # noqa: BLE001 - visualisation must not stop training
+        logger.warning("Could not draw attention maps at step %d: %s", run.step, error)
+        return
+    for tracker in run.accelerator.trackers:
+        if hasattr(tracker, "log_images"):
+            try:
+                tracker.log_images({"attention": [np.asarray(grid) for grid in grids]}, step=run.step)
+            except Exception as error:  # noqa: BLE001 - a tracker hiccup must not stop training
+                logger.warning("Could not send attention maps to %s: %s", tracker.name, error)
 
 
 def _finish(run: _Run) -> None:

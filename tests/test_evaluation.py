@@ -513,3 +513,23 @@ def test_plot_training_curves(tmp_path):
     (tmp_path / "loss_only.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
     plot_training_curves(tmp_path / "loss_only.jsonl", tmp_path / "loss_only.png")
     assert (tmp_path / "loss_only.png").exists()
+
+
+def test_knn_monitor_attention_snapshot(tmp_path):
+    """The fixed-image attention maps the training loop saves at eval steps."""
+    from transformers import ViTConfig, ViTModel
+
+    from dino_hf.evaluation import KnnMonitor
+    from tests.image_datasets import write_parquet_dataset
+
+    data_dir = write_parquet_dataset(tmp_path / "data", num_images=8, image_size=40, num_shards=1)
+    backbone = ViTModel(
+        ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                  image_size=32, patch_size=8, layer_norm_eps=1e-6),
+        add_pooling_layer=False,
+    )
+    monitor = KnnMonitor(str(data_dir), train_split="train", test_split="train")
+    grids = monitor.attention_snapshot(backbone, tmp_path / "attention", num_images=3)
+    assert len(grids) == 3
+    assert (tmp_path / "attention" / "image2-mean-mask.png").is_file()
+    assert backbone.config._attn_implementation != "eager"  # switched back after drawing

@@ -413,6 +413,10 @@ def test_in_training_evaluation_plot_and_push(dataset, tiny_config_file, tmp_pat
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert results["step"] == 4 and "knn_top1_k20" in results
     assert (output_dir / "training_curves.png").is_file()
+    # the teacher's attention on the same few eval images at each eval step
+    for step in (2, 4):
+        assert (output_dir / "attention" / f"step_{step}" / "image0-grid.png").is_file()
+        assert (output_dir / "attention" / f"step_{step}" / "image0-head0.png").is_file()
     # one push per checkpoint (steps 2 and 4) and one at the end, each with the exported backbone
     assert pushes == [(output_dir, "someone/tiny-dino")] * 3
     assert (output_dir / "backbone" / "config.json").is_file()

@@ -51,11 +51,12 @@ demo: $(VENV)/.installed $(DATA_DIR)/.prepared
 
 # Side-by-side speed benchmarks (ours vs a reference formulation, same run); rows go to
 # benchmarks/RESULTS.md. bench-quality trains for 30 minutes on Fashion-MNIST.
-bench: $(VENV)/.installed
+bench: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/bench_loss.py
 	$(PYTHON) benchmarks/bench_augmentation.py
 	$(PYTHON) benchmarks/bench_batched_augmentation.py
 	$(PYTHON) benchmarks/bench_train_step.py
+	$(PYTHON) benchmarks/bench_end_to_end.py --data_dir $(DATA_DIR)
 
 bench-quality: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/quality_fashion_mnist.py --data_dir $(DATA_DIR)

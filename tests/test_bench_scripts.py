@@ -140,3 +140,25 @@ def test_train_step_benchmark_with_torch_compile(tmp_path: Path, bench_train_ste
     )  # fmt: skip
     assert metrics["compile_seconds"] > 0
     assert metrics["ours_compiled_images_per_second"] > 0
+
+
+def test_bench_end_to_end_smoke(tmp_path):
+    """The end-to-end benchmark drives scripts/train.py and reads its metrics (tiny parquet data)."""
+    from tests.image_datasets import write_parquet_dataset
+
+    data_dir = write_parquet_dataset(tmp_path / "data", num_images=64, image_size=40, num_shards=2)
+    results_file = tmp_path / "RESULTS.md"
+    result = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_end_to_end.py"), "--data_dir", str(data_dir),
+         "--max_steps", "6", "--logging_steps", "2", "--results_file", str(results_file), "--",
+         "--per_device_train_batch_size", "8", "--dataloader_num_workers", "0",
+         "--config_overrides", "backbone_config.patch_size=7,backbone_config.hidden_size=32,"
+         "backbone_config.num_hidden_layers=1,backbone_config.num_attention_heads=2,"
+         "backbone_config.intermediate_size=64,num_prototypes=32,head_hidden_size=32,head_bottleneck_size=16"],
+        capture_output=True, text=True, timeout=300, check=False,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = json.loads(result.stdout.strip().splitlines()[-1])
+    assert record["images_per_second_median"] > 0
+    assert 0.0 <= record["data_wait_fraction_median"] <= 1.0
+    assert "bench_end_to_end" in results_file.read_text()

@@ -18,9 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py, official_dino.py
+from official_dino import OfficialDINOLoss
 from recording import record_result
 
 from dino_hf.loss import DinoLoss
@@ -28,39 +28,6 @@ from dino_hf.loss import DinoLoss
 STUDENT_TEMPERATURE = 0.1
 TEACHER_TEMPERATURE = 0.04
 CENTER_MOMENTUM = 0.9
-
-
-class PairwiseDinoLoss(torch.nn.Module):
-    """The official formulation, as written in facebookresearch/dino ``main_dino.py``."""
-
-    def __init__(self, num_prototypes: int, num_crops: int) -> None:
-        super().__init__()
-        self.num_crops = num_crops
-        self.register_buffer("center", torch.zeros(1, num_prototypes))
-
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
-        """``student_output`` ``(num_crops * B, K)``, ``teacher_output`` ``(2 * B, K)``."""
-        student_out = student_output / STUDENT_TEMPERATURE
-        student_out = student_out.chunk(self.num_crops)
-        teacher_out = F.softmax((teacher_output - self.center) / TEACHER_TEMPERATURE, dim=-1)
-        teacher_out = teacher_out.detach().chunk(2)
-        total_loss = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True) / len(teacher_output)
-        self.center = self.center * CENTER_MOMENTUM + batch_center * (1 - CENTER_MOMENTUM)
 
 
 def parse_args() -> argparse.Namespace:
@@ -96,7 +63,8 @@ def main() -> None:
     teacher = torch.randn(num_global_crops, args.batch_size, args.num_prototypes) / 16
 
     ours = DinoLoss(args.num_prototypes, STUDENT_TEMPERATURE, CENTER_MOMENTUM).train()
-    reference = PairwiseDinoLoss(args.num_prototypes, num_crops)
+    reference = OfficialDINOLoss(args.num_prototypes, num_crops, STUDENT_TEMPERATURE, CENTER_MOMENTUM,
+                                 TEACHER_TEMPERATURE)
 
     def run_ours() -> tuple[torch.Tensor, torch.Tensor]:
         loss = ours(student, teacher, TEACHER_TEMPERATURE)

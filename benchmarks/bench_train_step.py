@@ -11,11 +11,11 @@ tensors, so only the step is timed.
   the pairwise ``DINOLoss`` loop, ``clip_gradients`` (one ``p.grad.norm().item()`` host sync per
   tensor), ``torch.optim.AdamW`` with its defaults, the Python-loop EMA
   (``p_t.data.mul_(m).add_((1 - m) * p_s.detach().data)``) and ``loss.item()`` for logging.
-- ``ours``: ``DinoForPreTraining.forward`` (crop-major tensors, ``DinoLoss`` without the pair
-  loop, SDPA attention), per-parameter clipping without host syncs (``torch._foreach_norm`` ->
+- ``ours``: ``DinoForPreTraining.forward`` (crop-major tensors, the last block computing the CLS row
+  only, ``DinoLoss`` without the pair loop, SDPA attention), per-parameter clipping without host syncs (``torch._foreach_norm`` ->
   clamp -> ``torch._foreach_mul_``), fused AdamW (foreach where fused is unavailable),
   ``model.update_teacher`` (one ``torch._foreach_lerp_``).
-- ``ours_compiled`` (``--torch_compile``): ours with ``backbone.compile(dynamic=False)`` in place on
+- ``ours_compiled`` (``--torch_compile``): ours with ``compile_backbone(dynamic=False)`` in place on
   the student and teacher backbones (state-dict names unchanged); the compile time and the number
   of steps after which it pays off are reported.
 - ``ours_checkpointing`` (``--gradient_checkpointing``): ours after
@@ -56,10 +56,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py, official_dino.py
+from official_dino import OfficialDINOLoss, OfficialMultiCropWrapper, official_clip_gradients
 from recording import record_result
 
 from dino_hf.batched_augmentation import BatchedMultiCropAugmentation
@@ -71,79 +71,6 @@ TEACHER_MOMENTUM = 0.996
 TEACHER_TEMPERATURE = 0.04
 WEIGHT_DECAY = 0.04
 VARIANTS = ("reference", "ours", "ours_compiled", "ours_checkpointing", "ours_device_augmentation")
-
-
-# --------------------------------------------------------------------------------------------------
-# The official step (facebookresearch/dino main_dino.py, utils.py, vision_transformer.py)
-# --------------------------------------------------------------------------------------------------
-class OfficialMultiCropWrapper(nn.Module):
-    """``utils.MultiCropWrapper``: concatenate same-resolution crops, one backbone call each, then the head."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone
-        self.head = head
-
-    def forward(self, x: list[torch.Tensor]) -> torch.Tensor:
-        """``x``: list of ``(B, 3, H_v, W_v)`` views -> ``(len(x) * B, K)`` logits."""
-        idx_crops = torch.cumsum(
-            torch.unique_consecutive(torch.tensor([inp.shape[-1] for inp in x]), return_counts=True)[1], 0
-        )
-        start_idx, output = 0, torch.empty(0).to(x[0].device)
-        for end_idx in idx_crops:
-            hidden = self.backbone(torch.cat(x[start_idx:end_idx]), interpolate_pos_encoding=True)
-            _out = hidden.last_hidden_state[:, 0]  # the official ViT returns the CLS token
-            output = torch.cat((output, _out))
-            start_idx = end_idx
-        return self.head(output)
-
-
-class OfficialDINOLoss(nn.Module):
-    """``main_dino.DINOLoss`` with a constant teacher temperature (pairwise loop over crops)."""
-
-    def __init__(self, out_dim: int, ncrops: int, student_temp: float = 0.1, center_momentum: float = 0.9) -> None:
-        super().__init__()
-        self.student_temp = student_temp
-        self.center_momentum = center_momentum
-        self.ncrops = ncrops
-        self.register_buffer("center", torch.zeros(1, out_dim))
-
-    def forward(self, student_output: torch.Tensor, teacher_output: torch.Tensor) -> torch.Tensor:
-        student_out = student_output / self.student_temp
-        student_out = student_out.chunk(self.ncrops)
-        teacher_out = F.softmax((teacher_output - self.center) / TEACHER_TEMPERATURE, dim=-1)
-        teacher_out = teacher_out.detach().chunk(2)
-        total_loss = 0
-        n_loss_terms = 0
-        for iq, q in enumerate(teacher_out):
-            for v in range(len(student_out)):
-                if v == iq:
-                    continue
-                loss = torch.sum(-q * F.log_softmax(student_out[v], dim=-1), dim=-1)
-                total_loss += loss.mean()
-                n_loss_terms += 1
-        total_loss /= n_loss_terms
-        self.update_center(teacher_output)
-        return total_loss
-
-    @torch.no_grad()
-    def update_center(self, teacher_output: torch.Tensor) -> None:
-        batch_center = torch.sum(teacher_output, dim=0, keepdim=True)
-        batch_center = batch_center / len(teacher_output)  # official: all_reduce, / (len * world_size)
-        self.center = self.center * self.center_momentum + batch_center * (1 - self.center_momentum)
-
-
-def official_clip_gradients(model: nn.Module, clip: float) -> list[float]:
-    """``utils.clip_gradients``: each parameter's gradient norm clipped separately, one sync per tensor."""
-    norms = []
-    for _, p in model.named_parameters():
-        if p.grad is not None:
-            param_norm = p.grad.data.norm(2)
-            norms.append(param_norm.item())
-            clip_coef = clip / (param_norm + 1e-6)
-            if clip_coef < 1:
-                p.grad.data.mul_(clip_coef)
-    return norms
 
 
 class ReferenceStep:
@@ -316,7 +243,7 @@ def make_variant(name: str, model: DinoForPreTraining, args: argparse.Namespace,
             network.backbone.set_attn_implementation(args.ours_attention)
     if name == "ours_compiled" or (name == "ours_device_augmentation" and args.torch_compile):
         for network in (model.student, model.teacher):
-            network.backbone.compile(dynamic=False)
+            network.compile_backbone(dynamic=False)
     if name == "ours_checkpointing":
         if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
             model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})

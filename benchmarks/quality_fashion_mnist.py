@@ -87,7 +87,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10_000,
         help="Training and test images of each in-training evaluation (the final scores use all).",
     )
-    parser.add_argument("--calibration_steps", type=int, default=40, help="Steps of the throughput calibration run.")
+    parser.add_argument("--calibration_steps", type=int, default=150, help="Steps of the throughput calibration run.")
     parser.add_argument(
         "--train_threads",
         type=int,
@@ -103,8 +103,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random-weight baseline.")
     parser.add_argument("--no_record", action="store_true", help="Print the results without appending to RESULTS.md.")
     args = parser.parse_args(argv)
-    if args.budget_minutes <= 0 or args.num_evaluations < 1 or args.calibration_steps < 2:
-        parser.error("--budget_minutes must be > 0, --num_evaluations >= 1 and --calibration_steps >= 2.")
+    if args.budget_minutes <= 0 or args.num_evaluations < 1 or args.calibration_steps < 6:
+        parser.error("--budget_minutes must be > 0, --num_evaluations >= 1 and --calibration_steps >= 6.")
     return args
 
 
@@ -202,23 +202,28 @@ def run_training(command: list[str], output_dir: Path, threads: int, timeout_s: 
 
 
 def calibrate(args: argparse.Namespace, work_dir: Path) -> dict[str, float]:
-    """Steps per second, seconds per in-training evaluation and fixed start/finish overhead."""
+    """Seconds per step, seconds per in-training evaluation and the fixed start-up/finish overhead.
+
+    The calibration run evaluates at 1/3 and 2/3 of its steps (and at the end, as every run does). The
+    first evaluation also decodes and caches the evaluation images, so the second one gives the
+    per-evaluation cost; the first one's extra cost counts as overhead, as it will in the real run.
+    """
     steps = args.calibration_steps
-    command = train_command(args, work_dir / "calibration", steps, eval_steps=steps // 2)
+    command = train_command(args, work_dir / "calibration", steps, eval_steps=max(steps // 3, 1))
     command += ["--logging_steps", "1"]
     rows, wall = run_training(command, work_dir / "calibration", args.train_threads, timeout_s=30 * 60)
-    train_rows = [row for row in rows if "loss" in row and "elapsed_seconds" in row]
-    eval_rows = [row for row in rows if any(key.startswith("knn_top1") for key in row)]
-    # Steady state: skip the first quarter of the steps (start-up, first batches).
-    steady = [row for row in train_rows if row["step"] > steps // 4]
-    first, last = steady[0], steady[-1]
-    seconds_per_step = (last["elapsed_seconds"] - first["elapsed_seconds"]) / max(last["step"] - first["step"], 1)
-    # The mid-run evaluation: time between the train row of its step and the next train row, minus a step.
-    eval_step = eval_rows[0]["step"]
-    before = next(row for row in train_rows if row["step"] == eval_step)
-    after = next(row for row in train_rows if row["step"] == eval_step + 1)
-    eval_seconds = max(after["elapsed_seconds"] - before["elapsed_seconds"] - seconds_per_step, 0.0)
-    overhead = max(wall - steps * seconds_per_step - 2 * eval_seconds, 0.0)
+    train_rows = {row["step"]: row for row in rows if "loss" in row and "elapsed_seconds" in row}
+    eval_steps = [row["step"] for row in rows if any(key.startswith("knn_top1") for key in row)]
+
+    def step_seconds(step: int) -> float:
+        return train_rows[step + 1]["elapsed_seconds"] - train_rows[step]["elapsed_seconds"]
+
+    # Steady state: skip the first quarter of the steps (start-up, first batches) and evaluation steps.
+    plain = [step for step in train_rows if step > steps // 4 and step + 1 in train_rows and step not in eval_steps]
+    seconds_per_step = sorted(step_seconds(step) for step in plain)[len(plain) // 2]  # median
+    in_loop = [step for step in eval_steps if step + 1 in train_rows]
+    eval_seconds = max(step_seconds(in_loop[-1]) - seconds_per_step, 0.0)
+    overhead = max(wall - steps * seconds_per_step - len(eval_steps) * eval_seconds, 0.0)
     result = {
         "seconds_per_step": seconds_per_step,
         "eval_seconds": eval_seconds,

@@ -78,7 +78,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-__all__ = ["BatchedMultiCropAugmentation", "BatchedViewParameters", "resampling_matrices"]
+__all__ = [
+    "BatchedMultiCropAugmentation",
+    "BatchedViewParameters",
+    "DeviceMultiCrop",
+    "letterbox",
+    "resampling_matrices",
+]
 
 IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -677,3 +683,82 @@ class BatchedMultiCropAugmentation:
         constants = self._constants(views.device)
         views = (views - constants["mean"]).mul_(constants["inverse_std"])
         return views.to(self.output_dtype).view(num_views, batch_size, 3, size, size)
+
+
+# --------------------------------------------------------------------------------------------------
+# Decode-only loading and the training-side wrapper (--augmentation_device cpu|cuda)
+# --------------------------------------------------------------------------------------------------
+def letterbox(pixels: Tensor, working_size: int) -> tuple[Tensor, Tensor]:
+    """Fit one image into a ``working_size`` square for :class:`BatchedMultiCropAugmentation`.
+
+    The image is shrunk (antialiased bicubic, aspect kept) so that its longer side is at most
+    ``working_size`` — never enlarged, so small images lose nothing and are resampled only once, by
+    the crops — and pasted at the top-left of a zero canvas.
+
+    Args:
+        pixels: ``(3, H, W)`` uint8.
+        working_size: side ``S`` of the canvas.
+    Returns:
+        ``((3, S, S) uint8 canvas, (2,) int64 valid (height, width))``.
+    """
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    _, height, width = pixels.shape
+    scale = working_size / max(height, width)
+    if scale < 1.0:
+        height, width = max(1, round(height * scale)), max(1, round(width * scale))
+        pixels = TF.resize(pixels, [height, width], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    canvas = pixels.new_zeros((3, working_size, working_size))
+    canvas[:, :height, :width] = pixels
+    return canvas, torch.tensor([height, width], dtype=torch.int64)
+
+
+class DeviceMultiCrop:
+    """Turns decode-only loader batches into multi-crop batches on the training device.
+
+    ``{"images": (B, 3, S, S) uint8, "image_sizes": (B, 2)}`` (CPU) ->
+    ``{"global_crops": (G, B, 3, s_g, s_g), "local_crops": (N, B, 3, s_l, s_l) or None}`` on ``device``.
+
+    The random parameters come from a generator of its own on ``device``, seeded with ``seed``: the
+    crops do not depend on (or disturb) the model's random streams (drop path), and
+    :meth:`state_dict` makes a resumed run draw exactly the crops an uninterrupted one would.
+    ``working_size`` (the loader's, recorded in the state) guards a resume against changed settings.
+    """
+
+    def __init__(
+        self,
+        augmentation: BatchedMultiCropAugmentation,
+        device: torch.device | str,
+        seed: int,
+        working_size: int | None = None,
+    ) -> None:
+        self.augmentation = augmentation
+        self.device = torch.device(device)
+        self.working_size = working_size
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+    def __call__(self, batch: dict[str, Tensor]) -> dict[str, Tensor | None]:
+        images = batch["images"].to(self.device, non_blocking=True)
+        image_sizes = batch["image_sizes"].to(self.device, non_blocking=True)
+        return self.augmentation(images, generator=self.generator, image_sizes=image_sizes)
+
+    def state_dict(self) -> dict[str, Tensor | str | int | None]:
+        """The generator state (a CPU uint8 tensor) and the settings it belongs to (plain values)."""
+        return {
+            "generator": self.generator.get_state(),
+            "device_type": self.device.type,
+            "working_size": self.working_size,
+        }
+
+    def load_state_dict(self, state: dict[str, Tensor | str | int | None]) -> None:
+        """Restore :meth:`state_dict`; a state of another device type or working size is refused."""
+        saved = (state.get("device_type"), state.get("working_size"))
+        if saved != (self.device.type, self.working_size):
+            raise ValueError(
+                f"The checkpoint's crops were drawn with --augmentation_device {saved[0]} and "
+                f"--augmentation_working_size {saved[1]}, this run has {self.device.type} and {self.working_size}: "
+                "resume with the settings it was trained with."
+            )
+        self.generator.set_state(state["generator"])

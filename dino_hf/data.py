@@ -10,6 +10,11 @@ Pipeline (per process)::
       -> shuffle buffer of ``shuffle_buffer_size``   (fill, permute, drain: see below)
       -> decode, skip and count bad images, augment, batch  (inside the worker)
 
+With ``working_size`` instead of an augmentation (``--augmentation_device cpu|cuda``), workers only
+decode: each image is shrunk to fit ``working_size`` (aspect kept) and pasted at the top-left of a
+``working_size`` square, and batches are ``{"images": (B, 3, S, S) uint8, "image_sizes": (B, 2)}``
+for :class:`dino_hf.batched_augmentation.BatchedMultiCropAugmentation` on the training device.
+
 Exact resumption. ``datasets``' own buffer shuffle loses the buffer on resume (its docs say so), and
 a ``DataLoader`` does not know the stream position. Here the shuffle buffer is filled with
 ``shuffle_buffer_size`` undecoded examples, permuted by a generator seeded with
@@ -39,10 +44,18 @@ import torch
 from torch import Tensor
 
 from .augmentation import MultiCropAugmentation, to_rgb_uint8
+from .batched_augmentation import letterbox
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["BadImageError", "DinoDataLoader", "create_train_dataloader", "decode_image", "load_image_dataset"]
+__all__ = [
+    "BadImageError",
+    "DinoDataLoader",
+    "create_train_dataloader",
+    "decode_image",
+    "load_image_dataset",
+    "mix_seeds",
+]
 
 _IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"}
 _STATE_VERSION = 1
@@ -203,7 +216,7 @@ def decode_image(value: Any, min_image_size: int = 2) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # The worker-side stream
 # --------------------------------------------------------------------------------------------------
-def _seed_for(*values: int) -> int:
+def mix_seeds(*values: int) -> int:
     """A 63-bit seed mixing ``values`` (numpy SeedSequence)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint64)[0] >> 1)
 
@@ -213,12 +226,16 @@ _STATE = "_dino_state"
 
 
 class _MultiCropStream(torch.utils.data.IterableDataset):
-    """Yields augmented batches (dicts) of one loader worker ("role"), each with its stream position."""
+    """Yields batches (dicts) of one loader worker ("role"), each with its stream position.
+
+    Batches hold multi-crop views (``augmentation`` given) or decoded working-size images
+    (``working_size`` given, ``augmentation`` ``None``).
+    """
 
     def __init__(
         self,
         source: Any,
-        augmentation: Callable[..., Any],
+        augmentation: Callable[..., Any] | None,
         batch_size: int,
         image_column: str,
         shuffle_buffer_size: int,
@@ -226,10 +243,12 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         process_index: int,
         drop_last: bool,
         min_image_size: int,
+        working_size: int | None = None,
     ) -> None:
         super().__init__()
         self.source = source
         self.augmentation = augmentation
+        self.working_size = working_size
         self.batch_size = batch_size
         self.image_column = image_column
         self.shuffle_buffer_size = max(1, shuffle_buffer_size)
@@ -280,7 +299,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
             block = [example[self.image_column] for example in itertools.islice(iterator, self.shuffle_buffer_size)]
             if not block:
                 return
-            order_seed = _seed_for(self.seed, self.epoch, self.process_index, role, block_index)
+            order_seed = mix_seeds(self.seed, self.epoch, self.process_index, role, block_index)
             order = np.random.default_rng(order_seed).permutation(len(block))
             for position in range(skip, len(block)):
                 yield (
@@ -304,13 +323,12 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         source = copy.deepcopy(self.source)
         # datasets shuffles the shard order with np.random.default_rng(epoch) when epoch != 0; giving it
         # a positive mix of (seed, epoch) makes the shard order depend on both, reproducibly.
-        source.set_epoch(_seed_for(self.seed, self.epoch) % (2**31 - 1) + 1)
+        source.set_epoch(mix_seeds(self.seed, self.epoch) % (2**31 - 1) + 1)
         counters = {"role": role, "bad_images": 0, "last_error": "", "batches": 0, "finished": False}
         if resume is not None:
             counters.update(bad_images=resume["bad_images"], last_error=resume["last_error"], batches=resume["batches"])
         position = resume
-        global_batch: list[Tensor] = []
-        local_batch: list[Tensor] = []
+        items: list[tuple[Tensor, Tensor | None]] = []
         for value, position in self._shuffled_values(source, role, resume):
             try:
                 pixels = decode_image(value, self.min_image_size)
@@ -318,29 +336,35 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
                 counters["bad_images"] += 1
                 counters["last_error"] = str(error)
                 continue
-            seed = _seed_for(
-                self.seed, self.epoch, self.process_index, role, position["block_index"], position["position"]
-            )
-            global_views, local_views = self._augment(pixels, seed)
-            global_batch.append(global_views)
-            if local_views is not None:
-                local_batch.append(local_views)
-            if len(global_batch) == self.batch_size:
+            if self.working_size is not None:
+                items.append(letterbox(pixels, self.working_size))
+            else:
+                seed = mix_seeds(
+                    self.seed, self.epoch, self.process_index, role, position["block_index"], position["position"]
+                )
+                items.append(self._augment(pixels, seed))
+            if len(items) == self.batch_size:
                 counters["batches"] += 1
-                yield self._collate(global_batch, local_batch, {**counters, **position})
-                global_batch, local_batch = [], []
+                yield self._collate(items, {**counters, **position})
+                items = []
         final = {**counters, **(position or {"block_start": None, "block_index": 0, "position": 0}), "finished": True}
-        if global_batch and not self.drop_last:
+        if items and not self.drop_last:
             final["batches"] += 1
-            yield self._collate(global_batch, local_batch, final)
+            yield self._collate(items, final)
         else:
             yield {_MARKER: "end", _STATE: final}
 
-    @staticmethod
-    def _collate(global_batch: list[Tensor], local_batch: list[Tensor], state: dict) -> dict:
+    def _collate(self, items: list[tuple[Tensor, Tensor | None]], state: dict) -> dict:
+        if self.working_size is not None:
+            return {
+                "images": torch.stack([image for image, _ in items]),  # (B, 3, S, S) uint8
+                "image_sizes": torch.stack([size for _, size in items]),  # (B, 2) valid (height, width)
+                _STATE: state,
+            }
+        local_views = [views for _, views in items if views is not None]
         return {
-            "global_crops": torch.stack(global_batch, dim=1),  # (G, B, 3, H, W)
-            "local_crops": torch.stack(local_batch, dim=1) if local_batch else None,  # (N, B, 3, h, w)
+            "global_crops": torch.stack([views for views, _ in items], dim=1),  # (G, B, 3, H, W)
+            "local_crops": torch.stack(local_views, dim=1) if local_views else None,  # (N, B, 3, h, w)
             _STATE: state,
         }
 
@@ -353,7 +377,8 @@ class DinoDataLoader:
 
     Iterating yields ``{"global_crops": (G, B, 3, H, W), "local_crops": (N, B, 3, h, w) or None}``
     CPU float32 tensors (``B = batch_size``; the last smaller batch of an epoch only with
-    ``drop_last=False``). Built by :func:`create_train_dataloader`.
+    ``drop_last=False``), or, for a decode-only loader (``working_size``), ``{"images": (B, 3, S, S)
+    uint8, "image_sizes": (B, 2) int64}``. Built by :func:`create_train_dataloader`.
 
     Attributes:
         num_examples: examples this process sees per epoch when known (``None`` for a stream of
@@ -427,7 +452,7 @@ class DinoDataLoader:
             pin_memory=self.pin_memory,
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             # worker base seeds from a private generator: the global torch generator is left alone
-            generator=torch.Generator().manual_seed(_seed_for(self._stream.seed, self.epoch)),
+            generator=torch.Generator().manual_seed(mix_seeds(self._stream.seed, self.epoch)),
         )
         for item in loader:
             state = item.pop(_STATE, None)
@@ -511,7 +536,7 @@ class DinoDataLoader:
 def create_train_dataloader(
     dataset_name: str,
     *,
-    augmentation: Callable[..., Any],
+    augmentation: Callable[..., Any] | None,
     batch_size: int,
     dataset_config_name: str | None = None,
     split: str = "train",
@@ -526,14 +551,16 @@ def create_train_dataloader(
     min_image_size: int = 2,
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
+    working_size: int | None = None,
 ) -> DinoDataLoader:
-    """Build this process's training loader of DINO multi-crop batches.
+    """Build this process's training loader of DINO multi-crop batches (or of decoded images).
 
     Args:
         dataset_name: local folder / parquet or tar file / Hub id (see :func:`load_image_dataset`).
         augmentation: a :class:`~dino_hf.augmentation.MultiCropAugmentation`, or any callable taking an
             RGB ``(3, H, W)`` uint8 tensor and returning its views (global views first; an attribute
-            ``num_global_crops`` says how many, default 2).
+            ``num_global_crops`` says how many, default 2). ``None`` together with ``working_size``
+            makes a decode-only loader.
         batch_size: images per batch for this process.
         streaming: stream the data (default) instead of preparing an Arrow cache first.
         num_workers: loader worker processes; each reads its own shards (see the shard warning).
@@ -544,6 +571,9 @@ def create_train_dataloader(
         drop_last: drop each worker's last incomplete batch (the official recipe does).
         min_image_size: images with a smaller side are skipped as bad (default 2: drops 1x1 images).
         pin_memory, prefetch_factor: passed to ``torch.utils.data.DataLoader``.
+        working_size: decode only: batches of ``(B, 3, working_size, working_size)`` uint8 images
+            (each shrunk to fit, aspect kept, top-left aligned) with their ``(B, 2)`` valid sizes, for
+            :class:`~dino_hf.batched_augmentation.BatchedMultiCropAugmentation` on the training device.
 
     Raises:
         ValueError: when the dataset cannot be found or has no column ``image_column`` (the message
@@ -555,6 +585,10 @@ def create_train_dataloader(
 
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}.")
+    if (augmentation is None) == (working_size is None):
+        raise ValueError("Pass either an augmentation or a working_size (decode-only batches), not both or neither.")
+    if working_size is not None and working_size < 2:
+        raise ValueError(f"working_size must be at least 2 pixels, got {working_size}.")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
@@ -613,6 +647,7 @@ def create_train_dataloader(
         process_index=process_index,
         drop_last=drop_last,
         min_image_size=min_image_size,
+        working_size=working_size,
     )
     return DinoDataLoader(
         stream,

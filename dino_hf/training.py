@@ -27,6 +27,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import shutil
 import signal
 import sys
@@ -292,13 +293,55 @@ def build_augmentation(args: DinoTrainingArguments) -> Any:
     )
 
 
+def augmentation_working_size(args: DinoTrainingArguments) -> int:
+    """Longer side of the decoded images with on-device augmentation (default twice the global crop).
+
+    Twice, because the longer side is what is fitted: a 4:3 photo then keeps a shorter side of 1.5x
+    the global crop, so even a full-scale global crop is cut at a higher resolution than it is shown.
+    """
+    if args.augmentation_working_size is not None:
+        return args.augmentation_working_size
+    return 2 * args.global_crop_size
+
+
+def build_device_augmentation(args: DinoTrainingArguments, device: torch.device, process_index: int) -> Any:
+    """`DeviceMultiCrop` for ``--augmentation_device cpu|cuda`` (``None`` for ``loader``).
+
+    The batched pipeline copies every recipe field of `build_augmentation`'s per-image one, so both
+    devices train with the same distributions. Its generator is seeded per process.
+    """
+    if args.augmentation_device == "loader":
+        return None
+    from .batched_augmentation import BatchedMultiCropAugmentation, DeviceMultiCrop
+    from .data import mix_seeds
+
+    if args.augmentation_device == "cuda":
+        if device.type != "cuda":
+            raise ValueError(
+                f"--augmentation_device cuda needs training on a CUDA GPU, but this run trains on {device.type}: "
+                "use --augmentation_device loader or cpu."
+            )
+        target = device
+    else:
+        target = torch.device("cpu")
+    batched = BatchedMultiCropAugmentation.from_augmentation(build_augmentation(args))
+    return DeviceMultiCrop(batched, target, seed=mix_seeds(args.seed, process_index, 0xA06),
+                           working_size=augmentation_working_size(args))
+
+
 def build_dataloader(args: DinoTrainingArguments, augmentation: Any, process_index: int, num_processes: int) -> Any:
-    """This process's shard of the training data (`DinoDataLoader`, CPU tensors)."""
+    """This process's shard of the training data (`DinoDataLoader`, CPU tensors).
+
+    With ``--augmentation_device cpu|cuda`` the loader only decodes (``augmentation`` is not used).
+    """
     from .data import create_train_dataloader
 
+    on_loader = args.augmentation_device == "loader"
     return create_train_dataloader(
         args.dataset_name,
-        augmentation=augmentation,
+        augmentation=augmentation if on_loader else None,
+        working_size=None if on_loader else augmentation_working_size(args),
+        pin_memory=args.augmentation_device == "cuda",
         batch_size=args.per_device_train_batch_size,
         dataset_config_name=args.dataset_config_name,
         split=args.train_split,
@@ -546,11 +589,14 @@ class DinoTrainStep:
 class BatchStream:
     """Endless stream of micro-batches over epochs of a `DinoDataLoader`, with its wait time.
 
-    ``state_dict`` gives the exact position (epoch and the loader's own state) for checkpoints.
+    ``augment`` (a `DeviceMultiCrop`, for a decode-only loader) turns each loader batch into crops on
+    the training device; its time is not counted as waiting for data. ``state_dict`` gives the exact
+    position (epoch, the loader's own state, the augmentation's generator) for checkpoints.
     """
 
-    def __init__(self, loader: Any, flag: str = "--dataset_name") -> None:
+    def __init__(self, loader: Any, flag: str = "--dataset_name", augment: Any = None) -> None:
         self.loader = loader
+        self.augment = augment
         self.epoch = 0
         self.wait_seconds = 0.0
         self.micro_batches = 0
@@ -589,15 +635,25 @@ class BatchStream:
         self._batches_this_epoch += 1
         self.micro_batches += 1
         self.wait_seconds += time.perf_counter() - started
-        return batch
+        return batch if self.augment is None else self.augment(batch)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        state = {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        if self.augment is not None:
+            state["augmentation"] = self.augment.state_dict()
+        return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.augment is None) != ("augmentation" not in state):
+            raise ValueError(
+                "The checkpoint was written with a different --augmentation_device (loader versus cpu/cuda): "
+                "resume with the setting it was trained with."
+            )
         self.epoch = int(state["epoch"])
         self.loader.set_epoch(self.epoch)
         self.loader.load_state_dict(state["loader"])
+        if self.augment is not None:
+            self.augment.load_state_dict(state["augmentation"])
 
 
 # =============================================================================================
@@ -801,7 +857,10 @@ def _rng_state() -> dict[str, Any]:
 
     import numpy as np
 
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    numpy_state = np.random.get_state(legacy=False)
+    # numpy's key array as a tensor: the whole process state then loads with weights_only=True
+    numpy_state["state"]["key"] = torch.from_numpy(numpy_state["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy_state, "torch": torch.get_rng_state()}
     if torch.cuda.is_available() and torch.cuda.is_initialized():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -813,7 +872,9 @@ def _set_rng_state(state: dict[str, Any]) -> None:
     import numpy as np
 
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = dict(state["numpy"], state=dict(state["numpy"]["state"]))
+    numpy_state["state"]["key"] = numpy_state["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy_state)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -903,7 +964,13 @@ def load_checkpoint(accelerator: Any, path: Path, stream: BatchStream) -> tuple[
             f"--resume_from_checkpoint {path} was written by {state.get('num_processes')} processes; resume "
             f"it with the same number (this run has {accelerator.num_processes})."
         )
-    process_state = torch.load(path / f"process_state_{accelerator.process_index}.pt", weights_only=False)
+    try:
+        process_state = torch.load(path / f"process_state_{accelerator.process_index}.pt", weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(
+            f"--resume_from_checkpoint {path} holds a process state that only unsafe unpickling can read (written "
+            "by an earlier dino_hf, or not by dino_hf): resume from a newer checkpoint or start afresh."
+        ) from None
     stream.load_state_dict(process_state["stream"])
     stream.start()
     accelerator.load_state(str(path))
@@ -997,6 +1064,7 @@ def _set_up(args: DinoTrainingArguments) -> _Run:
     set_seed(args.seed)
     model = build_model(args)
     loader = _open_training_data(args, accelerator)
+    augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
     plan = plan_steps(args, loader.num_examples, accelerator.num_processes)
     schedules = build_schedules(args, plan)
     knn_monitor = _build_knn_monitor(args)
@@ -1008,7 +1076,7 @@ def _set_up(args: DinoTrainingArguments) -> _Run:
         args=args, accelerator=accelerator, model=model, unwrapped=unwrapped,
         step_fn=DinoTrainStep(accelerator, model, optimizer, args.gradient_accumulation_steps,
                               args.max_grad_norm, args.clip_mode),
-        stream=BatchStream(loader), schedules=schedules, plan=plan, output_dir=output_dir,
+        stream=BatchStream(loader, augment=augment), schedules=schedules, plan=plan, output_dir=output_dir,
         metrics=MetricsLog(output_dir / METRICS_NAME, accelerator, resume_step=_checkpoint_step_of(resume_path)),
         accumulator=MetricsAccumulator(accelerator.device),
         collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps),
@@ -1030,8 +1098,8 @@ def _prepare_model_and_optimizer(args: DinoTrainingArguments, accelerator: Any, 
     """Sync batch norm, compilation, device placement, AdamW and the (DDP) wrapping."""
     model = _maybe_convert_sync_batch_norm(model, accelerator)
     if args.torch_compile:
-        model.student.backbone.compile()
-        model.teacher.backbone.compile()
+        model.student.compile_backbone()
+        model.teacher.compile_backbone()
     model.to(accelerator.device)
     optimizer = build_optimizer(model, accelerator.device)
     with warnings.catch_warnings():  # accelerate 1.x forwards the still-needed broadcast_buffers=False

@@ -191,6 +191,26 @@ class DinoTrainingArguments:
         default=0.2,
         metadata=_help("Probability of solarisation of the second global view (official 0.2)."),
     )
+    augmentation_device: Literal["loader", "cpu", "cuda"] = field(
+        default="loader",
+        metadata=_help(
+            "Where the multi-crop augmentation runs. 'loader': per image in the loader workers (the "
+            "official way). 'cuda': loader workers only decode each image to uint8 at "
+            "--augmentation_working_size and the whole multi-crop runs as batched tensor operations on "
+            "the GPU, with the official distributions: removes the CPU-loader ceiling on fast GPUs. "
+            "'cpu': the same batched operations on the CPU of the training process (for testing, and "
+            "for tiny images, where per-image work dominates)."
+        ),
+    )
+    augmentation_working_size: int | None = field(
+        default=None,
+        metadata=_help(
+            "With --augmentation_device cpu or cuda: the longer side, in pixels, to which loader workers "
+            "shrink each image (aspect kept, never enlarged) before the batched crops are cut from it. "
+            "Default: twice --global_crop_size (448 for 224), so that a 4:3 photo keeps 1.5x the global "
+            "crop on its shorter side and crops are cut at a higher resolution than they are shown."
+        ),
+    )
 
     # ------------------------------------------------------------------ optimisation
     per_device_train_batch_size: int = field(
@@ -451,6 +471,7 @@ class DinoTrainingArguments:
             ("mixed_precision", ("no", "bf16", "fp16")),
             ("report_to", ("none", "tensorboard", "wandb", "all")),
             ("hub_strategy", ("end", "checkpoint")),
+            ("augmentation_device", ("loader", "cpu", "cuda")),
         ):
             value = getattr(self, name)
             _check(value in allowed, f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
@@ -498,6 +519,16 @@ class DinoTrainingArguments:
             0.0 <= self.blur_probability_scale <= 10.0,
             f"--blur_probability_scale must be between 0 and 10, not {self.blur_probability_scale}.",
         )
+        if self.augmentation_working_size is not None:
+            _check(
+                self.augmentation_device != "loader",
+                "--augmentation_working_size only applies with --augmentation_device cpu or cuda: drop it or "
+                "choose one of those.",
+            )
+            _check(
+                self.augmentation_working_size >= 2,
+                f"--augmentation_working_size must be at least 2 pixels, not {self.augmentation_working_size}.",
+            )
         _check(
             len(self.blur_sigma) == 2 and 0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
             f"--blur_sigma must be two numbers 0 < min <= max, not {list(self.blur_sigma)}.",

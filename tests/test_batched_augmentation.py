@@ -512,3 +512,24 @@ def test_cuda_call_never_synchronises_with_the_host() -> None:
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert views["local_crops"].shape == (3, 16, 3, 16, 16)
+
+
+def test_device_multi_crop_resumes_its_crops_and_refuses_other_settings():
+    from dino_hf.batched_augmentation import DeviceMultiCrop
+
+    augmentation = BatchedMultiCropAugmentation(global_crop_size=16, local_crop_size=8, num_local_crops=2)
+    batch = {
+        "images": torch.randint(0, 256, (3, 3, 24, 24), dtype=torch.uint8),
+        "image_sizes": torch.tensor([[24, 24], [12, 24], [24, 20]]),
+    }
+    crops = DeviceMultiCrop(augmentation, "cpu", seed=3, working_size=24)
+    crops(batch)
+    state = crops.state_dict()
+    expected = crops(batch)
+    resumed = DeviceMultiCrop(augmentation, "cpu", seed=99, working_size=24)
+    resumed.load_state_dict(state)
+    actual = resumed(batch)
+    assert torch.equal(actual["global_crops"], expected["global_crops"])
+    assert torch.equal(actual["local_crops"], expected["local_crops"])
+    with pytest.raises(ValueError, match="--augmentation_working_size 24"):
+        DeviceMultiCrop(augmentation, "cpu", seed=3, working_size=32).load_state_dict(state)

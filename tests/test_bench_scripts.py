@@ -122,11 +122,18 @@ def test_gpu_check_cpu_path(tmp_path: Path) -> None:
     assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
     summary = json.loads((out / "summary.json").read_text())
     assert summary["mode"] == "cpu" and summary["failures"] == 0
-    assert set(summary["steps"]) == {"bench_batched_augmentation", "bench_train_step_tiny"}
+    assert set(summary["steps"]) == {
+        "bench_batched_augmentation",
+        "bench_train_step_tiny",
+        "bench_end_to_end_tiny_cpu_augmentation",
+    }
     assert (
         json.loads((out / "bench_train_step_tiny.json").read_text())["ours_device_augmentation_images_per_second"] > 0
     )
+    end_to_end = json.loads((out / "bench_end_to_end_tiny_cpu_augmentation.json").read_text())
+    assert end_to_end["images_per_second_median"] > 0 and "--augmentation_device cpu" in end_to_end["train_arguments"]
     assert len(_rows(out / "RESULTS.md", "bench_train_step")) == 1
+    assert len(_rows(out / "RESULTS.md", "bench_end_to_end")) == 1
     assert len(_rows(out / "RESULTS.md", "bench_batched_augmentation")) == 1
     # The CPU path never writes to the project's results table.
     assert (results_table.read_text() if results_table.exists() else None) == before

@@ -114,6 +114,40 @@ def test_streams_each_format_and_skips_bad_images(tmp_path, format_name, caplog)
     assert f"skipped {expected_bad_count(format_name)} bad image(s)" in caplog.text
 
 
+def test_decode_only_batches_for_on_device_augmentation(parquet_dir):
+    """working_size instead of an augmentation: uint8 letterboxed images plus their valid sizes."""
+    loader = create_train_dataloader(str(parquet_dir), augmentation=None, working_size=16, batch_size=8, seed=1)
+    batches = list(loader)
+    assert len(batches) == 40 // 8 and loader.bad_image_count == 5
+    for batch in batches:
+        assert set(batch) == {"images", "image_sizes"}
+        assert batch["images"].shape == (8, 3, 16, 16) and batch["images"].dtype == torch.uint8
+        assert batch["image_sizes"].tolist() == [[16, 16]] * 8  # 20 px squares shrunk to 16
+    # a working size above the images' keeps them as they are, padded
+    batch = next(iter(create_train_dataloader(str(parquet_dir), augmentation=None, working_size=24, batch_size=4)))
+    assert batch["image_sizes"].tolist() == [[20, 20]] * 4
+    assert batch["images"][:, :, 20:].eq(0).all() and batch["images"][:, :, :, 20:].eq(0).all()
+    with pytest.raises(ValueError, match="either an augmentation or a working_size"):
+        create_train_dataloader(str(parquet_dir), augmentation=SMALL_AUGMENTATION, working_size=16, batch_size=4)
+    with pytest.raises(ValueError, match="either an augmentation or a working_size"):
+        create_train_dataloader(str(parquet_dir), augmentation=None, batch_size=4)
+
+
+def test_letterbox_keeps_the_aspect_and_never_enlarges():
+    from torchvision.transforms.v2 import InterpolationMode
+    from torchvision.transforms.v2 import functional as TF
+
+    from dino_hf.batched_augmentation import letterbox
+
+    image = torch.randint(0, 256, (3, 30, 60), dtype=torch.uint8)
+    canvas, size = letterbox(image, 40)
+    assert canvas.shape == (3, 40, 40) and size.tolist() == [20, 40]
+    expected = TF.resize(image, [20, 40], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(canvas[:, :20, :40], expected) and canvas[:, 20:].eq(0).all()
+    canvas, size = letterbox(image, 64)  # larger than the image: pasted unchanged
+    assert size.tolist() == [30, 60] and torch.equal(canvas[:, :30, :60], image)
+
+
 def test_multi_crop_batches(parquet_dir):
     loader = create_train_dataloader(str(parquet_dir), augmentation=SMALL_AUGMENTATION, batch_size=8, seed=1)
     batches = list(loader)

@@ -56,13 +56,36 @@ def test_output_shapes_and_statistics(model):
 
 def test_one_backbone_call_per_resolution(model):
     calls = []
-    model.student.backbone.register_forward_hook(lambda module, args, kwargs_out: calls.append("student"))
-    model.teacher.backbone.register_forward_hook(lambda module, args, kwargs_out: calls.append("teacher"))
+    model.student.backbone.embeddings.register_forward_hook(lambda module, args, out: calls.append("student"))
+    model.teacher.backbone.embeddings.register_forward_hook(lambda module, args, out: calls.append("teacher"))
     model(*make_crops(num_local=6))
     assert sorted(calls) == ["student", "student", "teacher"]
     calls.clear()
     model(make_crops()[0])  # global crops only
     assert sorted(calls) == ["student", "teacher"]
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("size", [32, 16])  # configured size and interpolated position embeddings
+def test_class_token_only_last_block_matches_the_full_backbone(attention, size):
+    """embed() computes only the CLS row of the last block: same values and gradients as ViTModel."""
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_dino_config(drop_path_rate=0.0)).to(torch.float64)
+    network = model.student
+    network.backbone.set_attn_implementation(attention)
+    images = torch.randn(5, 3, size, size, dtype=torch.float64)
+    ours = network.embed(images)
+    full = network.backbone(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state[:, 0]
+    torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(ours)
+    parameters = [p for p in network.backbone.parameters() if p.requires_grad]
+    ours_gradients = torch.autograd.grad((ours * weights).sum(), parameters, allow_unused=True)
+    full_gradients = torch.autograd.grad((full * weights).sum(), parameters, allow_unused=True)
+    for ours_gradient, full_gradient in zip(ours_gradients, full_gradients, strict=True):
+        if full_gradient is None:
+            assert ours_gradient is None
+        else:
+            torch.testing.assert_close(ours_gradient, full_gradient, rtol=1e-9, atol=1e-10)
 
 
 def test_student_sees_the_same_views_as_the_teacher_first(model):

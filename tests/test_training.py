@@ -125,6 +125,30 @@ def test_a_few_steps_from_local_parquet(dataset, tiny_config_file, tmp_path, mix
     assert not torch.equal(fresh.teacher.head.mlp[0].weight, result.model.teacher.head.mlp[0].weight)
 
 
+def test_on_device_augmentation_trains_with_the_same_recipe(dataset, tiny_config_file, tmp_path):
+    """--augmentation_device cpu: the loader only decodes, the batched multi-crop runs in the loop."""
+    from dino_hf.training import build_augmentation, build_device_augmentation
+
+    args = tiny_args(dataset, tmp_path / "run", tiny_config_file, augmentation_device="cpu",
+                     color_jitter_strength=0.5, blur_probability_scale=0.0, solarize_probability=0.1)
+    device_augmentation = build_device_augmentation(args, torch.device("cpu"), process_index=0)
+    per_image = build_augmentation(args)
+    batched = device_augmentation.augmentation
+    for name in ("global_crop_size", "local_crop_size", "num_local_crops", "global_crop_scale", "local_crop_scale",
+                 "brightness", "contrast", "saturation", "hue", "grayscale_probability", "blur_sigma",
+                 "global_blur_probabilities", "local_blur_probability", "global_solarize_probabilities"):
+        assert getattr(batched, name) == getattr(per_image, name), name
+    views = device_augmentation({"images": torch.randint(0, 256, (3, 3, 37, 37), dtype=torch.uint8),
+                                 "image_sizes": torch.tensor([[37, 37], [20, 37], [37, 9]])})
+    assert views["global_crops"].shape == (2, 3, 3, 32, 32) and views["local_crops"].shape == (2, 3, 3, 16, 16)
+
+    result = train(args)
+    assert result.step == 4 and result.exit_status == 0
+    rows = read_rows(tmp_path / "run")
+    assert [row["step"] for row in rows] == [2, 4] and all(math.isfinite(row["loss"]) for row in rows)
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["augmentation_device"] == "cpu"
+
+
 def test_existing_checkpoints_need_resume_or_overwrite(dataset, tiny_config_file, tmp_path):
     output_dir = tmp_path / "run"
     train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2))
@@ -135,6 +159,16 @@ def test_existing_checkpoints_need_resume_or_overwrite(dataset, tiny_config_file
     # resuming a finished run is a no-op that rewrites the outputs
     result = train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, resume_from_checkpoint="latest"))
     assert result.step == 2 and [row["step"] for row in read_rows(output_dir)] == [2]
+    # the per-process state is read with weights_only=True: a file that needs unsafe unpickling is refused
+    import numpy as np
+
+    with pytest.raises(ValueError, match="--augmentation_device"):
+        train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, resume_from_checkpoint="latest",
+                        augmentation_device="cpu"))
+    process_state = list_checkpoints(output_dir)[-1] / "process_state_0.pt"
+    torch.save({"rng": {"numpy": np.random.get_state()}}, process_state)
+    with pytest.raises(ValueError, match="unsafe unpickling"):
+        train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, resume_from_checkpoint="latest"))
 
 
 # ------------------------------------------------------------------------------ the step itself
@@ -334,9 +368,11 @@ def _bad_input_cases(webdataset: Path) -> list[tuple[list[str], str]]:
         (["--resume_from_checkpoint", "/no/such/checkpoint"], "--resume_from_checkpoint"),
         (["--config_overrides", "no_such_key=1"], "--config_overrides"),
         (["--train_split", "validation"], "--train_split"),
+        (["--augmentation_working_size", "64"], "--augmentation_working_size"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--mixed_precision", "fp16"], "--mixed_precision bf16"))
+        cases.append((["--augmentation_device", "cuda"], "--augmentation_device loader or cpu"))
     if importlib.util.find_spec("tensorboard") is None:
         cases.append((["--report_to", "tensorboard"], "--report_to"))
     cases = [(extra + ["--max_steps", "2"], flag) for extra, flag in cases]

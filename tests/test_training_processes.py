@@ -120,6 +120,16 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bit_identical(dataset, tiny
     )
 
 
+def test_kill_and_resume_is_exact_with_on_device_augmentation(dataset, tiny_config_file, tmp_path):
+    """--augmentation_device cpu: the crops' generator is part of the checkpoint."""
+    _assert_kill_and_resume_is_exact(
+        [sys.executable],
+        lambda output_dir: train_flags(dataset, output_dir, tiny_config_file, augmentation_device="cpu"),
+        3,
+        tmp_path,
+    )
+
+
 @pytest.mark.slow
 def test_kill_and_resume_is_exact_with_loader_workers_across_an_epoch(dataset, tiny_config_file, tmp_path):
     """2 loader workers; killed after step 20, in the second epoch (16 steps per epoch)."""

@@ -17,131 +17,29 @@ from __future__ import annotations
 
 import argparse
 import io
-import random
 import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
-from torchvision import transforms
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
+from official_dino import DataAugmentationDINO
 from recording import record_result
+from synthetic_images import make_jpegs, write_parquet
 
 from dino_hf.augmentation import MultiCropAugmentation
 from dino_hf.data import create_train_dataloader
 
 
 # ------------------------------------------------------------------------------------------------
-# The official pipeline (facebookresearch/dino main_dino.py + utils.py), PIL + torchvision v1
-# ------------------------------------------------------------------------------------------------
-class GaussianBlur:
-    """utils.GaussianBlur of the official code: PIL blur with radius U(0.1, 2) with probability p."""
-
-    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
-        self.prob, self.radius_min, self.radius_max = p, radius_min, radius_max
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() > self.prob:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
-
-
-class Solarization:
-    """utils.Solarization of the official code."""
-
-    def __init__(self, p: float) -> None:
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return ImageOps.solarize(img) if random.random() < self.p else img
-
-
-class DataAugmentationDINO:
-    """main_dino.DataAugmentationDINO, verbatim apart from formatting."""
-
-    def __init__(self, global_crops_scale=(0.4, 1.0), local_crops_scale=(0.05, 0.4), local_crops_number=8) -> None:
-        flip_and_color_jitter = transforms.Compose(
-            [
-                transforms.RandomHorizontalFlip(p=0.5),
-                transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
-                ),
-                transforms.RandomGrayscale(p=0.2),
-            ]
-        )
-        normalize = transforms.Compose(
-            [transforms.ToTensor(), transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))]
-        )
-        bicubic = transforms.InterpolationMode.BICUBIC
-        self.global_transfo1 = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(224, scale=global_crops_scale, interpolation=bicubic),
-                flip_and_color_jitter,
-                GaussianBlur(1.0),
-                normalize,
-            ]
-        )
-        self.global_transfo2 = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(224, scale=global_crops_scale, interpolation=bicubic),
-                flip_and_color_jitter,
-                GaussianBlur(0.1),
-                Solarization(0.2),
-                normalize,
-            ]
-        )
-        self.local_crops_number = local_crops_number
-        self.local_transfo = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(96, scale=local_crops_scale, interpolation=bicubic),
-                flip_and_color_jitter,
-                GaussianBlur(p=0.5),
-                normalize,
-            ]
-        )
-
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        crops = [self.global_transfo1(image), self.global_transfo2(image)]
-        crops.extend(self.local_transfo(image) for _ in range(self.local_crops_number))
-        return crops
-
-
-# ------------------------------------------------------------------------------------------------
 # Data
 # ------------------------------------------------------------------------------------------------
-def make_jpegs(count: int, width: int, height: int, seed: int = 0) -> list[bytes]:
-    """Photo-like JPEGs: smooth random colour fields (upsampled noise) plus sensor-like noise."""
-    rng = np.random.default_rng(seed)
-    images = []
-    for _ in range(count):
-        coarse = rng.uniform(0, 255, (max(height // 24, 2), max(width // 24, 2), 3)).astype(np.uint8)
-        smooth = np.asarray(Image.fromarray(coarse).resize((width, height), Image.BICUBIC), dtype=np.float32)
-        pixels = np.clip(smooth + rng.normal(0, 8, smooth.shape), 0, 255).astype(np.uint8)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels).save(buffer, format="JPEG", quality=90)
-        images.append(buffer.getvalue())
-    return images
-
-
 def decode(data: bytes) -> Image.Image:
     return Image.open(io.BytesIO(data)).convert("RGB")  # the official pil_loader
-
-
-def write_parquet(images: list[bytes], directory: Path, num_shards: int) -> Path:
-    import datasets
-    import pyarrow.parquet as pq
-
-    features = datasets.Features({"image": datasets.Image()})
-    for shard in range(num_shards):
-        rows = {"image": [{"bytes": data, "path": None} for data in images[shard::num_shards]]}
-        table = datasets.Dataset.from_dict(rows, features=features).data.table
-        pq.write_table(table, directory / f"train-{shard:05d}-of-{num_shards:05d}.parquet")
-    return directory
 
 
 # ------------------------------------------------------------------------------------------------
@@ -189,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(1)  # one process, one core: what each loader worker gets
     images = make_jpegs(args.num_images, args.width, args.height)
     ours_augmentation = MultiCropAugmentation()
-    reference_augmentation = DataAugmentationDINO()
+    reference_augmentation = DataAugmentationDINO((0.4, 1.0), (0.05, 0.4), 8)  # the official defaults
 
     def ours(data: bytes) -> list[torch.Tensor]:
         return ours_augmentation(Image.open(io.BytesIO(data)))

@@ -24,7 +24,6 @@ reported after one untimed warm-up batch each.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import random
 import statistics
@@ -35,104 +34,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageFilter, ImageOps
-from torchvision import transforms
+from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
-from recording import record_result
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
+from official_dino import DataAugmentationDINO
+from recording import record_result, write_metrics_json
 
 from dino_hf.batched_augmentation import BatchedMultiCropAugmentation
-
-
-# --------------------------------------------------------------------------------------------------
-# The official pipeline (facebookresearch/dino main_dino.py + utils.py)
-# --------------------------------------------------------------------------------------------------
-class GaussianBlur:
-    """``utils.GaussianBlur``: PIL Gaussian blur with a random radius, applied with probability ``p``."""
-
-    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
-        self.prob = p
-        self.radius_min = radius_min
-        self.radius_max = radius_max
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        do_it = random.random() <= self.prob
-        if not do_it:
-            return img
-        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
-
-
-class Solarization:
-    """``utils.Solarization``: PIL solarise (threshold 128) with probability ``p``."""
-
-    def __init__(self, p: float) -> None:
-        self.p = p
-
-    def __call__(self, img: Image.Image) -> Image.Image:
-        if random.random() < self.p:
-            return ImageOps.solarize(img)
-        return img
-
-
-class DataAugmentationDINO:
-    """``main_dino.DataAugmentationDINO`` with configurable crop sizes."""
-
-    def __init__(
-        self,
-        global_crops_scale: tuple[float, float],
-        local_crops_scale: tuple[float, float],
-        local_crops_number: int,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-    ) -> None:
-        flip_and_color_jitter = transforms.Compose(
-            [
-                transforms.RandomHorizontalFlip(p=0.5),
-                transforms.RandomApply(
-                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
-                ),
-                transforms.RandomGrayscale(p=0.2),
-            ]
-        )
-        normalize = transforms.Compose(
-            [
-                transforms.ToTensor(),
-                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
-            ]
-        )
-        bicubic = transforms.InterpolationMode.BICUBIC
-        self.global_transfo1 = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
-                flip_and_color_jitter,
-                GaussianBlur(1.0),
-                normalize,
-            ]
-        )
-        self.global_transfo2 = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
-                flip_and_color_jitter,
-                GaussianBlur(0.1),
-                Solarization(0.2),
-                normalize,
-            ]
-        )
-        self.local_crops_number = local_crops_number
-        self.local_transfo = transforms.Compose(
-            [
-                transforms.RandomResizedCrop(local_crop_size, scale=local_crops_scale, interpolation=bicubic),
-                flip_and_color_jitter,
-                GaussianBlur(p=0.5),
-                normalize,
-            ]
-        )
-
-    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
-        crops = [self.global_transfo1(image), self.global_transfo2(image)]
-        for _ in range(self.local_crops_number):
-            crops.append(self.local_transfo(image))
-        return crops
 
 
 def stack_crop_major(views_per_image: list[list[torch.Tensor]], num_global: int = 2) -> dict[str, torch.Tensor | None]:
@@ -288,9 +196,7 @@ def main(argv: list[str] | None = None) -> dict:
         "uint8 batch (antialiased bicubic via per-view resampling matrices, per-view random parameters)"
     )
     record_result("bench_batched_augmentation", command.strip(), metrics, notes=notes, results_path=args.results_file)
-    if args.json_output is not None:
-        args.json_output.parent.mkdir(parents=True, exist_ok=True)
-        args.json_output.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_metrics_json(metrics, args.json_output)
     return metrics
 
 

@@ -30,8 +30,9 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
-from recording import record_result
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
+from recording import record_result, write_metrics_json
+from synthetic_images import make_jpegs, write_parquet
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -60,33 +61,6 @@ def parse_args(argv: list[str] | None = None) -> tuple[argparse.Namespace, list[
     return arguments, extra
 
 
-def write_synthetic_jpegs(folder: Path, num_images: int, size: int, num_shards: int = 16) -> Path:
-    """``num_images`` photo-like JPEGs (quality 90) in ``num_shards`` parquet files with a datasets Image column."""
-    import io
-
-    import datasets
-    import torch
-    import torch.nn.functional as F
-    from PIL import Image
-
-    datasets.disable_progress_bars()
-    generator = torch.Generator().manual_seed(0)
-    encoded = []
-    for _ in range(num_images):
-        # smooth colour fields (upsampled 8x8 noise) plus fine noise: decodes like a photograph
-        field = F.interpolate(torch.rand(1, 3, 8, 8, generator=generator), size=(size, size), mode="bicubic")
-        pixels = (field[0] * 200 + torch.rand(3, size, size, generator=generator) * 55).clamp(0, 255)
-        buffer = io.BytesIO()
-        Image.fromarray(pixels.permute(1, 2, 0).to(torch.uint8).numpy()).save(buffer, format="JPEG", quality=90)
-        encoded.append({"bytes": buffer.getvalue(), "path": None})
-    dataset = datasets.Dataset.from_dict({"image": encoded}, features=datasets.Features({"image": datasets.Image()}))
-    folder.mkdir(parents=True, exist_ok=True)
-    for index in range(num_shards):
-        shard = dataset.shard(num_shards=num_shards, index=index, contiguous=True)
-        shard.to_parquet(str(folder / f"train-{index:05d}-of-{num_shards:05d}.parquet"))
-    return folder
-
-
 def run_training(arguments: argparse.Namespace, extra: list[str], output_dir: Path) -> float:
     """Run scripts/train.py; return its wall-clock seconds."""
     command = [
@@ -112,7 +86,8 @@ def main(argv: list[str] | None = None) -> None:
         if arguments.synthetic_images > 0:
             folder = arguments.synthetic_dir or Path(temporary) / "synthetic"
             if not any(folder.glob("*.parquet")):
-                write_synthetic_jpegs(folder, arguments.synthetic_images, arguments.synthetic_image_size)
+                size = arguments.synthetic_image_size
+                write_parquet(make_jpegs(arguments.synthetic_images, size, size), folder, num_shards=16)
             arguments.data_dir = folder
         wall_seconds = run_training(arguments, extra, output_dir)
         rows = [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines() if line.strip()]
@@ -128,9 +103,7 @@ def main(argv: list[str] | None = None) -> None:
         "load_average_1min": os.getloadavg()[0],
         "train_arguments": " ".join(extra),
     }
-    if arguments.json_output is not None:
-        arguments.json_output.parent.mkdir(parents=True, exist_ok=True)
-        arguments.json_output.write_text(json.dumps(metrics, indent=2) + "\n")
+    write_metrics_json(metrics, arguments.json_output)
     command = "python benchmarks/bench_end_to_end.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if arguments.no_record:
         print(json.dumps(metrics))

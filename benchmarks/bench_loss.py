@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py, official_dino.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
 from official_dino import OfficialDINOLoss
 from recording import record_result
 

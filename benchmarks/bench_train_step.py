@@ -58,9 +58,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py, official_dino.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
 from official_dino import OfficialDINOLoss, OfficialMultiCropWrapper, official_clip_gradients
-from recording import record_result
+from recording import record_result, write_metrics_json
 
 from dino_hf.batched_augmentation import BatchedMultiCropAugmentation
 from dino_hf.configuration_dino import DinoConfig
@@ -540,9 +540,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{'cuda max_memory_allocated' if device.type == 'cuda' else 'ru_maxrss growth'} over 2 steps in a fresh process"
     )
     record_result("bench_train_step", command.strip(), metrics, notes=notes, results_path=args.results_file)
-    if args.json_output is not None:
-        args.json_output.parent.mkdir(parents=True, exist_ok=True)
-        args.json_output.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")
+    write_metrics_json(metrics, args.json_output)
     return metrics
 
 

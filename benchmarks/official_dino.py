@@ -1,15 +1,109 @@
-"""The official DINO training-step parts (facebookresearch/dino ``main_dino.py``, ``utils.py``), as
-references for the benchmarks: written in the official code's style on purpose (pairwise loss loop,
-per-tensor host syncs), so that our formulations are measured against what users run today.
+"""The official DINO parts (facebookresearch/dino ``main_dino.py``, ``utils.py``) as references for the
+benchmarks: the multi-crop augmentation (torchvision v1 on PIL images), the multi-crop wrapper, the
+loss and gradient clipping. Written in the official code's style on purpose (per-image PIL, pairwise
+loss loop, per-tensor host syncs), so that our formulations are measured against what users run today.
 """
 
 from __future__ import annotations
 
+import random
+
 import torch
 import torch.nn.functional as F
+from PIL import Image, ImageFilter, ImageOps
 from torch import nn
+from torchvision import transforms
 
 TEACHER_TEMPERATURE = 0.04
+
+
+class GaussianBlur:
+    """``utils.GaussianBlur``: PIL Gaussian blur with a random radius, applied with probability ``p``."""
+
+    def __init__(self, p: float = 0.5, radius_min: float = 0.1, radius_max: float = 2.0) -> None:
+        self.prob = p
+        self.radius_min = radius_min
+        self.radius_max = radius_max
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        do_it = random.random() <= self.prob
+        if not do_it:
+            return img
+        return img.filter(ImageFilter.GaussianBlur(radius=random.uniform(self.radius_min, self.radius_max)))
+
+
+class Solarization:
+    """``utils.Solarization``: PIL solarise (threshold 128) with probability ``p``."""
+
+    def __init__(self, p: float) -> None:
+        self.p = p
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        if random.random() < self.p:
+            return ImageOps.solarize(img)
+        return img
+
+
+class DataAugmentationDINO:
+    """``main_dino.DataAugmentationDINO`` with configurable crop sizes."""
+
+    def __init__(
+        self,
+        global_crops_scale: tuple[float, float],
+        local_crops_scale: tuple[float, float],
+        local_crops_number: int,
+        global_crop_size: int = 224,
+        local_crop_size: int = 96,
+    ) -> None:
+        flip_and_color_jitter = transforms.Compose(
+            [
+                transforms.RandomHorizontalFlip(p=0.5),
+                transforms.RandomApply(
+                    [transforms.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.2, hue=0.1)], p=0.8
+                ),
+                transforms.RandomGrayscale(p=0.2),
+            ]
+        )
+        normalize = transforms.Compose(
+            [
+                transforms.ToTensor(),
+                transforms.Normalize((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
+            ]
+        )
+        bicubic = transforms.InterpolationMode.BICUBIC
+        self.global_transfo1 = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(1.0),
+                normalize,
+            ]
+        )
+        self.global_transfo2 = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(global_crop_size, scale=global_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(0.1),
+                Solarization(0.2),
+                normalize,
+            ]
+        )
+        self.local_crops_number = local_crops_number
+        self.local_transfo = transforms.Compose(
+            [
+                transforms.RandomResizedCrop(local_crop_size, scale=local_crops_scale, interpolation=bicubic),
+                flip_and_color_jitter,
+                GaussianBlur(p=0.5),
+                normalize,
+            ]
+        )
+
+    def __call__(self, image: Image.Image) -> list[torch.Tensor]:
+        crops = [self.global_transfo1(image), self.global_transfo2(image)]
+        for _ in range(self.local_crops_number):
+            crops.append(self.local_transfo(image))
+        return crops
+
 
 
 class OfficialMultiCropWrapper(nn.Module):

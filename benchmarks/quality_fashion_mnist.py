@@ -46,7 +46,7 @@ import time
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # benchmarks/recording.py
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # scripts/demo_summary.py (data loading)
 from recording import record_result  # noqa: E402
 

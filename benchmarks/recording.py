@@ -98,3 +98,10 @@ def record_result(
     cells = [str(cell).replace("|", "\\|").replace("\n", " ") for cell in row]
     with results_path.open("a", encoding="utf-8") as table:
         table.write("| " + " | ".join(cells) + " |\n")
+
+
+def write_metrics_json(metrics: dict, path: Path | None) -> None:
+    """Also write ``metrics`` as an indented JSON file at ``path`` (nothing when ``None``)."""
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(metrics, indent=2) + "\n", encoding="utf-8")

@@ -25,6 +25,7 @@ renders them. Differences to the PIL original that do not change the distributio
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ __all__ = [
     "IMAGENET_DEFAULT_MEAN",
     "IMAGENET_DEFAULT_STD",
     "MultiCropAugmentation",
+    "MultiCropRecipe",
     "ViewParameters",
     "collate_multi_crop",
     "to_rgb_uint8",
@@ -50,7 +52,7 @@ IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 # ITU-R 601-2 luma, as torchvision's rgb_to_grayscale (PIL uses the same weights in integer form).
-_LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
+LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 # Colour-jitter operations, in the order torchvision's ColorJitter names them.
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 _RESIZED_CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
@@ -194,7 +196,7 @@ def _per_view(values: Sequence[float], like: Tensor) -> Tensor:
 def _grayscale(images: Tensor) -> Tensor:
     """(n, 3, h, w) -> (n, 1, h, w) luma."""
     red, green, blue = images.unbind(1)
-    gray = red.mul(_LUMA_WEIGHTS[0]).add_(green, alpha=_LUMA_WEIGHTS[1]).add_(blue, alpha=_LUMA_WEIGHTS[2])
+    gray = red.mul(LUMA_WEIGHTS[0]).add_(green, alpha=LUMA_WEIGHTS[1]).add_(blue, alpha=LUMA_WEIGHTS[2])
     return gray.unsqueeze(1)
 
 
@@ -289,14 +291,12 @@ def _gaussian_blur(images: Tensor, sigmas: Sequence[float], kernel_size: int) ->
 # --------------------------------------------------------------------------------------------------
 # The augmentation
 # --------------------------------------------------------------------------------------------------
-class MultiCropAugmentation:
-    """DINO multi-crop views of one image; with no arguments, the official ``DataAugmentationDINO``.
+class MultiCropRecipe:
+    """The DINO multi-crop recipe: view counts, sizes, scales and probabilities, validated.
 
-    Each view: random-resized crop (bicubic, antialiased) -> horizontal flip -> colour jitter
-    (brightness, contrast, saturation, hue in random order) with probability
-    ``color_jitter_probability`` -> grayscale -> Gaussian blur -> solarisation -> normalisation.
-    The official recipe uses blur probability 1.0 on global crop 1, 0.1 on global crop 2 and 0.5 on
-    local crops, and solarisation (threshold 128) with probability 0.2 on global crop 2 only.
+    Shared by the per-image :class:`MultiCropAugmentation` and the batched
+    :class:`dino_hf.batched_augmentation.BatchedMultiCropAugmentation`, so that both draw from the same
+    distributions. With no arguments, the official ``DataAugmentationDINO``.
 
     Args:
         global_crop_size: output side of the global crops (official 224).
@@ -322,9 +322,6 @@ class MultiCropAugmentation:
         solarize_threshold: 8-bit threshold; pixels at or above it are inverted (128, as PIL's default).
         mean, std: normalisation (ImageNet statistics).
 
-    Call the instance on one image (PIL image or tensor, see :func:`to_rgb_uint8`) to get its views:
-    ``num_global_crops`` float32 tensors ``(3, global_crop_size, global_crop_size)`` followed by
-    ``num_local_crops`` tensors ``(3, local_crop_size, local_crop_size)``, normalised.
     """
 
     def __init__(
@@ -371,25 +368,25 @@ class MultiCropAugmentation:
         self.global_crop_size = int(global_crop_size)
         self.local_crop_size = int(local_crop_size)
         self.num_local_crops = int(num_local_crops)
-        self.global_crop_scale = tuple(global_crop_scale)
-        self.local_crop_scale = tuple(local_crop_scale)
-        self.crop_ratio = tuple(crop_ratio)
-        self.flip_probability = flip_probability
-        self.color_jitter_probability = color_jitter_probability
-        self.brightness = brightness
-        self.contrast = contrast
-        self.saturation = saturation
-        self.hue = hue
-        self.grayscale_probability = grayscale_probability
-        self.global_blur_probabilities = tuple(global_blur_probabilities)
-        self.local_blur_probability = local_blur_probability
-        self.blur_sigma = tuple(blur_sigma)
-        self.blur_kernel_size = blur_kernel_size or 2 * math.ceil(3 * blur_sigma[1]) + 1
+        self.global_crop_scale = tuple(float(v) for v in global_crop_scale)
+        self.local_crop_scale = tuple(float(v) for v in local_crop_scale)
+        self.crop_ratio = tuple(float(v) for v in crop_ratio)
+        self.flip_probability = float(flip_probability)
+        self.color_jitter_probability = float(color_jitter_probability)
+        self.brightness = float(brightness)
+        self.contrast = float(contrast)
+        self.saturation = float(saturation)
+        self.hue = float(hue)
+        self.grayscale_probability = float(grayscale_probability)
+        self.global_blur_probabilities = tuple(float(p) for p in global_blur_probabilities)
+        self.local_blur_probability = float(local_blur_probability)
+        self.blur_sigma = tuple(float(v) for v in blur_sigma)
+        self.blur_kernel_size = int(blur_kernel_size or 2 * math.ceil(3 * blur_sigma[1]) + 1)
         if self.blur_kernel_size % 2 == 0:
             raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}.")
-        self.global_solarize_probabilities = tuple(global_solarize_probabilities)
-        self.local_solarize_probability = local_solarize_probability
-        self.solarize_threshold = solarize_threshold
+        self.global_solarize_probabilities = tuple(float(p) for p in global_solarize_probabilities)
+        self.local_solarize_probability = float(local_solarize_probability)
+        self.solarize_threshold = int(solarize_threshold)
         self.mean = tuple(float(m) for m in mean)
         self.std = tuple(float(s) for s in std)
 
@@ -403,9 +400,31 @@ class MultiCropAugmentation:
         """Total number of views per image."""
         return self.num_global_crops + self.num_local_crops
 
+    @staticmethod
+    def field_names() -> list[str]:
+        """The recipe's constructor arguments, each stored as an attribute of the same name."""
+        return [name for name in inspect.signature(MultiCropRecipe.__init__).parameters if name != "self"]
+
     def __repr__(self) -> str:
-        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items())
+        fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_"))
         return f"{type(self).__name__}({fields})"
+
+
+class MultiCropAugmentation(MultiCropRecipe):
+    """DINO multi-crop views of one image; with no arguments, the official ``DataAugmentationDINO``.
+
+    Each view: random-resized crop (bicubic, antialiased) -> horizontal flip -> colour jitter
+    (brightness, contrast, saturation, hue in random order) with probability
+    ``color_jitter_probability`` -> grayscale -> Gaussian blur -> solarisation -> normalisation.
+    The official recipe uses blur probability 1.0 on global crop 1, 0.1 on global crop 2 and 0.5 on
+    local crops, and solarisation (threshold 128) with probability 0.2 on global crop 2 only.
+
+    Arguments: those of :class:`MultiCropRecipe`.
+
+    Call the instance on one image (PIL image or tensor, see :func:`to_rgb_uint8`) to get its views:
+    ``num_global_crops`` float32 tensors ``(3, global_crop_size, global_crop_size)`` followed by
+    ``num_local_crops`` tensors ``(3, local_crop_size, local_crop_size)``, normalised.
+    """
 
     # ---- random decisions ------------------------------------------------------------------------
     def sample_parameters(

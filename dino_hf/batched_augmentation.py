@@ -69,14 +69,16 @@ resampling matrices cost more than torchvision's uint8 resize kernel there); see
 
 from __future__ import annotations
 
-import inspect
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass, fields
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+
+from .augmentation import LUMA_WEIGHTS, MultiCropRecipe
 
 __all__ = [
     "BatchedMultiCropAugmentation",
@@ -86,10 +88,6 @@ __all__ = [
     "resampling_matrices",
 ]
 
-IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
-# ITU-R 601-2 luma weights, as torchvision's rgb_to_grayscale.
-_LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 _CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 # Layout of the uniforms drawn per view (one torch.rand call for the whole batch).
@@ -310,7 +308,7 @@ def _resized_crops(
 def _luma(images: Tensor) -> Tensor:
     """``(M, 3, h, w)`` -> ``(M, 1, h, w)`` ITU-R 601-2 luma."""
     red, green, blue = images.unbind(1)
-    luma = red * _LUMA_WEIGHTS[0] + green * _LUMA_WEIGHTS[1] + blue * _LUMA_WEIGHTS[2]
+    luma = red * LUMA_WEIGHTS[0] + green * LUMA_WEIGHTS[1] + blue * LUMA_WEIGHTS[2]
     return luma.unsqueeze(1)
 
 
@@ -398,11 +396,11 @@ def _apply_where(images: Tensor, mask: Tensor, function: Callable[..., Tensor], 
 # --------------------------------------------------------------------------------------------------
 # The augmentation
 # --------------------------------------------------------------------------------------------------
-class BatchedMultiCropAugmentation:
+class BatchedMultiCropAugmentation(MultiCropRecipe):
     """DINO multi-crop views of a batch of images, computed with batched tensor ops on their device.
 
-    Arguments are those of :class:`dino_hf.augmentation.MultiCropAugmentation` (defaults: the
-    official recipe), plus:
+    Arguments are those of :class:`dino_hf.augmentation.MultiCropRecipe` (defaults: the official
+    recipe), plus:
 
     Args:
         interpolation: ``"bicubic"`` (official) or ``"bilinear"``; antialiased either way.
@@ -421,102 +419,25 @@ class BatchedMultiCropAugmentation:
     """
 
     def __init__(
-        self,
-        global_crop_size: int = 224,
-        local_crop_size: int = 96,
-        num_local_crops: int = 8,
-        global_crop_scale: tuple[float, float] = (0.4, 1.0),
-        local_crop_scale: tuple[float, float] = (0.05, 0.4),
-        crop_ratio: tuple[float, float] = (3.0 / 4.0, 4.0 / 3.0),
-        flip_probability: float = 0.5,
-        color_jitter_probability: float = 0.8,
-        brightness: float = 0.4,
-        contrast: float = 0.4,
-        saturation: float = 0.2,
-        hue: float = 0.1,
-        grayscale_probability: float = 0.2,
-        global_blur_probabilities: Sequence[float] = (1.0, 0.1),
-        local_blur_probability: float = 0.5,
-        blur_sigma: tuple[float, float] = (0.1, 2.0),
-        blur_kernel_size: int | None = None,
-        global_solarize_probabilities: Sequence[float] = (0.0, 0.2),
-        local_solarize_probability: float = 0.0,
-        solarize_threshold: int = 128,
-        mean: Sequence[float] = IMAGENET_DEFAULT_MEAN,
-        std: Sequence[float] = IMAGENET_DEFAULT_STD,
-        interpolation: str = "bicubic",
-        output_dtype: torch.dtype = torch.float32,
+        self, interpolation: str = "bicubic", output_dtype: torch.dtype = torch.float32, **recipe: Any
     ) -> None:
-        if len(global_blur_probabilities) != len(global_solarize_probabilities):
-            raise ValueError(
-                "global_blur_probabilities and global_solarize_probabilities need one entry per global "
-                f"crop, got {len(global_blur_probabilities)} and {len(global_solarize_probabilities)}."
-            )
-        if len(global_blur_probabilities) < 1:
-            raise ValueError("At least one global crop is needed (global_blur_probabilities is empty).")
-        if num_local_crops < 0:
-            raise ValueError(f"num_local_crops must be >= 0, got {num_local_crops}.")
-        for name, value in (("global_crop_scale", global_crop_scale), ("local_crop_scale", local_crop_scale)):
-            if not 0 < value[0] <= value[1] <= 1:
-                raise ValueError(f"{name} must satisfy 0 < low <= high <= 1, got {value}.")
-        if not 0 < blur_sigma[0] <= blur_sigma[1]:
-            raise ValueError(f"blur_sigma must satisfy 0 < low <= high, got {blur_sigma}.")
-        if not 0 <= hue <= 0.5:
-            raise ValueError(f"hue must be in [0, 0.5], got {hue}.")
         if interpolation not in _FILTERS:
             raise ValueError(f"interpolation must be one of {sorted(_FILTERS)}, got {interpolation!r}.")
-        self.global_crop_size = int(global_crop_size)
-        self.local_crop_size = int(local_crop_size)
-        self.num_local_crops = int(num_local_crops)
-        self.global_crop_scale = tuple(float(v) for v in global_crop_scale)
-        self.local_crop_scale = tuple(float(v) for v in local_crop_scale)
-        self.crop_ratio = tuple(float(v) for v in crop_ratio)
-        self.flip_probability = float(flip_probability)
-        self.color_jitter_probability = float(color_jitter_probability)
-        self.brightness = float(brightness)
-        self.contrast = float(contrast)
-        self.saturation = float(saturation)
-        self.hue = float(hue)
-        self.grayscale_probability = float(grayscale_probability)
-        self.global_blur_probabilities = tuple(float(p) for p in global_blur_probabilities)
-        self.local_blur_probability = float(local_blur_probability)
-        self.blur_sigma = tuple(float(v) for v in blur_sigma)
-        self.blur_kernel_size = int(blur_kernel_size or 2 * math.ceil(3 * blur_sigma[1]) + 1)
-        if self.blur_kernel_size % 2 == 0:
-            raise ValueError(f"blur_kernel_size must be odd, got {self.blur_kernel_size}.")
-        self.global_solarize_probabilities = tuple(float(p) for p in global_solarize_probabilities)
-        self.local_solarize_probability = float(local_solarize_probability)
-        self.solarize_threshold = int(solarize_threshold)
-        self.mean = tuple(float(m) for m in mean)
-        self.std = tuple(float(s) for s in std)
+        super().__init__(**recipe)
         self.interpolation = interpolation
         self.output_dtype = output_dtype
 
     @classmethod
-    def from_augmentation(cls, augmentation: object, **overrides) -> BatchedMultiCropAugmentation:
+    def from_augmentation(cls, augmentation: object, **overrides: Any) -> BatchedMultiCropAugmentation:
         """The batched equivalent of a per-image ``MultiCropAugmentation`` (same recipe fields).
 
-        Every constructor argument that ``augmentation`` has as an attribute is copied;
-        ``overrides`` replace any of them.
+        Every :class:`~dino_hf.augmentation.MultiCropRecipe` field (and ``interpolation`` /
+        ``output_dtype``) that ``augmentation`` has as an attribute is copied; ``overrides`` replace
+        any of them.
         """
-        names = [name for name in inspect.signature(cls.__init__).parameters if name != "self"]
+        names = [*MultiCropRecipe.field_names(), "interpolation", "output_dtype"]
         settings = {name: getattr(augmentation, name) for name in names if hasattr(augmentation, name)}
-        settings.update(overrides)
-        return cls(**settings)
-
-    @property
-    def num_global_crops(self) -> int:
-        """Number of global crops, ``len(global_blur_probabilities)`` (official 2)."""
-        return len(self.global_blur_probabilities)
-
-    @property
-    def num_crops(self) -> int:
-        """Views per image, global plus local."""
-        return self.num_global_crops + self.num_local_crops
-
-    def __repr__(self) -> str:
-        settings = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_"))
-        return f"{type(self).__name__}({settings})"
+        return cls(**{**settings, **overrides})
 
     # ---- constants ---------------------------------------------------------------------------------
     def _constants(self, device: torch.device) -> dict[str, Tensor]:

@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         variants["reference"] = _with_threads(1, lambda: stack_crop_major([official(image) for image in pil_images]))
         try:
-            from dino_hf.augmentation import MultiCropAugmentation, collate_multi_crop
+            from dino_hf.augmentation import MultiCropAugmentation
         except ImportError:  # the per-image module is optional for this benchmark
             MultiCropAugmentation = None
         if MultiCropAugmentation is not None:
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> dict:
                 num_local_crops=args.num_local_crops,
             )
             tensors = list(batch.unbind(0))
-            variants["per_image"] = _with_threads(1, lambda: collate_multi_crop([per_image(t) for t in tensors]))
+            variants["per_image"] = _with_threads(1, lambda: stack_crop_major([per_image(t) for t in tensors]))
     variants["batched_cpu_1thread"] = _with_threads(1, lambda: batched(batch))
     variants["batched_cpu"] = lambda: batched(batch)
     if use_cuda:

@@ -20,7 +20,6 @@ _LAZY_EXPORTS = {
     "DinoLoss": "loss",
     "DinoSchedules": "schedules",
     "MultiCropAugmentation": "augmentation",
-    "collate_multi_crop": "augmentation",
     "create_train_dataloader": "data",
     "load_image_dataset": "data",
     "DinoTrainingArguments": "training_args",
@@ -35,13 +34,12 @@ __all__ = [
     "DinoSchedules",
     "DinoTrainingArguments",
     "MultiCropAugmentation",
-    "collate_multi_crop",
     "create_train_dataloader",
     "load_image_dataset",
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
-    from .augmentation import MultiCropAugmentation, collate_multi_crop
+    from .augmentation import MultiCropAugmentation
     from .configuration_dino import DinoConfig
     from .data import create_train_dataloader, load_image_dataset
     from .loss import DinoLoss

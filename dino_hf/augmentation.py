@@ -1,4 +1,4 @@
-"""DINO multi-crop augmentation on uint8 tensors with torchvision ``transforms.v2``, and its collate.
+"""DINO multi-crop augmentation on uint8 tensors with torchvision ``transforms.v2``.
 
 :class:`MultiCropAugmentation` reproduces the official ``DataAugmentationDINO`` (Caron et al. 2021,
 ``facebookresearch/dino`` ``main_dino.py``) operation for operation and probability for probability,
@@ -35,8 +35,9 @@ import numpy as np
 import torch
 import torch.nn.functional as torch_functional
 import torchvision.transforms.v2.functional as F
-from PIL import Image
 from torch import Tensor
+
+from .decoding import to_rgb_uint8
 
 __all__ = [
     "IMAGENET_DEFAULT_MEAN",
@@ -44,8 +45,6 @@ __all__ = [
     "MultiCropAugmentation",
     "MultiCropRecipe",
     "ViewParameters",
-    "collate_multi_crop",
-    "to_rgb_uint8",
 ]
 
 IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
@@ -57,72 +56,6 @@ LUMA_WEIGHTS = (0.2989, 0.587, 0.114)
 BRIGHTNESS, CONTRAST, SATURATION, HUE = 0, 1, 2, 3
 _RESIZED_CROP_ATTEMPTS = 10  # torchvision RandomResizedCrop.get_params
 _UNIFORMS_PER_VIEW = 4 * _RESIZED_CROP_ATTEMPTS + 15
-
-
-# --------------------------------------------------------------------------------------------------
-# Input conversion
-# --------------------------------------------------------------------------------------------------
-def to_rgb_uint8(image: Any) -> Tensor:
-    """Convert an image to an RGB ``(3, H, W)`` uint8 tensor (channels-last memory, ready to crop).
-
-    Accepts a PIL image of any mode (``RGB``, ``L``, ``LA``, ``P``/``PA`` palette, ``RGBA``, ``CMYK``,
-    ``YCbCr``, ``1``, 16-bit ``I;16*``, 32-bit ``I``, float ``F``), a torch tensor ``(H, W)``,
-    ``(1|3|4, H, W)`` of dtype uint8, uint16 (scaled by 1/257) or float (``[0, 1]``), or a numpy array
-    ``(H, W)`` / ``(H, W, 1|3|4)``. Grayscale is replicated to three channels and alpha is dropped,
-    as the official loader's ``Image.convert("RGB")`` does.
-    """
-    if isinstance(image, Image.Image):
-        return _pil_to_rgb_uint8(image)
-    if isinstance(image, np.ndarray):
-        array = image if image.ndim == 2 else image.transpose(2, 0, 1)
-        return _tensor_to_rgb_uint8(torch.from_numpy(np.ascontiguousarray(array)))
-    if isinstance(image, Tensor):
-        return _tensor_to_rgb_uint8(image)
-    raise TypeError(f"Expected a PIL image, a torch tensor or a numpy array, got {type(image).__name__}.")
-
-
-def _pil_to_rgb_uint8(image: Image.Image) -> Tensor:
-    mode = image.mode
-    if mode.startswith("I") or mode == "F":  # 16/32-bit integer or float grayscale
-        array = np.asarray(image)
-        if mode == "F":
-            scale = 255.0 if float(array.max(initial=0.0)) <= 1.0 else 1.0
-            gray = np.clip(np.rint(array * scale), 0, 255)
-        elif mode.startswith("I;16") or int(array.max(initial=0)) > 255:
-            gray = np.clip(array.astype(np.float32) / 257.0 + 0.5, 0, 255)  # 16-bit range -> 8 bits
-        else:
-            gray = np.clip(array, 0, 255)
-        array = np.repeat(gray.astype(np.uint8)[:, :, None], 3, axis=2)
-    else:
-        if mode != "RGB":
-            image = image.convert("RGB")
-        array = np.array(image, dtype=np.uint8, copy=True)  # writable copy for torch.from_numpy
-    return torch.from_numpy(array).permute(2, 0, 1)  # (3, H, W) view of HWC memory: channels-last
-
-
-def _tensor_to_rgb_uint8(image: Tensor) -> Tensor:
-    if image.dim() == 2:
-        image = image.unsqueeze(0)
-    if image.dim() != 3:
-        raise ValueError(f"Expected an image tensor of shape (C, H, W) or (H, W), got {tuple(image.shape)}.")
-    if image.shape[0] not in (1, 2, 3, 4) and image.shape[-1] in (1, 3, 4):
-        image = image.permute(2, 0, 1)  # (H, W, C) given
-    if image.dtype == torch.uint16:
-        image = ((image.to(torch.int32) + 128) // 257).to(torch.uint8)
-    elif image.dtype.is_floating_point:
-        image = (image.clamp(0, 1) * 255).round_().to(torch.uint8)
-    elif image.dtype != torch.uint8:
-        image = image.clamp(0, 255).to(torch.uint8)
-    channels = image.shape[0]
-    if channels in (1, 2):  # gray or gray + alpha
-        image = image[:1].expand(3, -1, -1)
-    elif channels == 4:  # RGBA: drop alpha like Image.convert("RGB")
-        image = image[:3]
-    elif channels != 3:
-        raise ValueError(f"Expected 1, 2, 3 or 4 channels, got {channels}.")
-    if not image.permute(1, 2, 0).is_contiguous():
-        image = image.permute(1, 2, 0).contiguous().permute(2, 0, 1)  # channels-last for fast cropping
-    return image
 
 
 # --------------------------------------------------------------------------------------------------
@@ -405,6 +338,35 @@ class MultiCropRecipe:
         """The recipe's constructor arguments, each stored as an attribute of the same name."""
         return [name for name in inspect.signature(MultiCropRecipe.__init__).parameters if name != "self"]
 
+    @classmethod
+    def with_strengths(
+        cls, color_jitter_strength: float = 1.0, blur_probability_scale: float = 1.0, **fields: Any
+    ) -> MultiCropRecipe:
+        """The recipe with its default photometric strengths scaled, plus any other ``fields``.
+
+        The colour-jitter strengths (brightness, contrast, saturation, hue) are the defaults times
+        ``color_jitter_strength`` (hue capped at its limit 0.5); the blur probabilities (global and
+        local) are the defaults times ``blur_probability_scale``, capped at 1. This is how the
+        ``--color_jitter_strength`` and ``--blur_probability_scale`` flags weaken or strengthen the
+        official recipe without restating its numbers.
+        """
+        defaults = {
+            name: parameter.default
+            for name, parameter in inspect.signature(MultiCropRecipe.__init__).parameters.items()
+            if name != "self"
+        }
+        scaled = {
+            "brightness": defaults["brightness"] * color_jitter_strength,
+            "contrast": defaults["contrast"] * color_jitter_strength,
+            "saturation": defaults["saturation"] * color_jitter_strength,
+            "hue": min(defaults["hue"] * color_jitter_strength, 0.5),
+            "global_blur_probabilities": tuple(
+                min(1.0, probability * blur_probability_scale) for probability in defaults["global_blur_probabilities"]
+            ),
+            "local_blur_probability": min(1.0, defaults["local_blur_probability"] * blur_probability_scale),
+        }
+        return cls(**{**scaled, **fields})
+
     def __repr__(self) -> str:
         fields = ", ".join(f"{key}={value!r}" for key, value in vars(self).items() if not key.startswith("_"))
         return f"{type(self).__name__}({fields})"
@@ -557,32 +519,3 @@ class MultiCropAugmentation(MultiCropRecipe):
         index = torch.tensor(selected)
         images.index_copy_(0, index, function(images.index_select(0, index)))
         return images
-
-
-# --------------------------------------------------------------------------------------------------
-# Collate
-# --------------------------------------------------------------------------------------------------
-def collate_multi_crop(views: Sequence[Sequence[Tensor]], num_global_crops: int = 2) -> dict[str, Tensor | None]:
-    """Stack per-image view lists crop-major.
-
-    Args:
-        views: one list per image, each ``num_global_crops`` global ``(3, H, W)`` views followed by the
-            local ``(3, h, w)`` views, as :class:`MultiCropAugmentation` returns them.
-        num_global_crops: number of leading global views per image.
-
-    Returns:
-        ``{"global_crops": (G, B, 3, H, W), "local_crops": (N, B, 3, h, w) or None}``, the layout
-        ``DinoForPreTraining.forward`` takes.
-    """
-    if not views:
-        raise ValueError("collate_multi_crop got an empty batch.")
-    num_views = len(views[0])
-    if any(len(image_views) != num_views for image_views in views):
-        raise ValueError("Every image in a batch must have the same number of views.")
-    if num_views < num_global_crops:
-        raise ValueError(f"Each image has {num_views} views, fewer than num_global_crops={num_global_crops}.")
-    global_crops = torch.stack([torch.stack(list(v[:num_global_crops])) for v in views], dim=1)
-    local_crops = None
-    if num_views > num_global_crops:
-        local_crops = torch.stack([torch.stack(list(v[num_global_crops:])) for v in views], dim=1)
-    return {"global_crops": global_crops, "local_crops": local_crops}

@@ -24,8 +24,9 @@ from pathlib import Path
 import torch
 from transformers import ViTConfig, ViTModel
 
+from .backbones import save_backbone
 from .configuration_dino import DINO_BACKBONE_DEFAULTS, DinoConfig
-from .modeling_dino import DinoForPreTraining, save_vit_backbone
+from .modeling_dino import DinoForPreTraining
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
@@ -252,7 +253,7 @@ def convert_checkpoint(
         raise ValueError("--save_training_model needs a full training checkpoint with 'student' and 'teacher'.")
     state_dict = checkpoint.get(checkpoint_key, checkpoint) if isinstance(checkpoint.get(checkpoint_key), dict) else checkpoint
     state_dict = {key: value for key, value in state_dict.items() if isinstance(value, torch.Tensor)}
-    return save_vit_backbone(backbone_from_official(state_dict, num_attention_heads), output_dir)
+    return save_backbone(backbone_from_official(state_dict, num_attention_heads), output_dir)
 
 
 __all__ = [

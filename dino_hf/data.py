@@ -29,12 +29,12 @@ would have produced. No extra dependency (torchdata) is needed.
 from __future__ import annotations
 
 import copy
-import io
 import itertools
 import logging
 import math
 import os
 import random
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -43,16 +43,16 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from .augmentation import MultiCropAugmentation, to_rgb_uint8
-from .batched_augmentation import letterbox
+from .augmentation import MultiCropAugmentation
+from .batched_augmentation import DeviceMultiCrop, letterbox
+from .decoding import BadImageError, decode_image
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "BadImageError",
+    "BatchStream",
     "DinoDataLoader",
     "create_train_dataloader",
-    "decode_image",
     "load_image_dataset",
     "mix_seeds",
 ]
@@ -161,56 +161,6 @@ def _check_image_column(dataset: Any, image_column: str, dataset_name: str) -> N
             f"Image column {image_column!r} is not in dataset {dataset_name!r}, whose columns are "
             f"{', '.join(repr(c) for c in columns)}; pass one of them with --image_column."
         )
-
-
-# --------------------------------------------------------------------------------------------------
-# Decoding
-# --------------------------------------------------------------------------------------------------
-class BadImageError(ValueError):
-    """An example whose image cannot be used (missing, undecodable, truncated, too small)."""
-
-
-def decode_image(value: Any, min_image_size: int = 2) -> Tensor:
-    """Decode one image-column value to an RGB ``(3, H, W)`` uint8 tensor.
-
-    ``value`` may be an undecoded ``datasets.Image`` dict (``{"bytes", "path"}``), raw bytes, a path,
-    a PIL image, an array or a tensor. Raises :class:`BadImageError` for a missing value, bytes that do
-    not decode (including truncated and zero-byte files) and images smaller than ``min_image_size``
-    pixels on a side.
-    """
-    from PIL import Image
-
-    if value is None:
-        raise BadImageError("missing image value")
-    try:
-        if isinstance(value, dict):
-            data, path = value.get("bytes"), value.get("path")
-            if data is None and path is None:
-                raise BadImageError("missing image value")
-            if data is None:
-                import datasets
-
-                image = datasets.Image().decode_example({"bytes": None, "path": path})
-            else:
-                image = Image.open(io.BytesIO(data))
-                image.load()
-        elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value))
-            image.load()
-        elif isinstance(value, str):
-            import datasets
-
-            image = datasets.Image().decode_example({"bytes": None, "path": value})
-        else:
-            image = value
-        pixels = to_rgb_uint8(image)
-    except BadImageError:
-        raise
-    except Exception as error:  # noqa: BLE001 - PIL raises many types for bad files
-        raise BadImageError(f"{type(error).__name__}: {error}") from error
-    if min(pixels.shape[-2:]) < min_image_size:
-        raise BadImageError(f"image of {pixels.shape[-1]}x{pixels.shape[-2]} pixels is smaller than {min_image_size}")
-    return pixels
 
 
 # --------------------------------------------------------------------------------------------------
@@ -657,3 +607,78 @@ def create_train_dataloader(
         pin_memory=pin_memory,
         prefetch_factor=prefetch_factor,
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# The training loop's endless stream over epochs
+# --------------------------------------------------------------------------------------------------
+class BatchStream:
+    """Endless stream of micro-batches over epochs of a `DinoDataLoader`, with its wait time.
+
+    ``augment`` (a `DeviceMultiCrop`, for a decode-only loader) turns each loader batch into crops on
+    the training device; its time is not counted as waiting for data. ``state_dict`` gives the exact
+    position (epoch, the loader's own state, the augmentation's generator) for checkpoints.
+    """
+
+    def __init__(
+        self, loader: DinoDataLoader, flag: str = "--dataset_name", augment: DeviceMultiCrop | None = None
+    ) -> None:
+        self.loader = loader
+        self.augment = augment
+        self.epoch = 0
+        self.wait_seconds = 0.0
+        self.micro_batches = 0
+        self._flag = flag
+        self._iterator: Iterator[dict[str, Any]] | None = None
+        self._batches_this_epoch = 0
+        self._empty_epochs = 0
+
+    def start(self) -> None:
+        """Create the iterator of the current epoch (call once, after `load_state_dict` if resuming)."""
+        self.loader.set_epoch(self.epoch)
+        with torch.random.fork_rng(devices=[]):
+            self._iterator = iter(self.loader)
+        self._batches_this_epoch = 0
+
+    def __call__(self) -> dict[str, Any]:
+        if self._iterator is None:
+            self.start()
+        started = time.perf_counter()
+        while True:
+            try:
+                # The loader must not move the training's random streams (e.g. a DataLoader draws
+                # its base seed from the global generator when an epoch's iterator starts): with
+                # the CPU generator forked, a resumed run draws the same drop-path masks.
+                with torch.random.fork_rng(devices=[]):
+                    batch = next(self._iterator)
+                break
+            except StopIteration:
+                self._empty_epochs = self._empty_epochs + 1 if self._batches_this_epoch == 0 else 0
+                if self._empty_epochs >= 2:  # one empty pass is normal after resuming at an epoch's end
+                    raise ValueError(
+                        f"{self._flag} yielded no complete batch in a whole epoch: lower --per_device_train_batch_size."
+                    ) from None
+                self.epoch += 1
+                self.start()
+        self._batches_this_epoch += 1
+        self.micro_batches += 1
+        self.wait_seconds += time.perf_counter() - started
+        return batch if self.augment is None else self.augment(batch)
+
+    def state_dict(self) -> dict[str, Any]:
+        state = {"epoch": self.epoch, "loader": self.loader.state_dict()}
+        if self.augment is not None:
+            state["augmentation"] = self.augment.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        if (self.augment is None) != ("augmentation" not in state):
+            raise ValueError(
+                "The checkpoint was written with a different --augmentation_device (loader versus cpu/cuda): "
+                "resume with the setting it was trained with."
+            )
+        self.epoch = int(state["epoch"])
+        self.loader.set_epoch(self.epoch)
+        self.loader.load_state_dict(state["loader"])
+        if self.augment is not None:
+            self.augment.load_state_dict(state["augmentation"])

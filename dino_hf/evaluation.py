@@ -1,5 +1,4 @@
-"""Evaluation of (DINO) vision backbones: frozen features, weighted k-NN, linear probe, attention maps,
-training curves.
+"""Evaluation of (DINO) vision backbones: frozen features, weighted k-NN, linear probe, the in-training monitor.
 
 Everything here works on any ``transformers.AutoModel``-loadable ViT-style backbone whose
 ``last_hidden_state[:, 0]`` is a CLS token (``ViTModel`` written by ``save_backbone``, ``facebook/dino-*``,
@@ -10,18 +9,16 @@ Everything here works on any ``transformers.AutoModel``-loadable ViT-style backb
   weight ``exp(similarity / T)`` (T = 0.07), the class with the largest vote wins (official
   ``eval_knn.py``, ``knn_classifier``);
 - linear probe: a logistic regression trained on standardised frozen features;
-- attention maps: the last layer's CLS -> patch self-attention per head, and the DINO-paper
-  thresholded maps (the smallest set of patches that holds 60 % of the attention mass).
+- :class:`KnnMonitor`: both, periodically during training, on a cached labelled set.
+
+Loading backbones and their processors is :mod:`dino_hf.backbones`' job; attention maps and plots are
+:mod:`dino_hf.visualization`'s.
 """
 
 from __future__ import annotations
 
 import contextlib
-import inspect
-import json
 import logging
-import math
-import os
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,148 +29,15 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-logger = logging.getLogger(__name__)
+from .backbones import backbone_forward, load_image_processor
+from .data import load_image_dataset
+from .decoding import decode_image, to_pil_image
+from .visualization import attention_grid, attention_maps, save_attention_maps
 
-#: ImageNet normalisation, as the official DINO transforms and ``save_backbone`` use.
-IMAGENET_DEFAULT_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
-IMAGENET_DEFAULT_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
+logger = logging.getLogger(__name__)
 
 #: Official DINO k-NN temperature.
 DEFAULT_KNN_TEMPERATURE = 0.07
-
-
-# --------------------------------------------------------------------------------------------------
-# Loading a backbone and its preprocessing
-# --------------------------------------------------------------------------------------------------
-
-
-def load_backbone(
-    model_name_or_path: str | Path,
-    *,
-    attn_implementation: str | None = None,
-    revision: str | None = None,
-) -> nn.Module:
-    """Load a ViT-style backbone with ``transformers.AutoModel`` (in eval mode).
-
-    ``add_pooling_layer=False`` is passed to model classes that accept it (``ViTModel`` and friends), so
-    no randomly initialised pooler is created; the DINO embedding is the CLS token anyway.
-
-    Args:
-        model_name_or_path: a folder written by ``save_backbone`` / ``save_pretrained`` or a Hub id.
-        attn_implementation: e.g. ``"eager"`` to be able to return attention weights.
-        revision: Hub revision (branch, tag or commit).
-    Raises:
-        OSError / ValueError from transformers when the path or id does not hold a model.
-    """
-    from transformers import AutoConfig, AutoModel
-    from transformers.models.auto.modeling_auto import MODEL_MAPPING
-
-    config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
-    kwargs: dict[str, Any] = {"revision": revision}
-    if attn_implementation is not None:
-        kwargs["attn_implementation"] = attn_implementation
-    model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
-    if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
-        kwargs["add_pooling_layer"] = False
-    model = AutoModel.from_pretrained(model_name_or_path, config=config, **kwargs)
-    return model.eval()
-
-
-def _patch_size(config: Any) -> tuple[int, int]:
-    """``config.patch_size`` as (height, width)."""
-    patch_size = getattr(config, "patch_size", 16)
-    if isinstance(patch_size, Sequence):
-        return int(patch_size[0]), int(patch_size[1])
-    return int(patch_size), int(patch_size)
-
-
-def _config_image_size(config: Any) -> int:
-    image_size = getattr(config, "image_size", 224)
-    return int(image_size[0] if isinstance(image_size, Sequence) else image_size)
-
-
-def load_image_processor(
-    model_name_or_path: str | Path | None,
-    backbone_config: Any,
-    image_size: int | None = None,
-    *,
-    revision: str | None = None,
-) -> Any:
-    """The image processor that evaluation feeds the backbone with.
-
-    The model's own ``AutoImageProcessor`` when it has one (``save_backbone`` writes a ``ViTImageProcessor``
-    with ImageNet mean/std and a resize to the backbone's resolution); otherwise (or for
-    ``model_name_or_path=None``, e.g. a backbone in training) a ``ViTImageProcessor`` with ImageNet
-    mean/std resizing to ``backbone_config.image_size``, i.e. what ``save_backbone`` would write.
-
-    Args:
-        image_size: overrides the processor's output resolution (square ``image_size`` px; processors
-            that resize the shorter side then centre-crop keep their resize / crop ratio).
-    """
-    from transformers import AutoImageProcessor, ViTImageProcessor
-
-    processor = None
-    if model_name_or_path is not None:
-        try:
-            processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=revision)
-        except (OSError, ValueError, KeyError) as error:
-            logger.info(
-                "No image processor with %s (%s); using ImageNet mean/std.",
-                model_name_or_path,
-                error,
-            )
-    if processor is None:
-        size = image_size or _config_image_size(backbone_config)
-        return ViTImageProcessor(
-            image_mean=list(IMAGENET_DEFAULT_MEAN),
-            image_std=list(IMAGENET_DEFAULT_STD),
-            size={"height": size, "width": size},
-        )
-    if image_size is not None:
-        _set_processor_size(processor, image_size)
-    return processor
-
-
-def _set_processor_size(processor: Any, image_size: int) -> None:
-    """Make ``processor`` output ``image_size`` x ``image_size`` images (in place)."""
-    size = processor.size
-    get = size.get if isinstance(size, Mapping) else lambda key: getattr(size, key, None)
-    crop_size = getattr(processor, "crop_size", None)
-    shortest_edge = get("shortest_edge")
-    if get("height") is not None:
-        processor.size = {"height": image_size, "width": image_size}
-    elif shortest_edge is not None:
-        ratio = 1.0
-        if crop_size is not None and getattr(processor, "do_center_crop", False):
-            crop_get = crop_size.get if isinstance(crop_size, Mapping) else lambda key: getattr(crop_size, key)
-            ratio = shortest_edge / crop_get("height")
-        processor.size = {"shortest_edge": round(image_size * ratio)}
-    else:
-        processor.size = {"height": image_size, "width": image_size}
-    if crop_size is not None:
-        processor.crop_size = {"height": image_size, "width": image_size}
-
-
-def to_rgb_image(value: Any) -> Image.Image:
-    """A dataset cell (PIL image, ``{"bytes", "path"}`` dict, file path or ``(H, W[, C])`` array) as RGB PIL."""
-    if isinstance(value, Image.Image):
-        image = value
-    elif isinstance(value, Mapping):
-        if value.get("bytes"):
-            import io
-
-            image = Image.open(io.BytesIO(value["bytes"]))
-        elif value.get("path"):
-            image = Image.open(value["path"])
-        else:
-            raise ValueError("Image entry holds neither bytes nor a path.")
-    elif isinstance(value, (str, Path)):
-        image = Image.open(value)
-    elif value is None:
-        raise ValueError("Image entry is missing (None).")
-    else:
-        image = Image.fromarray(np.asarray(value))
-    return image if image.mode == "RGB" else image.convert("RGB")
 
 
 class LabelEncoder:
@@ -238,7 +102,7 @@ class ImageClassificationCollator:
         for column in (self.image_column, self.label_column):
             if column not in examples[0]:
                 raise ValueError(f"The dataset has no column {column!r} (columns: {', '.join(map(str, examples[0]))}).")
-        images = [to_rgb_image(example[self.image_column]) for example in examples]
+        images = [to_pil_image(decode_image(example[self.image_column])) for example in examples]
         labels = [self.label_encoder(example[self.label_column]) for example in examples]
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"]
         return {
@@ -300,28 +164,6 @@ def make_eval_dataloader(
 # --------------------------------------------------------------------------------------------------
 # Features
 # --------------------------------------------------------------------------------------------------
-
-
-def _accepts_keyword(module: nn.Module, name: str) -> bool:
-    try:
-        return name in inspect.signature(module.forward).parameters
-    except (TypeError, ValueError):
-        return False
-
-
-def backbone_forward(backbone: nn.Module, pixel_values: Tensor, **kwargs: Any) -> Any:
-    """``backbone(pixel_values=..., **kwargs)``, asking for position-embedding interpolation when the
-    input resolution differs from ``backbone.config.image_size`` and the model supports it."""
-    config = getattr(backbone, "config", None)
-    if (
-        config is not None
-        and tuple(pixel_values.shape[-2:]) != (_config_image_size(config),) * 2
-        and _accepts_keyword(backbone, "interpolate_pos_encoding")
-    ):
-        kwargs.setdefault("interpolate_pos_encoding", True)
-    return backbone(pixel_values=pixel_values, **kwargs)
-
-
 def _split_batch(batch: Any) -> tuple[Tensor, Tensor]:
     if isinstance(batch, Mapping):
         return batch["pixel_values"], batch["labels"]
@@ -639,8 +481,6 @@ class KnnMonitor:
         cache_max_bytes: int = 2 * 1024**3,
         seed: int = 0,
     ) -> None:
-        from dino_hf.data import load_image_dataset
-
         self.dataset_name = dataset_name
         self.image_column = image_column
         self.label_column = label_column
@@ -663,36 +503,6 @@ class KnnMonitor:
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._uncacheable: set[str] = set()
         self._processor: Any = None
-
-    @classmethod
-    def from_training_args(cls, args: Any) -> KnnMonitor:
-        """Build from ``DinoTrainingArguments``: ``eval_dataset_name``, ``eval_split`` (classified),
-        ``eval_train_split`` (memory bank), ``eval_label_column``, ``eval_max_samples`` (each split),
-        ``image_column``, ``dataloader_num_workers``, ``seed``; optional ``eval_dataset_config_name``,
-        ``eval_image_column``, ``eval_image_size``, ``eval_batch_size``, ``eval_knn_k`` when present.
-
-        A Hub dataset is streamed when the training data is (``streaming``), so that
-        ``eval_max_samples`` images are read rather than the whole split downloaded; a local one is
-        read map-style (its seeded subset is then an unbiased draw even from class-sorted folders).
-        """
-        max_samples = getattr(args, "eval_max_samples", None)
-        return cls(
-            args.eval_dataset_name,
-            dataset_config_name=getattr(args, "eval_dataset_config_name", None),
-            train_split=getattr(args, "eval_train_split", None) or "train",
-            test_split=getattr(args, "eval_split", None) or "test",
-            image_column=getattr(args, "eval_image_column", None) or getattr(args, "image_column", "image"),
-            label_column=getattr(args, "eval_label_column", None) or "label",
-            max_train_samples=max_samples,
-            max_test_samples=max_samples,
-            image_size=getattr(args, "eval_image_size", None),
-            k=getattr(args, "eval_knn_k", None) or (20,),
-            batch_size=getattr(args, "eval_batch_size", None) or 128,
-            num_workers=getattr(args, "dataloader_num_workers", 0) or 0,
-            streaming=bool(getattr(args, "streaming", False))
-            and not os.path.exists(os.path.expanduser(str(args.eval_dataset_name))),
-            seed=getattr(args, "seed", 0) or 0,
-        )
 
     def _loader(self, name: str, backbone: nn.Module, accelerator: Any | None) -> Iterable[Any]:
         """Loader of split ``name`` ("train" / "test"), from the in-memory cache when possible."""
@@ -778,7 +588,7 @@ class KnnMonitor:
         for example in self.datasets["test"]:
             value = example.get(self.image_column)
             if value is not None:
-                images.append(to_rgb_image(value))
+                images.append(to_pil_image(decode_image(value)))
             if len(images) == num_images:
                 break
         if not images:
@@ -808,260 +618,3 @@ class _HalfTensorDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict[str, Tensor]:
         return {"pixel_values": self.pixel_values[index].float(), "labels": self.labels[index]}
-
-
-# --------------------------------------------------------------------------------------------------
-# Attention maps
-# --------------------------------------------------------------------------------------------------
-
-
-@torch.inference_mode()
-def attention_maps(backbone: nn.Module, pixel_values: Tensor) -> Tensor:
-    """The last layer's CLS self-attention over the patches, per head.
-
-    Needs attention weights: a model loaded with ``attn_implementation="eager"`` returns them; for any
-    other implementation (``sdpa`` in training) the backbone is switched to ``eager`` for this call and
-    switched back.
-
-    Args:
-        backbone: ViT-style model (``output_attentions=True`` support; extra tokens such as registers
-            between CLS and the patches are skipped).
-        pixel_values: (B, 3, H, W), H and W multiples of the patch size.
-    Returns:
-        (B, heads, H / patch, W / patch) float32 attention weights of the CLS query (each head's map
-        sums to 1 minus the weight on non-patch tokens).
-    """
-    patch_height, patch_width = _patch_size(backbone.config)
-    grid_height, grid_width = (
-        pixel_values.shape[-2] // patch_height,
-        pixel_values.shape[-1] // patch_width,
-    )
-    num_patches = grid_height * grid_width
-    was_training = backbone.training
-    previous = getattr(backbone.config, "_attn_implementation", "eager")
-    backbone.eval()
-    try:
-        if previous != "eager":
-            backbone.set_attn_implementation("eager")
-        output = backbone_forward(backbone, pixel_values, output_attentions=True)
-    finally:
-        if previous != "eager":
-            backbone.set_attn_implementation(previous)
-        backbone.train(was_training)
-    attentions = getattr(output, "attentions", None)
-    if not attentions:
-        raise ValueError("The backbone returned no attention weights; load it with attn_implementation='eager'.")
-    last = attentions[-1]  # (B, heads, tokens, tokens)
-    cls_attention = last[:, :, 0, -num_patches:].float()  # (B, heads, num_patches)
-    return cls_attention.reshape(last.shape[0], last.shape[1], grid_height, grid_width)
-
-
-def threshold_attention(attentions: Tensor, mass: float = 0.6) -> Tensor:
-    """DINO-paper masks: per map, the smallest set of the most attended patches whose weights hold
-    ``mass`` of the map's total (official ``visualize_attention.py`` with ``--threshold 0.6``).
-
-    Args:
-        attentions: (..., h, w) non-negative maps.
-    Returns:
-        (..., h, w) boolean masks.
-    """
-    shape = attentions.shape
-    flat = attentions.reshape(-1, shape[-2] * shape[-1]).float()
-    values, indices = flat.sort(dim=1)  # ascending
-    values = values / values.sum(dim=1, keepdim=True).clamp_min(torch.finfo(values.dtype).tiny)
-    keep_sorted = values.cumsum(dim=1) > (1 - mass)
-    mask = torch.zeros_like(keep_sorted).scatter_(1, indices, keep_sorted)
-    return mask.reshape(shape)
-
-
-def _colorize(values: np.ndarray) -> np.ndarray:
-    """(h, w) values in [0, 1] -> (h, w, 3) uint8 heat map (matplotlib ``inferno`` when available)."""
-    try:
-        from matplotlib import colormaps
-
-        return (colormaps["inferno"](values)[..., :3] * 255).astype(np.uint8)
-    except ImportError:  # plain black -> red -> yellow ramp
-        red = np.clip(values * 2, 0, 1)
-        green = np.clip(values * 2 - 1, 0, 1)
-        return (np.stack([red, green, values * 0.2], axis=-1) * 255).astype(np.uint8)
-
-
-def _upsample(values: np.ndarray, size: tuple[int, int]) -> np.ndarray:
-    """Nearest-neighbour upsampling of a (h, w) map to ``size`` = (width, height), as the official code."""
-    image = Image.fromarray(values.astype(np.float32), mode="F").resize(size, Image.Resampling.NEAREST)
-    return np.asarray(image)
-
-
-def attention_overlay(image: Image.Image, attention: Tensor | np.ndarray, alpha: float = 0.6) -> Image.Image:
-    """``attention`` (h, w) as a heat map blended over ``image`` (RGB, any size)."""
-    values = np.asarray(attention, dtype=np.float32)
-    values = (values - values.min()) / max(float(values.max() - values.min()), 1e-12)
-    heat = Image.fromarray(_colorize(_upsample(values, image.size)))
-    return Image.blend(image.convert("RGB"), heat, alpha)
-
-
-def mask_overlay(image: Image.Image, mask: Tensor | np.ndarray, dim: float = 0.25) -> Image.Image:
-    """``image`` with the patches outside ``mask`` (h, w) darkened to ``dim`` of their brightness."""
-    keep = _upsample(np.asarray(mask, dtype=np.float32), image.size)[..., None]
-    array = np.asarray(image.convert("RGB"), dtype=np.float32)
-    return Image.fromarray((array * (dim + (1 - dim) * keep)).astype(np.uint8))
-
-
-def _display_image(image: Image.Image, min_display_size: int) -> Image.Image:
-    """``image`` in RGB, enlarged by an integer factor (nearest) until its shorter side reaches
-    ``min_display_size``, so that 32 px training images give readable figures."""
-    image = image.convert("RGB")
-    factor = math.ceil(min_display_size / min(image.size))
-    if factor > 1:
-        image = image.resize((image.width * factor, image.height * factor), Image.Resampling.NEAREST)
-    return image
-
-
-def attention_grid(
-    image: Image.Image, attentions: Tensor, mass: float = 0.6, min_display_size: int = 224
-) -> Image.Image:
-    """One picture of an image's attention: top row the image, each head's map and the mean map over
-    it; bottom row the thresholded maps (keeping ``mass`` of the attention).
-
-    Args:
-        image: the input image (any size; enlarged for display up to ``min_display_size``).
-        attentions: (heads, h, w) maps of this image.
-    """
-    image = _display_image(image, min_display_size)
-    attentions = attentions.detach().float().cpu()
-    maps = [*attentions, attentions.mean(dim=0)]
-    tops = [image] + [attention_overlay(image, attention) for attention in maps]
-    bottoms = [image] + [mask_overlay(image, threshold_attention(attention, mass)) for attention in maps]
-    width, height = image.size
-    grid = Image.new("RGB", (width * len(tops), height * 2), "white")
-    for column, (top, bottom) in enumerate(zip(tops, bottoms, strict=True)):
-        grid.paste(top, (column * width, 0))
-        grid.paste(bottom, (column * width, height))
-    return grid
-
-
-def save_attention_maps(
-    image: Image.Image,
-    attentions: Tensor,
-    output_dir: str | Path,
-    prefix: str = "",
-    mass: float = 0.6,
-    min_display_size: int = 224,
-) -> list[Path]:
-    """Save PNG overlays of one image's attention maps.
-
-    Writes ``{prefix}head{i}.png`` (heat map over the image), ``{prefix}head{i}-mask.png`` (thresholded
-    map keeping ``mass`` of the attention), ``{prefix}mean.png``, ``{prefix}mean-mask.png`` and
-    ``{prefix}grid.png`` (everything side by side, see :func:`attention_grid`) in ``output_dir``.
-
-    Args:
-        image: the input image as fed to the model (RGB); small images are enlarged by an integer
-            factor until their shorter side reaches ``min_display_size``.
-        attentions: (heads, h, w).
-    Returns:
-        the written paths.
-    """
-    output_dir = Path(output_dir)
-    output_dir.mkdir(parents=True, exist_ok=True)
-    image = _display_image(image, min_display_size)
-    attentions = attentions.detach().float().cpu()
-    pictures: dict[str, Image.Image] = {}
-    for name, attention in [*((f"head{i}", a) for i, a in enumerate(attentions)), ("mean", attentions.mean(0))]:
-        pictures[name] = attention_overlay(image, attention)
-        pictures[f"{name}-mask"] = mask_overlay(image, threshold_attention(attention, mass))
-    pictures["grid"] = attention_grid(image, attentions, mass, min_display_size)
-    paths = []
-    for name, picture in pictures.items():
-        path = output_dir / f"{prefix}{name}.png"
-        picture.save(path)
-        paths.append(path)
-    return paths
-
-
-# --------------------------------------------------------------------------------------------------
-# Training curves
-# --------------------------------------------------------------------------------------------------
-
-
-def read_metrics(metrics_jsonl_path: str | Path) -> list[dict[str, Any]]:
-    """Rows of a ``metrics.jsonl`` (one JSON object per line; blank or truncated lines skipped)."""
-    rows = []
-    for line in Path(metrics_jsonl_path).read_text().splitlines():
-        line = line.strip()
-        if not line:
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError:
-            logger.warning("Skipping an unreadable line of %s.", metrics_jsonl_path)
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[float]]:
-    steps, values = [], []
-    for row in rows:
-        value = row.get(key)
-        if "step" in row and isinstance(value, (int, float)) and math.isfinite(value):
-            steps.append(row["step"])
-            values.append(float(value))
-    return steps, values
-
-
-def plot_training_curves(metrics_jsonl_path: str | Path, output_png: str | Path) -> None:
-    """Plot loss, k-NN accuracy, teacher entropy and learning rate against steps into one PNG.
-
-    Panels with no data say so; every ``knn_*`` / ``linear_probe_*`` metric is drawn. Needs
-    matplotlib (a warning is logged and nothing is written without it).
-    """
-    try:
-        from matplotlib.backends.backend_agg import FigureCanvasAgg
-        from matplotlib.figure import Figure
-    except ImportError:
-        logger.warning("matplotlib is not installed; %s was not written.", output_png)
-        return
-    rows = read_metrics(metrics_jsonl_path)
-    keys = sorted({key for row in rows for key in row})
-    accuracy_keys = [key for key in keys if key.startswith(("knn_", "linear_probe_"))]
-    panels = [
-        ("loss", ["loss"], False),
-        ("evaluation accuracy", accuracy_keys, False),
-        ("teacher entropy (nats)", ["teacher_entropy", "teacher_mean_entropy"], False),
-        ("learning rate", ["learning_rate"], True),
-    ]
-    figure = Figure(figsize=(11, 7.5), layout="constrained")
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 2, sharex=True).ravel()
-    for axis, (title, series_keys, log_scale) in zip(axes, panels, strict=True):
-        drawn = False
-        for key in series_keys:
-            steps, values = _series(rows, key)
-            if not values:
-                continue
-            marker = "o" if len(values) < 50 else None
-            axis.plot(steps, values, label=key, marker=marker, markersize=3)
-            drawn = True
-        axis.set_title(title)
-        axis.grid(alpha=0.3)
-        if drawn:
-            if len(series_keys) > 1:
-                axis.legend(fontsize=8)
-            if log_scale and all(v > 0 for key in series_keys for v in _series(rows, key)[1]):
-                axis.set_yscale("log")
-        else:
-            axis.text(
-                0.5,
-                0.5,
-                "no data",
-                ha="center",
-                va="center",
-                transform=axis.transAxes,
-                color="gray",
-            )
-    for axis in axes[2:]:
-        axis.set_xlabel("step")
-    output_png = Path(output_png)
-    output_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output_png, dpi=100)

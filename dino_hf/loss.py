@@ -29,6 +29,7 @@ from __future__ import annotations
 import contextlib
 import math
 import numbers
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -181,6 +182,26 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         return gradient.to(student_logits.dtype), None, None, None
 
 
+@dataclass
+class DinoLossOutput:
+    """What :meth:`DinoLoss.forward` returns with ``return_statistics=True`` (all 0-dim but the mean).
+
+    Attributes:
+        loss: the DINO cross-entropy, float32 (float64 for float64 logits).
+        teacher_entropy: mean entropy (nats) of the per-sample teacher distributions; near 0 for many
+            steps means one-hot collapse.
+        teacher_mean_entropy: entropy (nats) of the batch-mean teacher distribution; near ln(K)
+            together with ``teacher_entropy`` near ln(K) means uniform collapse.
+        teacher_logits_mean: ``(1, K)``, this process's batch mean of the teacher logits: what the
+            centre EMA consumes (:meth:`DinoLoss.update_center`, e.g. averaged over accumulation steps).
+    """
+
+    loss: Tensor
+    teacher_entropy: Tensor
+    teacher_mean_entropy: Tensor
+    teacher_logits_mean: Tensor
+
+
 class DinoLoss(nn.Module):
     """DINO loss: centred, sharpened teacher probabilities against every other student crop.
 
@@ -249,7 +270,8 @@ class DinoLoss(nn.Module):
         teacher_logits: Tensor,
         teacher_temperature: float | Tensor,
         update_center: bool | None = None,
-    ) -> Tensor:
+        return_statistics: bool = False,
+    ) -> Tensor | DinoLossOutput:
         """Mean cross-entropy over all (teacher crop, other student crop) pairs and the batch.
 
         Args:
@@ -261,18 +283,27 @@ class DinoLoss(nn.Module):
             update_center: update the centre from ``teacher_logits`` after computing the loss;
                 ``None`` means ``self.training``. Use ``False`` on gradient-accumulation
                 micro-steps and call :meth:`update_center` once per optimiser step instead.
+            return_statistics: return a :class:`DinoLossOutput` with the collapse monitors and the
+                batch-mean teacher logit next to the loss, from the same teacher softmax.
 
         Returns:
-            0-dim loss in float32 (float64 when the logits are float64), also under autocast.
+            0-dim loss in float32 (float64 when the logits are float64), also under autocast; or a
+            :class:`DinoLossOutput` holding it.
         """
         self._check_logits(student_logits, teacher_logits)
+        # One teacher softmax serves the loss and the statistics; it uses the center *before* this
+        # step's update, as the official code does.
         teacher_probabilities = self.teacher_probabilities(teacher_logits, teacher_temperature)
         loss = self.cross_entropy(student_logits, teacher_probabilities)
+        teacher_logits_mean = self.teacher_logits_mean(teacher_logits)
         if update_center is None:
             update_center = self.training
-        if update_center and self.centering == "centering":
-            self.update_center(self.teacher_logits_mean(teacher_logits))
-        return loss
+        if update_center:
+            self.update_center(teacher_logits_mean)
+        if not return_statistics:
+            return loss
+        teacher_entropy, teacher_mean_entropy = self.teacher_statistics(teacher_probabilities)
+        return DinoLossOutput(loss, teacher_entropy, teacher_mean_entropy, teacher_logits_mean)
 
     def cross_entropy(self, student_logits: Tensor, teacher_probabilities: Tensor) -> Tensor:
         """The loss from precomputed teacher probabilities (e.g. those of :meth:`teacher_probabilities`).
@@ -380,14 +411,21 @@ class DinoLoss(nn.Module):
         return teacher_logits.detach().mean(dim=leading_dims, dtype=dtype).unsqueeze(0)
 
     @torch.no_grad()
-    def update_center(self, teacher_logits_mean: Tensor) -> None:
-        """EMA update of the centre: ``center <- m * center + (1 - m) * mean``.
+    def update_center(self, teacher_logits_mean: Tensor, apply: Tensor | None = None) -> None:
+        """EMA update of the centre: ``center <- m * center + (1 - m) * mean`` (DINO centering only).
+
+        With ``centering="sinkhorn_knopp"`` there is no centre to update and nothing happens.
 
         Args:
             teacher_logits_mean: ``(1, K)`` (or ``(K,)``), this process's batch-mean teacher
                 logit. When ``torch.distributed`` is initialised it is averaged over all
                 processes first (an all-reduce), as in the official code.
+            apply: optional 0-dim bool tensor; where it is False the centre keeps its value. The
+                training loop passes "this step was finite", decided on the device, so that a
+                skipped step leaves the centre untouched without a host sync.
         """
+        if self.centering != "centering":
+            return
         if (
             not isinstance(teacher_logits_mean, Tensor)
             or teacher_logits_mean.shape[-1:] != (self.num_prototypes,)
@@ -410,7 +448,10 @@ class DinoLoss(nn.Module):
         if world_size > 1:
             dist.all_reduce(batch_center)
             batch_center /= world_size
+        previous = self.center.clone() if apply is not None else None
         self.center.mul_(self.center_momentum).add_(batch_center, alpha=1.0 - self.center_momentum)
+        if previous is not None:
+            self.center.copy_(torch.where(apply, self.center, previous))
 
     @staticmethod
     @torch.no_grad()

@@ -12,19 +12,19 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTImageProcessor, ViTModel
+from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTModel
 from transformers import initialization as init
-from transformers.image_utils import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD, PILImageResampling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-from transformers.models.vit.modeling_vit import ViTLayer, eager_attention_forward
 from transformers.utils import ModelOutput
 
+from .backbones import add_stochastic_depth, embed_class_token, save_backbone
 from .configuration_dino import DinoConfig
 from .loss import DinoLoss
+from .schedules import OFFICIAL_TEACHER_TEMPERATURE
 
 
 @dataclass
@@ -51,6 +51,28 @@ class DinoForPreTrainingOutput(ModelOutput):
     teacher_logits_mean: torch.FloatTensor | None = None
 
 
+def initialize_head_module(module: nn.Module, initialization: ModuleType = nn.init) -> None:
+    """The official DINO head initialisation of one module (anything else is left alone).
+
+    Linear layers: truncated normal weights (std 0.02) and zero biases; batch norms: unit scale, zero
+    shift and fresh running statistics; the prototype layer: :meth:`WeightNormalizedLinear.reset_parameters`.
+    ``initialization`` is ``torch.nn.init`` when a standalone :class:`DinoHead` is built and
+    ``transformers.initialization`` in ``DinoPreTrainedModel._init_weights``.
+    """
+    if isinstance(module, nn.Linear):
+        initialization.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            initialization.zeros_(module.bias)
+    elif isinstance(module, nn.BatchNorm1d):
+        initialization.ones_(module.weight)
+        initialization.zeros_(module.bias)
+        if module.running_mean is not None:
+            initialization.zeros_(module.running_mean)
+            initialization.ones_(module.running_var)
+    elif isinstance(module, WeightNormalizedLinear):
+        module.reset_parameters(initialization)
+
+
 class WeightNormalizedLinear(nn.Module):
     """Bias-free linear layer with weight normalisation, ``weight = g * v / ||v||`` per output row.
 
@@ -65,10 +87,14 @@ class WeightNormalizedLinear(nn.Module):
         self.weight_v = nn.Parameter(torch.empty(out_features, in_features))
         self.reset_parameters()
 
-    def reset_parameters(self) -> None:
-        """PyTorch's ``nn.Linear`` init for the direction, unit norm (official DINO head)."""
-        nn.init.kaiming_uniform_(self.weight_v, a=5**0.5)
-        nn.init.ones_(self.weight_g)
+    def reset_parameters(self, initialization: ModuleType = nn.init) -> None:
+        """PyTorch's ``nn.Linear`` init for the direction, unit norm (the official DINO head).
+
+        ``initialization`` is ``torch.nn.init`` for a standalone layer and ``transformers.initialization``
+        from ``DinoPreTrainedModel._init_weights`` (whose functions leave loaded weights alone).
+        """
+        initialization.kaiming_uniform_(self.weight_v, a=5**0.5)
+        initialization.ones_(self.weight_g)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(N, in_features)`` -> ``(N, out_features)``."""
@@ -116,83 +142,12 @@ class DinoHead(nn.Module):
             self.mlp = nn.Sequential(*layers)
         self.last_layer = WeightNormalizedLinear(bottleneck_size, num_prototypes, fix_norm=norm_last_layer)
         for module in self.mlp.modules():
-            if isinstance(module, nn.Linear):
-                nn.init.trunc_normal_(module.weight, std=0.02)
-                nn.init.zeros_(module.bias)
+            initialize_head_module(module)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """``(N, in_features)`` backbone embeddings -> ``(N, num_prototypes)`` logits."""
         projected = F.normalize(self.mlp(features), dim=-1, p=2)
         return self.last_layer(projected)
-
-
-def _drop_path_hook(drop_probability: float):
-    """Forward hook that drops a residual branch per sample (stochastic depth, timm's ``DropPath``).
-
-    It is attached to the ``dropout`` module every ``ViTLayer`` applies to its attention and MLP
-    branch outputs just before adding the residual, so the backbone's weights and code stay a stock
-    ``ViTModel`` (and exports are unaffected). Each call draws its own mask, as timm's two
-    ``drop_path`` modules per block do.
-    """
-    keep_probability = 1.0 - drop_probability
-
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not module.training or drop_probability == 0.0:
-            return None
-        # (batch, 1, 1): one Bernoulli draw per sample, broadcast over tokens and channels.
-        mask_shape = (output.shape[0],) + (1,) * (output.ndim - 1)
-        mask = output.new_empty(mask_shape).bernoulli_(keep_probability)
-        return output * mask / keep_probability
-
-    return hook
-
-
-def class_token_of_layer(layer: ViTLayer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The CLS row of ``layer(hidden_states)``, computing only what that row depends on.
-
-    DINO uses nothing of the last block but its CLS output, yet a full block computes (and
-    back-propagates) every token's query, attention row and MLP. Here keys and values come from all
-    ``T`` tokens while the query, the output projection, both residuals, the second layer norm and
-    the MLP run on the CLS token alone: the same function to float rounding (tested against
-    ``ViTLayer``), at about ``1/T`` of the block's MLP and query cost — for a 12-block ViT at 224 px
-    about 7% of the backbone saved (all but the key/value projections of one block), forward and
-    backward. It runs the layer's own modules
-    (the configured attention implementation, its ``dropout`` with any drop-path hook), so the
-    weights stay those of the stock ``ViTLayer``.
-
-    Args:
-        layer: a ``ViTLayer``.
-        hidden_states: ``(N, T, D)`` input of the layer, CLS token first.
-    Returns:
-        ``(N, D)``.
-    """
-    attention = layer.attention
-    batch, tokens, _ = hidden_states.shape
-    normed = layer.layernorm_before(hidden_states)
-    heads, head_dim = attention.num_attention_heads, attention.head_dim
-    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, d)
-    key = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (N, H, T, d)
-    value = attention.v_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)
-    attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
-        attention.config._attn_implementation, eager_attention_forward
-    )
-    attended, _ = attention_function(
-        attention, query, key, value, None,
-        dropout=attention.attention_dropout if attention.training else 0.0, scaling=attention.scaling,
-    )  # (N, 1, H, d)
-    class_token = hidden_states[:, 0] + layer.dropout(attention.o_proj(attended.reshape(batch, heads * head_dim)))
-    return class_token + layer.dropout(layer.mlp(layer.layernorm_after(class_token)))
-
-
-def _embed_class_token(backbone: ViTModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``(N, 3, H, W)`` -> ``(N, hidden)``: the normed CLS token, the last block on CLS only."""
-    pixel_values = pixel_values.to(backbone.embeddings.patch_embeddings.projection.weight.dtype)
-    hidden_states = backbone.embeddings(pixel_values, interpolate_pos_encoding=True)
-    if len(backbone.layers) == 0:
-        return backbone.layernorm(hidden_states[:, 0])
-    for layer in backbone.layers[:-1]:
-        hidden_states = layer(hidden_states)
-    return backbone.layernorm(class_token_of_layer(backbone.layers[-1], hidden_states))
 
 
 class DinoStudentTeacherNetwork(nn.Module):
@@ -211,23 +166,13 @@ class DinoStudentTeacherNetwork(nn.Module):
             use_batch_norm=config.head_use_batch_norm,
             norm_last_layer=config.norm_last_layer,
         )
-        if drop_path_rate > 0.0:
-            # Linearly increasing drop rate over depth, as in the official ViT.
-            num_layers = len(self.backbone.layers)
-            for index, layer in enumerate(self.backbone.layers):
-                rate = drop_path_rate * index / max(num_layers - 1, 1)
-                layer.dropout.register_forward_hook(_drop_path_hook(rate))
+        add_stochastic_depth(self.backbone, drop_path_rate)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` -> ``(N, hidden)``: CLS token of ``last_hidden_state`` (after the final norm).
-
-        Runs the backbone's own modules as ``ViTModel.forward`` does, except that the last block
-        computes the CLS row only (:func:`class_token_of_layer`). Position embeddings are
-        interpolated when ``H, W`` differ from the configured image size (local crops).
-        """
+        """``(N, 3, H, W)`` -> ``(N, hidden)``: the backbone's DINO embedding (:func:`embed_class_token`)."""
         if self._compiled_embed is not None:
             return self._compiled_embed(self.backbone, pixel_values)
-        return _embed_class_token(self.backbone, pixel_values)
+        return embed_class_token(self.backbone, pixel_values)
 
     def compile_backbone(self, **compile_options) -> None:
         """``torch.compile`` what :meth:`embed` runs, as one function (weights and state-dict names unchanged).
@@ -235,7 +180,7 @@ class DinoStudentTeacherNetwork(nn.Module):
         One compiled frame for the whole backbone: compiling each block separately would share one
         code object between blocks whose drop-path rates differ, and recompile past torch's limit.
         """
-        self._compiled_embed = torch.compile(_embed_class_token, **compile_options)
+        self._compiled_embed = torch.compile(embed_class_token, **compile_options)
 
     def forward(self, crops_per_resolution: list[torch.Tensor]) -> torch.Tensor:
         """Embed each resolution group with one backbone call, then run the head once.
@@ -247,29 +192,6 @@ class DinoStudentTeacherNetwork(nn.Module):
         """
         features = torch.cat([self.embed(crops) for crops in crops_per_resolution])
         return self.head(features)
-
-
-def save_vit_backbone(backbone: ViTModel, output_dir: str | Path, image_size: int | None = None) -> Path:
-    """Write ``backbone`` with ``save_pretrained`` plus a matching ``preprocessor_config.json``.
-
-    The processor resizes any picture to the backbone's resolution (bicubic, as DINO's crops) and
-    normalises with ImageNet mean/std (``ViTImageProcessor`` would otherwise default to 0.5/0.5).
-    """
-    output_dir = Path(output_dir)
-    backbone.save_pretrained(output_dir)
-    size = image_size or backbone.config.image_size
-    height, width = size if isinstance(size, (list, tuple)) else (size, size)
-    processor = ViTImageProcessor(
-        do_resize=True,
-        size={"height": int(height), "width": int(width)},
-        resample=PILImageResampling.BICUBIC,
-        do_rescale=True,
-        do_normalize=True,
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-    )
-    processor.save_pretrained(output_dir)
-    return output_dir
 
 
 class DinoPreTrainedModel(PreTrainedModel):
@@ -285,26 +207,12 @@ class DinoPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Official DINO head init: truncated normal (std 0.02) for linears, zero bias.
+        """The official DINO head initialisation (:func:`initialize_head_module`) and a zero center.
 
-        The backbone (a ``ViTModel``) initialises itself; the prototype layer keeps PyTorch's
-        default ``nn.Linear`` init for ``weight_v`` with ``weight_g = 1``, as the official head does
-        (it is created after ``apply(_init_weights)``).
+        The backbone (a ``ViTModel``) initialises itself with its own ``_init_weights``.
         """
-        if isinstance(module, nn.Linear):
-            init.trunc_normal_(module.weight, std=0.02)
-            if module.bias is not None:
-                init.zeros_(module.bias)
-        elif isinstance(module, nn.BatchNorm1d):
-            init.ones_(module.weight)
-            init.zeros_(module.bias)
-            if module.running_mean is not None:
-                init.zeros_(module.running_mean)
-                init.ones_(module.running_var)
-        elif isinstance(module, WeightNormalizedLinear):
-            init.kaiming_uniform_(module.weight_v, a=5**0.5)
-            init.ones_(module.weight_g)
-        elif isinstance(module, DinoLoss):
+        initialize_head_module(module, init)
+        if isinstance(module, DinoLoss):
             init.zeros_(module.center)
 
 
@@ -396,7 +304,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         self,
         global_crops: torch.Tensor,
         local_crops: torch.Tensor | None = None,
-        teacher_temperature: float | torch.Tensor = 0.04,
+        teacher_temperature: float | torch.Tensor = OFFICIAL_TEACHER_TEMPERATURE,
         update_center: bool | None = None,
         return_dict: bool = True,
     ) -> DinoForPreTrainingOutput | tuple:
@@ -422,25 +330,16 @@ class DinoForPreTraining(DinoPreTrainedModel):
         student_logits = self.student(student_inputs)
         student_logits = student_logits.view(-1, batch, student_logits.shape[-1])
 
-        with torch.no_grad():
-            # One teacher softmax serves the loss and the monitor statistics; it uses the center
-            # *before* this step's update, as the official code does.
-            teacher_probabilities = self.loss_fn.teacher_probabilities(teacher_logits, teacher_temperature)
-            teacher_entropy, teacher_mean_entropy = DinoLoss.teacher_statistics(teacher_probabilities)
-            teacher_logits_mean = DinoLoss.teacher_logits_mean(teacher_logits)
-        loss = self.loss_fn.cross_entropy(student_logits, teacher_probabilities)
-        if update_center is None:
-            update_center = self.loss_fn.training
-        if update_center and self.loss_fn.centering == "centering":
-            self.loss_fn.update_center(teacher_logits_mean)
-
+        losses = self.loss_fn(
+            student_logits, teacher_logits, teacher_temperature, update_center=update_center, return_statistics=True
+        )
         output = DinoForPreTrainingOutput(
-            loss=loss,
+            loss=losses.loss,
             student_logits=student_logits,
             teacher_logits=teacher_logits,
-            teacher_entropy=teacher_entropy,
-            teacher_mean_entropy=teacher_mean_entropy,
-            teacher_logits_mean=teacher_logits_mean,
+            teacher_entropy=losses.teacher_entropy,
+            teacher_mean_entropy=losses.teacher_mean_entropy,
+            teacher_logits_mean=losses.teacher_logits_mean,
         )
         return output if return_dict else output.to_tuple()
 
@@ -522,7 +421,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
             which: ``"teacher"`` (the official choice for evaluation) or ``"student"``.
             image_size: processor resolution; defaults to the backbone's ``image_size``.
         """
-        return save_vit_backbone(self._network(which).backbone, output_dir, image_size)
+        return save_backbone(self._network(which).backbone, output_dir, image_size)
 
     @classmethod
     def from_backbone(
@@ -564,5 +463,4 @@ __all__ = [
     "DinoForPreTrainingOutput",
     "DinoHead",
     "DinoPreTrainedModel",
-    "save_vit_backbone",
 ]

@@ -14,6 +14,15 @@ import math
 import numbers
 from dataclasses import dataclass
 
+# The official ViT-S/16 recipe (facebookresearch/dino main_dino.py): the defaults of DinoSchedules and
+# of the DinoTrainingArguments flags that feed it, written once here.
+OFFICIAL_LEARNING_RATE = 5e-4  # per 256 images (scaled by the global batch)
+OFFICIAL_MIN_LEARNING_RATE = 1e-6
+OFFICIAL_WEIGHT_DECAY = 0.04
+OFFICIAL_WEIGHT_DECAY_END = 0.4
+OFFICIAL_TEACHER_MOMENTUM = 0.996
+OFFICIAL_TEACHER_TEMPERATURE = 0.04  # after the warm-up, and at its start
+
 
 def cosine_schedule(
     step: int,
@@ -111,14 +120,14 @@ class DinoSchedules:
     """
 
     total_steps: int
-    learning_rate: float = 5e-4
-    min_learning_rate: float = 1e-6
+    learning_rate: float = OFFICIAL_LEARNING_RATE
+    min_learning_rate: float = OFFICIAL_MIN_LEARNING_RATE
     warmup_steps: int = 0
-    weight_decay: float = 0.04
-    weight_decay_end: float = 0.4
-    teacher_momentum: float = 0.996
-    teacher_temperature: float = 0.04
-    warmup_teacher_temperature: float = 0.04
+    weight_decay: float = OFFICIAL_WEIGHT_DECAY
+    weight_decay_end: float = OFFICIAL_WEIGHT_DECAY_END
+    teacher_momentum: float = OFFICIAL_TEACHER_MOMENTUM
+    teacher_temperature: float = OFFICIAL_TEACHER_TEMPERATURE
+    warmup_teacher_temperature: float = OFFICIAL_TEACHER_TEMPERATURE
     warmup_teacher_temperature_steps: int = 0
     freeze_last_layer_steps: int = 0
 

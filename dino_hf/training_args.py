@@ -24,6 +24,15 @@ from typing import Any, Literal
 import yaml
 from transformers import HfArgumentParser
 
+from .schedules import (
+    OFFICIAL_LEARNING_RATE,
+    OFFICIAL_MIN_LEARNING_RATE,
+    OFFICIAL_TEACHER_MOMENTUM,
+    OFFICIAL_TEACHER_TEMPERATURE,
+    OFFICIAL_WEIGHT_DECAY,
+    OFFICIAL_WEIGHT_DECAY_END,
+)
+
 __all__ = [
     "RUN_FACT_KEYS",
     "DinoTrainingArguments",
@@ -45,7 +54,6 @@ RUN_FACT_KEYS = (
     "steps_per_epoch",
     "hardware",
     "train_runtime",
-    "dino_hf_version",
 )
 
 
@@ -243,14 +251,14 @@ class DinoTrainingArguments:
         ),
     )
     learning_rate: float = field(
-        default=5e-4,
+        default=OFFICIAL_LEARNING_RATE,
         metadata=_help(
             "Peak AdamW learning rate per 256 images: the rate used is this times the global batch "
             "size / 256 (linear scaling rule), reached after the warm-up."
         ),
     )
     min_learning_rate: float = field(
-        default=1e-6,
+        default=OFFICIAL_MIN_LEARNING_RATE,
         metadata=_help("Final learning rate of the cosine decay (not scaled by the batch size)."),
     )
     warmup_epochs: float = field(
@@ -261,7 +269,7 @@ class DinoTrainingArguments:
         default=None, metadata=_help("Learning-rate warm-up in optimiser steps; overrides --warmup_epochs.")
     )
     weight_decay: float = field(
-        default=0.04,
+        default=OFFICIAL_WEIGHT_DECAY,
         metadata=_help(
             "Initial AdamW weight decay, on weights only (not on biases and norms). A cosine schedule "
             "raises it to --weight_decay_end: a small decay early and a larger one late is what "
@@ -269,17 +277,17 @@ class DinoTrainingArguments:
         ),
     )
     weight_decay_end: float = field(
-        default=0.4, metadata=_help("Final weight decay of the cosine schedule (official: 0.4).")
+        default=OFFICIAL_WEIGHT_DECAY_END, metadata=_help("Final weight decay of the cosine schedule (official: 0.4).")
     )
     teacher_momentum: float = field(
-        default=0.996,
+        default=OFFICIAL_TEACHER_MOMENTUM,
         metadata=_help(
             "Initial EMA momentum of the teacher, raised to 1 with a cosine schedule. 0.996 suits "
             "batch 1024; with small batches try 0.99-0.995 (the teacher must move faster)."
         ),
     )
     teacher_temperature: float = field(
-        default=0.04,
+        default=OFFICIAL_TEACHER_TEMPERATURE,
         metadata=_help(
             "Teacher softmax temperature after the warm-up. Lower sharpens the targets; above 0.07 "
             "training tends to collapse to a uniform output. 0.04 is the official default, 0.07 the "
@@ -287,7 +295,7 @@ class DinoTrainingArguments:
         ),
     )
     warmup_teacher_temperature: float = field(
-        default=0.04,
+        default=OFFICIAL_TEACHER_TEMPERATURE,
         metadata=_help(
             "Teacher temperature at step 0, raised linearly to --teacher_temperature. Start low "
             "(0.04): a too high value early makes the training collapse."
@@ -564,21 +572,6 @@ class DinoTrainingArguments:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
-
-    def to_json_string(self) -> str:
-        return json.dumps(self.to_dict(), indent=2, sort_keys=False) + "\n"
-
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the resolved arguments as JSON (e.g. output_dir/training_args.json)."""
-        with open(path, "w", encoding="utf-8") as handle:
-            handle.write(self.to_json_string())
-
-    @classmethod
-    def from_json_file(cls, path: str | os.PathLike) -> DinoTrainingArguments:
-        with open(path, encoding="utf-8") as handle:
-            values = json.load(handle)
-        known = {f.name for f in dataclasses.fields(cls)}
-        return cls(**{key: value for key, value in values.items() if key in known})
 
 
 def _check(condition: bool, message: str) -> None:

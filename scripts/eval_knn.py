@@ -121,6 +121,7 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
     from accelerate import Accelerator
 
+    from dino_hf.backbones import load_backbone, load_image_processor
     from dino_hf.data import load_image_dataset
     from dino_hf.evaluation import (
         LabelEncoder,
@@ -129,8 +130,6 @@ def main(argv: list[str] | None = None) -> dict:
         knn_accuracy,
         limit_examples,
         linear_probe_accuracy,
-        load_backbone,
-        load_image_processor,
         make_eval_dataloader,
     )
 

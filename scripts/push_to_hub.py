@@ -18,15 +18,9 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dino_hf.hub import (
-    DEFAULT_LICENSE,
-    TRAINING_MODEL_SUBFOLDER,
-    HubPushError,
-    push_training_output,
-    read_training_output,
-    render_model_card,
-    scrub_secrets,
-)
+from dino_hf.hub import HubPushError, push_training_output
+from dino_hf.model_card import DEFAULT_LICENSE, render_model_card
+from dino_hf.run_output import TRAINING_MODEL_SUBFOLDER, read_training_output, scrub_secrets
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -66,13 +66,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from dino_hf.evaluation import (
-        IMAGENET_DEFAULT_MEAN,
-        IMAGENET_DEFAULT_STD,
-        attention_maps,
-        load_backbone,
-        save_attention_maps,
-    )
+    from dino_hf.augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from dino_hf.backbones import load_backbone
+    from dino_hf.visualization import attention_maps, save_attention_maps
 
     images = []
     for path in args.image:

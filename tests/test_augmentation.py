@@ -24,9 +24,8 @@ from dino_hf.augmentation import (
     ViewParameters,
     _adjust_hue,
     _gaussian_blur,
-    collate_multi_crop,
-    to_rgb_uint8,
 )
+from dino_hf.decoding import to_rgb_uint8
 
 SMALL = dict(global_crop_size=32, local_crop_size=16, num_local_crops=3)
 MEAN = torch.tensor(IMAGENET_DEFAULT_MEAN).view(3, 1, 1)
@@ -110,24 +109,12 @@ def test_seed_determinism():
     assert all(torch.equal(a, b) for a, b in zip(fourth, fifth, strict=True))
 
 
-def test_no_local_crops_and_collate():
+def test_no_local_crops():
     augmentation = MultiCropAugmentation(global_crop_size=24, local_crop_size=12, num_local_crops=0)
     views = [augmentation(make_image(i, 30), generator=_generator(i)) for i in range(3)]
     assert all(len(v) == 2 for v in views)
-    batch = collate_multi_crop(views, num_global_crops=2)
-    assert batch["global_crops"].shape == (2, 3, 3, 24, 24) and batch["local_crops"] is None
-
-
-def test_collate_is_crop_major():
-    augmentation = MultiCropAugmentation(**SMALL)
-    views = [augmentation(make_image(i, 40), generator=_generator(i)) for i in range(4)]
-    batch = collate_multi_crop(views)
-    assert batch["global_crops"].shape == (2, 4, 3, 32, 32)
-    assert batch["local_crops"].shape == (3, 4, 3, 16, 16)
-    assert torch.equal(batch["global_crops"][1, 2], views[2][1])
-    assert torch.equal(batch["local_crops"][2, 3], views[3][4])
-    with pytest.raises(ValueError):
-        collate_multi_crop([])
+    global_views, local_views = augmentation.multi_crop(make_image(0, 30), generator=_generator(0))
+    assert global_views.shape == (2, 3, 24, 24) and local_views is None
 
 
 def test_multi_crop_returns_stacked_views():

@@ -21,7 +21,8 @@ from image_datasets import (
 )
 
 from dino_hf.augmentation import MultiCropAugmentation
-from dino_hf.data import BadImageError, create_train_dataloader, decode_image, load_image_dataset
+from dino_hf.data import create_train_dataloader, load_image_dataset
+from dino_hf.decoding import BadImageError, decode_image
 
 
 class IndexViews:

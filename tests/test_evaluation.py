@@ -16,22 +16,17 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import ViTConfig, ViTImageProcessor, ViTModel
 
+from dino_hf.backbones import build_image_processor, load_backbone
 from dino_hf.evaluation import (
-    IMAGENET_DEFAULT_MEAN,
-    IMAGENET_DEFAULT_STD,
     KnnMonitor,
     LabelEncoder,
-    attention_maps,
     extract_features,
     knn_accuracy,
     linear_probe_accuracy,
-    load_backbone,
     make_eval_dataloader,
-    plot_training_curves,
-    save_attention_maps,
-    threshold_attention,
     weighted_knn_predict,
 )
+from dino_hf.visualization import attention_maps, plot_training_curves, save_attention_maps, threshold_attention
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = 0.07
@@ -61,11 +56,7 @@ def tiny_vit(attn_implementation: str | None = None, seed: int = 0) -> ViTModel:
 def save_tiny_backbone(directory: Path) -> Path:
     """The folder format ``DinoForPreTraining.save_backbone`` writes."""
     tiny_vit().save_pretrained(directory)
-    ViTImageProcessor(
-        image_mean=list(IMAGENET_DEFAULT_MEAN),
-        image_std=list(IMAGENET_DEFAULT_STD),
-        size={"height": 32, "width": 32},
-    ).save_pretrained(directory)
+    build_image_processor(32).save_pretrained(directory)
     return directory
 
 
@@ -450,8 +441,10 @@ def test_knn_monitor_caches_and_reports(tiny_backbone, labelled_parquet):
 
 
 def test_knn_monitor_from_training_args(tiny_backbone, labelled_parquet):
-    training_args = pytest.importorskip("dino_hf.training_args")
-    args = training_args.DinoTrainingArguments(
+    from dino_hf.builders import build_knn_monitor
+    from dino_hf.training_args import DinoTrainingArguments
+
+    args = DinoTrainingArguments(
         dataset_name=str(labelled_parquet),
         output_dir=str(labelled_parquet / "unused"),
         eval_dataset_name=str(labelled_parquet),
@@ -459,7 +452,7 @@ def test_knn_monitor_from_training_args(tiny_backbone, labelled_parquet):
         eval_max_samples=6,
         dataloader_num_workers=0,
     )
-    monitor = KnnMonitor.from_training_args(args)
+    monitor = build_knn_monitor(args)
     assert monitor.ks == (20,) and len(monitor.datasets["train"]) == 6  # local: map-style, not streamed
     metrics = monitor.evaluate(ViTModel.from_pretrained(tiny_backbone, add_pooling_layer=False))
     assert set(metrics) == {"knn_top1_k20"} and 0.0 <= metrics["knn_top1_k20"] <= 1.0

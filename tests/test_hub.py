@@ -28,15 +28,13 @@ from transformers import AutoImageProcessor, AutoModel, ViTConfig, ViTImageProce
 
 from dino_hf.hub import (
     LOGIN_HINT,
-    TRAINING_MODEL_SUBFOLDER,
     HubPushError,
     MissingTokenError,
     push_training_output,
-    read_training_output,
-    render_model_card,
-    scrub_secrets,
     try_push_training_output,
 )
+from dino_hf.model_card import render_model_card
+from dino_hf.run_output import TRAINING_MODEL_SUBFOLDER, read_training_output, scrub_secrets
 
 # huggingface_hub's own LFS upload passes a file object as `data=` to httpx2.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")

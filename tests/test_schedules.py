@@ -136,12 +136,6 @@ def test_defaults_are_the_official_recipe():
     assert math.isclose(schedules.at(10).learning_rate, 1e-6)
 
 
-def test_schedules_are_frozen():
-    schedules = DinoSchedules(total_steps=10)
-    with pytest.raises(AttributeError):
-        schedules.total_steps = 20  # type: ignore[misc]
-
-
 @pytest.mark.parametrize(
     ("expected_name", "kwargs"),
     [

@@ -17,18 +17,14 @@ import torch
 from image_datasets import write_parquet_dataset, write_webdataset_dataset
 from tiny_models import tiny_dino_config
 
-from dino_hf import training
+from dino_hf import checkpointing
+from dino_hf.builders import apply_config_overrides, build_optimizer
+from dino_hf.checkpointing import list_checkpoints
+from dino_hf.metrics import CollapseMonitor
 from dino_hf.modeling_dino import DinoForPreTraining
 from dino_hf.schedules import DinoSchedules, ScheduleValues
-from dino_hf.training import (
-    CollapseMonitor,
-    DinoTrainStep,
-    NonFiniteLossError,
-    apply_config_overrides,
-    build_optimizer,
-    list_checkpoints,
-    train,
-)
+from dino_hf.train_step import DinoTrainStep
+from dino_hf.training import NonFiniteLossError, train
 from dino_hf.training_args import DinoTrainingArguments
 
 REPO = Path(__file__).resolve().parents[1]
@@ -127,7 +123,7 @@ def test_a_few_steps_from_local_parquet(dataset, tiny_config_file, tmp_path, mix
 
 def test_on_device_augmentation_trains_with_the_same_recipe(dataset, tiny_config_file, tmp_path):
     """--augmentation_device cpu: the loader only decodes, the batched multi-crop runs in the loop."""
-    from dino_hf.training import build_augmentation, build_device_augmentation
+    from dino_hf.builders import build_augmentation, build_device_augmentation
 
     args = tiny_args(dataset, tmp_path / "run", tiny_config_file, augmentation_device="cpu",
                      color_jitter_strength=0.5, blur_probability_scale=0.0, solarize_probability=0.1)
@@ -295,7 +291,7 @@ def test_consecutive_non_finite_steps_stop_the_run(dataset, tiny_config_file, tm
 
 # ------------------------------------------------------------------------------ checkpoints
 def test_a_crash_during_a_save_leaves_no_complete_looking_folder(dataset, tiny_config_file, tmp_path, monkeypatch):
-    original = training._fsync_folder
+    original = checkpointing._fsync_folder
     calls = {"count": 0}
 
     def crash_on_second_save(folder):
@@ -304,14 +300,14 @@ def test_a_crash_during_a_save_leaves_no_complete_looking_folder(dataset, tiny_c
             raise RuntimeError("simulated crash while saving")
         original(folder)
 
-    monkeypatch.setattr(training, "_fsync_folder", crash_on_second_save)
+    monkeypatch.setattr(checkpointing, "_fsync_folder", crash_on_second_save)
     output_dir = tmp_path / "run"
     with pytest.raises(RuntimeError, match="simulated crash"):
         train(tiny_args(dataset, output_dir, tiny_config_file))
     checkpoints = output_dir / "checkpoints"
     assert sorted(path.name for path in checkpoints.iterdir()) == [".tmp-step_4", "step_2"]
     assert [path.name for path in list_checkpoints(output_dir)] == ["step_2"]
-    monkeypatch.setattr(training, "_fsync_folder", original)
+    monkeypatch.setattr(checkpointing, "_fsync_folder", original)
     result = train(tiny_args(dataset, output_dir, tiny_config_file, resume_from_checkpoint="latest"))
     assert result.step == 4
     assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2", "step_4"]
@@ -403,7 +399,7 @@ def test_bad_inputs_exit_2_with_one_sentence(dataset, tiny_config_file, tmp_path
 def test_model_name_or_path_from_a_dino_folder_or_an_exported_backbone(dataset, tiny_config_file, tmp_path):
     from transformers import ViTModel
 
-    from dino_hf.training import build_model
+    from dino_hf.builders import build_model
 
     source = DinoForPreTraining(tiny_dino_config())
     source.save_pretrained(tmp_path / "dino")
@@ -425,7 +421,7 @@ def test_model_name_or_path_from_a_dino_folder_or_an_exported_backbone(dataset, 
 
 
 def test_model_config_as_a_folder_and_preset_sizes(dataset, tiny_config_file, tmp_path):
-    from dino_hf.training import build_model
+    from dino_hf.builders import build_model
 
     model = build_model(tiny_args(dataset, tmp_path / "a", tiny_config_file.parent,
                                   config_overrides="num_prototypes=32,backbone_config.num_hidden_layers=1"))
@@ -434,10 +430,10 @@ def test_model_config_as_a_folder_and_preset_sizes(dataset, tiny_config_file, tm
 
 
 def test_in_training_evaluation_plot_and_push(dataset, tiny_config_file, tmp_path, monkeypatch):
-    import dino_hf.hub
+    import dino_hf.training
 
     pushes = []
-    monkeypatch.setattr(dino_hf.hub, "try_push_training_output",
+    monkeypatch.setattr(dino_hf.training, "try_push_training_output",
                         lambda model_dir, repo_id, **kwargs: pushes.append((Path(model_dir), repo_id)) or True)
     output_dir = tmp_path / "run"
     train(tiny_args(dataset, output_dir, tiny_config_file, eval_dataset_name=str(dataset), eval_split="train",

@@ -55,12 +55,6 @@ def test_command_line_types_lists_and_booleans():
     assert args.max_steps == 7 and args.learning_rate == 1e-3 and args.clip_mode == "global"
 
 
-def test_arguments_are_frozen():
-    args = make_args()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        args.learning_rate = 1.0  # type: ignore[misc]
-
-
 def test_config_file_values_with_command_line_overrides(tmp_path):
     config = tmp_path / "recipe.yaml"
     # 5e-4 without a dot is a *string* for YAML 1.1; it must still become a float.
@@ -75,11 +69,11 @@ def test_config_file_values_with_command_line_overrides(tmp_path):
     assert args.mixed_precision == "bf16" and args.config == str(config)
 
 
-def test_json_config_and_round_trip(tmp_path):
+def test_a_runs_training_args_json_replays_with_config(tmp_path):
+    """``training_args.json`` (the arguments plus facts of the run) is a valid ``--config``."""
     args = make_args(max_steps=3, global_crop_scale=[0.5, 1.0])
     path = tmp_path / "training_args.json"
-    args.save(path)
-    assert DinoTrainingArguments.from_json_file(path) == args
+    path.write_text(json.dumps({**args.to_dict(), "num_processes": 1, "hardware": "cpu", "train_runtime": 1.5}))
     parsed = parse_training_args(["--config", str(path)])
     assert parsed == dataclasses.replace(args, config=str(path))
 
@@ -188,8 +182,3 @@ def test_parser_lists_every_field():
     parser = build_argument_parser()
     destinations = {action.dest for action in parser._actions}
     assert {field.name for field in dataclasses.fields(DinoTrainingArguments)} <= destinations
-
-
-def test_to_json_string_is_valid_json():
-    values = json.loads(make_args().to_json_string())
-    assert values["clip_mode"] == "per_parameter"

@@ -20,7 +20,7 @@ from image_datasets import write_parquet_dataset
 from safetensors.torch import load_file
 from tiny_models import tiny_dino_config
 
-from dino_hf.training import list_checkpoints
+from dino_hf.checkpointing import list_checkpoints
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"

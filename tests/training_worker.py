@@ -23,6 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from image_datasets import read_image_index  # noqa: E402
 
+import dino_hf.builders as builders  # noqa: E402
 import dino_hf.training as training  # noqa: E402
 from dino_hf.augmentation import MultiCropAugmentation  # noqa: E402
 from dino_hf.training_args import parse_training_args  # noqa: E402
@@ -46,7 +47,7 @@ def main() -> None:
     train_argv = [arg for arg in train_argv if arg != "--"]
 
     if own.record:
-        build = training.build_augmentation
+        build = builders.build_augmentation
 
         def build_recording(args):
             augmentation = build(args)
@@ -54,7 +55,7 @@ def main() -> None:
             recording.__dict__.update(augmentation.__dict__)
             return recording
 
-        training.build_augmentation = build_recording
+        builders.build_augmentation = build_recording
 
     if own.kill_after_checkpoint is not None:
         save = training.save_checkpoint

@@ -1,0 +1,399 @@
+"""Turning `DinoTrainingArguments` into the run's parts: model, augmentation, data, accelerator,
+optimiser, schedules and the evaluation monitor.
+
+Each ``build_*`` function takes the parsed arguments (and what the run already knows, e.g. the
+device) and raises `ValueError` with one sentence naming the flag on bad input, before anything is
+written. `dino_hf.training` calls them in order; tests and scripts can call any one alone.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import warnings
+from typing import Any
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, is_wandb_available
+from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+from transformers import AutoConfig, PreTrainedConfig
+
+from .augmentation import MultiCropAugmentation
+from .batched_augmentation import BatchedMultiCropAugmentation, DeviceMultiCrop
+from .configuration_dino import DinoConfig
+from .data import DinoDataLoader, create_train_dataloader, mix_seeds
+from .evaluation import KnnMonitor
+from .modeling_dino import DinoForPreTraining
+from .schedules import DinoSchedules
+from .training_args import DinoTrainingArguments, StepPlan
+
+__all__ = [
+    "apply_config_overrides",
+    "augmentation_working_size",
+    "build_accelerator",
+    "build_augmentation",
+    "build_dataloader",
+    "build_device_augmentation",
+    "build_knn_monitor",
+    "build_model",
+    "build_model_config",
+    "build_optimizer",
+    "build_schedules",
+    "open_training_data",
+    "prepare_model_and_optimizer",
+]
+
+
+def apply_config_overrides(config: PreTrainedConfig, overrides: str | None, flag: str = "--config_overrides") -> None:
+    """Apply ``"key=value,section.key=value"`` to a (nested) ``PreTrainedConfig`` in place.
+
+    Values are converted to the type of the current value (bool: true/false; int; float; str).
+    Raises:
+        ValueError: one sentence naming ``flag`` for a malformed item, an unknown key or a bad value.
+    """
+    if not overrides:
+        return
+    for item in overrides.split(","):
+        item = item.strip()
+        if not item:
+            continue
+        key, separator, raw_value = item.partition("=")
+        key, raw_value = key.strip(), raw_value.strip()
+        if not separator or not key:
+            raise ValueError(f"{flag} item {item!r} is not of the form key=value.")
+        *sections, leaf = key.split(".")
+        target = config
+        for section in sections:
+            target = getattr(target, section, None)
+            if target is None or not hasattr(target, "to_dict"):
+                raise ValueError(f"{flag} key {key!r} does not name a field of the model config.")
+        if not hasattr(target, leaf) or leaf.startswith("_"):
+            raise ValueError(f"{flag} key {key!r} does not name a field of the model config.")
+        value = _convert_override(raw_value, getattr(target, leaf), key, flag)
+        try:
+            setattr(target, leaf, value)
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"{flag} value {raw_value!r} is not valid for {key!r} ({error}).") from None
+
+
+def _convert_override(raw_value: str, current: Any, key: str, flag: str) -> Any:
+    lowered = raw_value.lower()
+    try:
+        if isinstance(current, bool):
+            if lowered not in ("true", "false", "1", "0"):
+                raise ValueError
+            return lowered in ("true", "1")
+        if isinstance(current, int):
+            try:
+                return int(raw_value)
+            except ValueError:
+                return float(raw_value)
+        if isinstance(current, float):
+            return float(raw_value)
+        if current is None:
+            if lowered in ("none", "null"):
+                return None
+            for convert in (int, float):
+                with contextlib.suppress(ValueError):
+                    return convert(raw_value)
+            return {"true": True, "false": False}.get(lowered, raw_value)
+        if isinstance(current, str):
+            return raw_value
+    except ValueError:
+        raise ValueError(
+            f"{flag} value {raw_value!r} for {key!r} is not a valid {type(current).__name__}."
+        ) from None
+    raise ValueError(f"{flag} cannot set {key!r}: its value is a {type(current).__name__}, not a number or string.")
+
+
+def build_model_config(args: DinoTrainingArguments) -> DinoConfig:
+    """`DinoConfig` from ``--model_config`` (preset name, folder or JSON) plus overrides."""
+    name = args.model_config
+    if name in DinoConfig.preset_names():
+        config = DinoConfig.from_preset(name)
+    elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
+        config = DinoConfig.from_pretrained(name)
+    elif os.path.isfile(name) and name.endswith(".json"):
+        config = DinoConfig.from_json_file(name)
+    else:
+        raise ValueError(
+            f"--model_config {name!r} is neither a preset ({', '.join(DinoConfig.preset_names())}) nor a "
+            "folder or JSON file written by DinoConfig.save_pretrained."
+        )
+    _apply_loss_settings(config, args)
+    return config
+
+
+def _apply_loss_settings(config: DinoConfig, args: DinoTrainingArguments) -> None:
+    """``--config_overrides`` then ``--student_temperature`` / ``--center_momentum`` into ``config``."""
+    apply_config_overrides(config, args.config_overrides)
+    if args.student_temperature is not None:
+        config.student_temperature = args.student_temperature
+    if args.center_momentum is not None:
+        config.center_momentum = args.center_momentum
+
+
+def _checkpoint_model_type(path: str) -> str:
+    """``model_type`` of a local folder or Hub id (``"vit"`` for an exported backbone)."""
+    config_file = os.path.join(path, "config.json")
+    if os.path.isdir(path):
+        if not os.path.isfile(config_file):
+            raise ValueError(f"--model_name_or_path {path} holds no config.json: pass a folder written by save_pretrained.")
+        with open(config_file, encoding="utf-8") as handle:
+            return str(json.load(handle).get("model_type", ""))
+    if os.path.exists(path):
+        raise ValueError(f"--model_name_or_path {path} is a file: pass a folder written by save_pretrained or a Hub id.")
+    try:
+        return str(AutoConfig.from_pretrained(path).model_type)
+    except (OSError, ValueError):
+        raise ValueError(
+            f"--model_name_or_path {path} is neither a local folder nor a reachable Hub model id."
+        ) from None
+
+
+def build_model(args: DinoTrainingArguments) -> DinoForPreTraining:
+    """The `DinoForPreTraining` to train: fresh, from a DINO checkpoint or from a ViT backbone.
+
+    A fresh backbone gets ``image_size = --global_crop_size`` unless the overrides set it; crop
+    sizes must be multiples of the patch size.
+    """
+    try:
+        if args.model_name_or_path is None:
+            config = build_model_config(args)
+            if "backbone_config.image_size" not in (args.config_overrides or ""):
+                config.backbone_config.image_size = args.global_crop_size
+            _check_crop_sizes(args, config.backbone_config.patch_size)
+            model = DinoForPreTraining(config)
+        else:
+            model_type = _checkpoint_model_type(args.model_name_or_path)
+            if model_type == "vit":
+                model = DinoForPreTraining.from_backbone(args.model_name_or_path, config=build_model_config(args))
+            elif model_type == DinoConfig.model_type:
+                config = DinoConfig.from_pretrained(args.model_name_or_path)
+                _apply_loss_settings(config, args)
+                model = DinoForPreTraining.from_pretrained(args.model_name_or_path, config=config)
+            else:
+                raise ValueError(
+                    f"--model_name_or_path {args.model_name_or_path} holds a {model_type!r} model: pass a "
+                    "DinoForPreTraining folder or an exported ViT backbone."
+                )
+            _check_crop_sizes(args, model.config.backbone_config.patch_size)
+    except ValueError as error:
+        message = str(error)
+        if "--" not in message:
+            message = f"--model_config/--config_overrides describe an impossible model: {message}"
+        raise ValueError(message) from None
+    if args.activation_checkpointing:
+        model.student.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if args.mixed_precision == "bf16" and _cpu_only():
+        # Measured with benchmarks/bench_train_step.py (torch 2.14, CPU): the SDPA backward in bf16 is
+        # slow on the CPU, and eager attention makes the whole step ~1.4x faster. Not saved in exports.
+        for network in (model.student, model.teacher):
+            network.backbone.set_attn_implementation("eager")
+    return model
+
+
+def _check_crop_sizes(args: DinoTrainingArguments, patch_size: int | list[int] | tuple[int, int]) -> None:
+    patch = patch_size[0] if isinstance(patch_size, (list, tuple)) else int(patch_size)
+    for name in ("global_crop_size", "local_crop_size"):
+        size = getattr(args, name)
+        if size % patch != 0:
+            raise ValueError(f"--{name} {size} is not a multiple of the backbone's patch size {patch}.")
+
+
+def build_augmentation(args: DinoTrainingArguments) -> MultiCropAugmentation:
+    """`MultiCropAugmentation` for the crop and augmentation flags (the official recipe's strengths scaled)."""
+    return MultiCropAugmentation.with_strengths(
+        args.color_jitter_strength,
+        args.blur_probability_scale,
+        global_crop_size=args.global_crop_size,
+        local_crop_size=args.local_crop_size,
+        num_local_crops=args.num_local_crops,
+        global_crop_scale=tuple(args.global_crop_scale),
+        local_crop_scale=tuple(args.local_crop_scale),
+        color_jitter_probability=args.color_jitter_probability,
+        grayscale_probability=args.grayscale_probability,
+        blur_sigma=tuple(args.blur_sigma),
+        global_solarize_probabilities=(0.0, args.solarize_probability),
+    )
+
+
+def augmentation_working_size(args: DinoTrainingArguments) -> int:
+    """Longer side of the decoded images with on-device augmentation (default twice the global crop).
+
+    Twice, because the longer side is what is fitted: a 4:3 photo then keeps a shorter side of 1.5x
+    the global crop, so even a full-scale global crop is cut at a higher resolution than it is shown.
+    """
+    if args.augmentation_working_size is not None:
+        return args.augmentation_working_size
+    return 2 * args.global_crop_size
+
+
+def build_device_augmentation(
+    args: DinoTrainingArguments, device: torch.device, process_index: int
+) -> DeviceMultiCrop | None:
+    """`DeviceMultiCrop` for ``--augmentation_device cpu|cuda`` (``None`` for ``loader``).
+
+    The batched pipeline copies every recipe field of `build_augmentation`'s per-image one, so both
+    devices train with the same distributions. Its generator is seeded per process.
+    """
+    if args.augmentation_device == "loader":
+        return None
+    if args.augmentation_device == "cuda":
+        if device.type != "cuda":
+            raise ValueError(
+                f"--augmentation_device cuda needs training on a CUDA GPU, but this run trains on {device.type}: "
+                "use --augmentation_device loader or cpu."
+            )
+        target = device
+    else:
+        target = torch.device("cpu")
+    batched = BatchedMultiCropAugmentation.from_augmentation(build_augmentation(args))
+    return DeviceMultiCrop(batched, target, seed=mix_seeds(args.seed, process_index, 0xA06),
+                           working_size=augmentation_working_size(args))
+
+
+def build_dataloader(
+    args: DinoTrainingArguments, augmentation: MultiCropAugmentation, process_index: int, num_processes: int
+) -> DinoDataLoader:
+    """This process's shard of the training data (`DinoDataLoader`, CPU tensors).
+
+    With ``--augmentation_device cpu|cuda`` the loader only decodes (``augmentation`` is not used).
+    """
+    on_loader = args.augmentation_device == "loader"
+    return create_train_dataloader(
+        args.dataset_name,
+        augmentation=augmentation if on_loader else None,
+        working_size=None if on_loader else augmentation_working_size(args),
+        pin_memory=args.augmentation_device == "cuda",
+        batch_size=args.per_device_train_batch_size,
+        dataset_config_name=args.dataset_config_name,
+        split=args.train_split,
+        image_column=args.image_column,
+        streaming=args.streaming,
+        num_workers=args.dataloader_num_workers,
+        shuffle_buffer_size=args.shuffle_buffer_size,
+        seed=args.seed,
+        process_index=process_index,
+        num_processes=num_processes,
+    )
+
+
+def open_training_data(args: DinoTrainingArguments, accelerator: Accelerator) -> DinoDataLoader:
+    """`build_dataloader`, with library errors that name no flag attributed to the data flags."""
+    try:
+        return build_dataloader(args, build_augmentation(args), accelerator.process_index, accelerator.num_processes)
+    except (ValueError, KeyError) as error:
+        message = str(error).strip("'\"")
+        if "--" in message:
+            raise
+        raise ValueError(
+            f"--dataset_name {args.dataset_name} (split --train_split {args.train_split}) could not be opened: {message}"
+        ) from None
+
+
+def _trackers(report_to: str) -> list[str] | None:
+    names = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[report_to]
+    for name, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
+        if name in names and not available():
+            raise ValueError(f"--report_to {report_to} needs the {name} package (pip install {name}), or pass --report_to none.")
+    return names or None
+
+
+def _cpu_only() -> bool:
+    forced = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
+    return forced or not torch.cuda.is_available()
+
+
+def build_accelerator(args: DinoTrainingArguments) -> Accelerator:
+    """`Accelerator` with the requested precision and trackers (fp16 refused without a CUDA GPU)."""
+    if args.mixed_precision == "fp16" and _cpu_only():
+        raise ValueError(
+            "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently do nothing); use --mixed_precision bf16."
+        )
+    # Buffers need no broadcast: the center is all-reduced by DinoLoss.update_center, and the
+    # teacher (inside the wrapped module) is kept identical by identical EMA updates.
+    ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
+    return Accelerator(
+        mixed_precision=args.mixed_precision,
+        log_with=_trackers(args.report_to),
+        project_dir=args.output_dir,
+        step_scheduler_with_optimizer=False,
+        kwargs_handlers=[ddp_kwargs],
+    )
+
+
+def build_optimizer(model: DinoForPreTraining, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW over the student's parameter groups; fused where supported, so that a non-finite step
+    can be skipped on the device (``found_inf``). Learning rate and weight decay are set each step."""
+    groups = model.get_parameter_groups(weight_decay=0.0)
+    groups = [group for group in groups if group["params"]]
+    fused = device.type in _get_fused_kernels_supported_devices()
+    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=fused, foreach=None if fused else True)
+
+
+def build_schedules(args: DinoTrainingArguments, plan: StepPlan) -> DinoSchedules:
+    """`DinoSchedules` from the arguments and the step plan (all step counts resolved)."""
+    return DinoSchedules(
+        total_steps=plan.total_steps,
+        learning_rate=plan.learning_rate,
+        min_learning_rate=args.min_learning_rate,
+        warmup_steps=plan.warmup_steps,
+        weight_decay=args.weight_decay,
+        weight_decay_end=args.weight_decay_end,
+        teacher_momentum=args.teacher_momentum,
+        teacher_temperature=args.teacher_temperature,
+        warmup_teacher_temperature=args.warmup_teacher_temperature,
+        warmup_teacher_temperature_steps=plan.warmup_teacher_temperature_steps,
+        freeze_last_layer_steps=plan.freeze_last_layer_steps,
+    )
+
+
+def build_knn_monitor(args: DinoTrainingArguments) -> KnnMonitor | None:
+    """The periodic k-NN evaluation of ``--eval_dataset_name`` (``None`` without one).
+
+    A Hub dataset is streamed when the training data is (``--streaming``), so that
+    ``--eval_max_samples`` images are read rather than the whole split downloaded; a local one is read
+    map-style (its seeded subset is then an unbiased draw even from class-sorted folders).
+    """
+    if not args.eval_dataset_name:
+        return None
+    is_local = os.path.exists(os.path.expanduser(args.eval_dataset_name))
+    return KnnMonitor(
+        args.eval_dataset_name,
+        train_split=args.eval_train_split,
+        test_split=args.eval_split,
+        image_column=args.image_column,
+        label_column=args.eval_label_column,
+        max_train_samples=args.eval_max_samples,
+        max_test_samples=args.eval_max_samples,
+        num_workers=args.dataloader_num_workers,
+        streaming=args.streaming and not is_local,
+        seed=args.seed,
+    )
+
+
+def _maybe_convert_sync_batch_norm(model: DinoForPreTraining, accelerator: Accelerator) -> DinoForPreTraining:
+    """Batch norm in the head is synchronised across GPUs, as in the official code."""
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and model.config.head_use_batch_norm:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    return model
+
+
+def prepare_model_and_optimizer(
+    args: DinoTrainingArguments, accelerator: Accelerator, model: DinoForPreTraining
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """Sync batch norm, compilation, device placement, AdamW and the (DDP) wrapping."""
+    model = _maybe_convert_sync_batch_norm(model, accelerator)
+    if args.torch_compile:
+        model.student.compile_backbone()
+        model.teacher.compile_backbone()
+    model.to(accelerator.device)
+    optimizer = build_optimizer(model, accelerator.device)
+    with warnings.catch_warnings():  # accelerate 1.x forwards the still-needed broadcast_buffers=False
+        warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
+        model, optimizer = accelerator.prepare(model, optimizer)
+    model.train()
+    return model, optimizer

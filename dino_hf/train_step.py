@@ -1,0 +1,165 @@
+"""One DINO optimiser step: micro-step forward/backward with gradient accumulation, gradient clipping,
+AdamW, the teacher EMA and the center update, all without reading anything back to the host.
+
+Non-finite steps are skipped on the device, without a host sync: the step's gradient norm (taken
+after the gradients were all-reduced, so identical on every process) decides; a non-finite loss is
+made to poison the gradients so that it always shows in that norm. The fused AdamW kernel skips its
+update when told through `found_inf` (the mechanism `GradScaler` uses), the center update is undone
+by the loss (``update_center(..., apply=finite)``), and the teacher EMA momentum becomes 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from accelerate import Accelerator
+from torch import Tensor
+
+from .modeling_dino import DinoForPreTraining
+from .schedules import ScheduleValues
+
+__all__ = ["DinoTrainStep", "StepStatistics"]
+
+
+@dataclass
+class StepStatistics:
+    """Device tensors (0-dim) of one optimiser step; nothing here has been read by the host."""
+
+    loss: Tensor  # mean over micro-steps of this process's loss
+    teacher_entropy: Tensor
+    teacher_mean_entropy: Tensor
+    grad_norm: Tensor  # global L2 norm of the (all-reduced, unscaled) gradients before clipping
+    finite: Tensor  # bool: the step was applied (identical on every process)
+
+
+class DinoTrainStep:
+    """Runs optimiser steps: micro-step forward/backward, clipping, AdamW, EMA and center update.
+
+    Args:
+        accelerator: the run's `Accelerator`.
+        model: the prepared (possibly DDP-wrapped) `DinoForPreTraining`.
+        optimizer: the prepared AdamW (fused where the device supports it).
+        gradient_accumulation_steps: micro-steps per optimiser step.
+        max_grad_norm: clipping threshold (0 disables clipping).
+        clip_mode: ``"per_parameter"`` (official) or ``"global"``.
+    """
+
+    def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                 gradient_accumulation_steps: int = 1, max_grad_norm: float = 3.0,
+                 clip_mode: str = "per_parameter") -> None:
+        self.accelerator = accelerator
+        self.model = model
+        self.optimizer = optimizer
+        self.unwrapped: DinoForPreTraining = accelerator.unwrap_model(model)
+        self.gradient_accumulation_steps = gradient_accumulation_steps
+        self.max_grad_norm = max_grad_norm
+        self.clip_mode = clip_mode
+        self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
+        inner = getattr(optimizer, "optimizer", optimizer)
+        self._inner_optimizer = inner
+        self._skips_on_device = bool(inner.defaults.get("fused"))
+        self._uses_scaler = getattr(accelerator, "scaler", None) is not None
+
+    def __call__(self, next_batch: Callable[[], dict[str, Tensor | None]], values: ScheduleValues) -> StepStatistics:
+        """One optimiser step with the schedule ``values`` (a `ScheduleValues`)."""
+        loss_sum, statistics_sum, center_sum = self._accumulate_gradients(next_batch, values.teacher_temperature)
+        scale = 1.0 / self.gradient_accumulation_steps
+        grad_norm, finite = self._prepare_gradients(values.freeze_last_layer)
+        self._optimizer_step(values, finite)
+        self._update_teacher(values.teacher_momentum, finite)
+        self._update_center(center_sum * scale, finite)
+        return StepStatistics(
+            loss=loss_sum * scale,
+            teacher_entropy=statistics_sum[0] * scale,
+            teacher_mean_entropy=statistics_sum[1] * scale,
+            grad_norm=grad_norm,
+            finite=finite,
+        )
+
+    def _accumulate_gradients(self, next_batch: Callable[[], dict[str, Tensor | None]],
+                              teacher_temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+        """Forward/backward of every micro-step; gradients are all-reduced on the last one only."""
+        device = self.accelerator.device
+        loss_sum = statistics_sum = center_sum = None
+        for index in range(self.gradient_accumulation_steps):
+            batch = next_batch()
+            global_crops = batch["global_crops"].to(device, non_blocking=True)
+            local_crops = batch.get("local_crops")
+            if local_crops is not None:
+                local_crops = local_crops.to(device, non_blocking=True)
+            last = index == self.gradient_accumulation_steps - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
+                output = self.model(global_crops, local_crops, teacher_temperature=teacher_temperature,
+                                    update_center=False)
+                loss = output.loss
+                # A non-finite loss must show in the all-reduced gradient norm on every process, even
+                # when its gradient happens to be finite: scale the backward pass by NaN (else by 1).
+                poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
+                self.accelerator.backward(loss * poison / self.gradient_accumulation_steps)
+            statistics = torch.stack([output.teacher_entropy.float(), output.teacher_mean_entropy.float()])
+            detached = loss.detach().float()
+            loss_sum = detached if loss_sum is None else loss_sum + detached
+            statistics_sum = statistics if statistics_sum is None else statistics_sum + statistics
+            mean = output.teacher_logits_mean.float()
+            center_sum = mean if center_sum is None else center_sum + mean
+        return loss_sum, statistics_sum, center_sum
+
+    def _prepare_gradients(self, freeze_last_layer: bool) -> tuple[Tensor, Tensor]:
+        """Unscale (fp16), drop frozen last-layer gradients, measure and clip; no host sync.
+
+        Returns:
+            (global gradient norm before clipping, bool "all gradients finite").
+        """
+        if self._uses_scaler:
+            self.accelerator.unscale_gradients(self.optimizer)
+        if freeze_last_layer:
+            self.unwrapped.cancel_last_layer_gradients()
+        gradients = [p.grad for p in self.parameters if p.grad is not None]
+        if not gradients:
+            zero = torch.zeros((), device=self.accelerator.device)
+            return zero, torch.ones((), dtype=torch.bool, device=zero.device)
+        norms = torch._foreach_norm(gradients)
+        grad_norm = torch.linalg.vector_norm(torch.stack(norms).float())
+        if self.max_grad_norm > 0:
+            if self.clip_mode == "per_parameter":
+                # Official DINO: each parameter's gradient clipped to max_grad_norm separately.
+                coefficients = torch._foreach_add(norms, 1e-6)
+                torch._foreach_reciprocal_(coefficients)
+                torch._foreach_mul_(coefficients, self.max_grad_norm)
+                torch._foreach_clamp_max_(coefficients, 1.0)
+                torch._foreach_mul_(gradients, coefficients)
+            else:
+                coefficient = torch.clamp(self.max_grad_norm / (grad_norm + 1e-6), max=1.0)
+                torch._foreach_mul_(gradients, coefficient.to(gradients[0].dtype))
+        return grad_norm, torch.isfinite(grad_norm)
+
+    def _optimizer_step(self, values: ScheduleValues, finite: Tensor) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = values.learning_rate
+            group["weight_decay"] = values.weight_decay if group.get("apply_weight_decay", True) else 0.0
+        if self._uses_scaler:
+            # GradScaler hands its own found_inf (from the unscale above) to the fused kernel.
+            self.optimizer.step()
+        elif self._skips_on_device:
+            self._inner_optimizer.found_inf = (~finite).float()
+            self.optimizer.step()
+            del self._inner_optimizer.found_inf
+        elif bool(finite):  # non-fused optimiser (unusual device): one host sync per step
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def _update_teacher(self, momentum: float, finite: Tensor) -> None:
+        """EMA of the student into the teacher; momentum 1 (no change) on a skipped step."""
+        if finite.device.type == "cpu":
+            if bool(finite):  # reading a CPU tensor is not a device synchronisation
+                self.unwrapped.update_teacher(momentum)
+        else:
+            self.unwrapped.update_teacher(torch.where(finite, momentum, 1.0))
+
+    @torch.no_grad()
+    def _update_center(self, teacher_logits_mean: Tensor, finite: Tensor) -> None:
+        """Center EMA from the mean over micro-steps (all-reduced by the loss); kept on a skipped step."""
+        self.unwrapped.loss_fn.update_center(teacher_logits_mean, apply=finite)

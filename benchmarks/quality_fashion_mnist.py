@@ -14,24 +14,23 @@ same run:
 The target (issue 5) is a trained backbone that beats raw pixels on 20-NN within 30 minutes on 2 CPU
 cores.
 
-A fixed wall-clock budget with a step-indexed recipe: ``scripts/train.py`` takes ``--max_steps`` (all
-schedules — cosine learning rate, teacher momentum, weight decay — are laid out over it), so the
-benchmark first runs a short calibration (``--calibration_steps`` steps plus one k-NN evaluation) to
-measure steps per second and evaluation time on this machine, then sets ``--max_steps`` so that the
-run, its in-training evaluations included, fills the budget. On a shared machine the real duration
-differs somewhat; the recorded ``train_minutes`` is what it took.
+A fixed wall-clock budget with a step-indexed recipe: ``scripts/train.py --max_train_minutes`` calibrates
+the step and evaluation time at its start and plans the step count so that the training loop, its
+in-training evaluations included, ends within the budget with every schedule complete. On a shared
+machine the real duration differs somewhat; the recorded ``train_minutes`` is what it took.
 
-Learning curve: the run evaluates the teacher ``--num_evaluations`` times (``--eval_steps``, 20-NN on
-``--eval_max_samples`` training / test images, the in-training ``KnnMonitor``); each evaluation row of
-``metrics.jsonl`` is time-stamped as it appears. The curve goes to ``OUTPUT_DIR/learning_curve.json``
-and into the notes of the ``benchmarks/RESULTS.md`` row.
+Learning curve: the run evaluates the teacher once at the end of its calibration and then every
+``eval_steps`` steps, chosen from a first estimate of the step time so that there are about
+``--num_evaluations`` points (20-NN on ``--eval_max_samples`` training / test images, the in-training
+``KnnMonitor``); each evaluation row of ``metrics.jsonl`` is time-stamped as it appears. The curve goes
+to ``OUTPUT_DIR/learning_curve.json`` and into the notes of the ``benchmarks/RESULTS.md`` row.
 
     .venv/bin/python benchmarks/quality_fashion_mnist.py                       # 30 minutes (make bench-quality)
     .venv/bin/python benchmarks/quality_fashion_mnist.py --budget_minutes 2 --no_record   # smoke run
 
-Threads: ``scripts/train.py`` runs with ``OMP_NUM_THREADS=1`` and one loader worker on a 2-core machine
-(the recipe's advice: two computing OpenMP threads plus an augmenting worker oversubscribe the cores);
-``--train_threads`` changes it.
+Precision, loader workers and compute threads are ``scripts/train.py``'s own choices for this machine
+(``--mixed_precision auto``, ``--dataloader_num_workers auto``, ``--torch_num_threads auto``); pass
+``--train_args`` to force others.
 """
 
 from __future__ import annotations
@@ -87,12 +86,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         default=10_000,
         help="Training and test images of each in-training evaluation (the final scores use all).",
     )
-    parser.add_argument("--calibration_steps", type=int, default=150, help="Steps of the throughput calibration run.")
     parser.add_argument(
-        "--train_threads",
-        type=int,
-        default=1,
-        help="OMP_NUM_THREADS of the training process (1 + one loader worker on 2 cores).",
+        "--expected_steps_per_second",
+        type=float,
+        default=8.0,
+        help="First estimate of the step rate, only used to space the --num_evaluations evaluations.",
     )
     parser.add_argument(
         "--train_args",
@@ -103,15 +101,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random-weight baseline.")
     parser.add_argument("--no_record", action="store_true", help="Print the results without appending to RESULTS.md.")
     args = parser.parse_args(argv)
-    if args.budget_minutes <= 0 or args.num_evaluations < 1 or args.calibration_steps < 6:
-        parser.error("--budget_minutes must be > 0, --num_evaluations >= 1 and --calibration_steps >= 6.")
+    if args.budget_minutes <= 0 or args.num_evaluations < 1 or args.expected_steps_per_second <= 0:
+        parser.error("--budget_minutes and --expected_steps_per_second must be > 0 and --num_evaluations >= 1.")
     return args
 
 
 # --------------------------------------------------------------------------------------------------
 # Training through scripts/train.py
 # --------------------------------------------------------------------------------------------------
-def train_command(args: argparse.Namespace, output_dir: Path, max_steps: int, eval_steps: int) -> list[str]:
+def train_command(args: argparse.Namespace, output_dir: Path, eval_steps: int) -> list[str]:
     command = [
         sys.executable,
         str(REPO_ROOT / "scripts" / "train.py"),
@@ -122,8 +120,8 @@ def train_command(args: argparse.Namespace, output_dir: Path, max_steps: int, ev
         "--output_dir",
         str(output_dir),
         "--overwrite_output_dir",
-        "--max_steps",
-        str(max_steps),
+        "--max_train_minutes",
+        str(args.budget_minutes),
         "--eval_dataset_name",
         args.data_dir,
         "--eval_split",
@@ -135,21 +133,19 @@ def train_command(args: argparse.Namespace, output_dir: Path, max_steps: int, ev
         "--eval_steps",
         str(eval_steps),
         "--checkpointing_steps",
-        str(max_steps),
+        str(10**9),
         "--report_to",
         "none",
     ]
     return command + shlex.split(args.train_args)
 
 
-def run_training(command: list[str], output_dir: Path, threads: int, timeout_s: float) -> tuple[list[dict], float]:
+def run_training(command: list[str], output_dir: Path, timeout_s: float) -> tuple[list[dict], float]:
     """Run scripts/train.py, time-stamping each new ``metrics.jsonl`` row as it appears.
 
     Returns the rows (each with ``seen_seconds``: seconds since the process started) and the wall time.
     """
-    environment = dict(
-        os.environ, OMP_NUM_THREADS=str(threads), OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false"
-    )
+    environment = dict(os.environ, OMP_WAIT_POLICY="PASSIVE", TOKENIZERS_PARALLELISM="false")
     metrics_path = output_dir / "metrics.jsonl"
     log_path = output_dir.parent / f"{output_dir.name}.log"
     output_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -199,39 +195,6 @@ def run_training(command: list[str], output_dir: Path, threads: int, timeout_s: 
         tail = log_path.read_text(encoding="utf-8", errors="replace")[-3000:]
         raise RuntimeError(f"scripts/train.py exited with status {process.returncode}:\n{tail}")
     return rows, wall
-
-
-def calibrate(args: argparse.Namespace, work_dir: Path) -> dict[str, float]:
-    """Seconds per step, seconds per in-training evaluation and the fixed start-up/finish overhead.
-
-    The calibration run evaluates at 1/3 and 2/3 of its steps (and at the end, as every run does). The
-    first evaluation also decodes and caches the evaluation images, so the second one gives the
-    per-evaluation cost; the first one's extra cost counts as overhead, as it will in the real run.
-    """
-    steps = args.calibration_steps
-    command = train_command(args, work_dir / "calibration", steps, eval_steps=max(steps // 3, 1))
-    command += ["--logging_steps", "1"]
-    rows, wall = run_training(command, work_dir / "calibration", args.train_threads, timeout_s=30 * 60)
-    train_rows = {row["step"]: row for row in rows if "loss" in row and "elapsed_seconds" in row}
-    eval_steps = [row["step"] for row in rows if any(key.startswith("knn_top1") for key in row)]
-
-    def step_seconds(step: int) -> float:
-        return train_rows[step + 1]["elapsed_seconds"] - train_rows[step]["elapsed_seconds"]
-
-    # Steady state: skip the first quarter of the steps (start-up, first batches) and evaluation steps.
-    plain = [step for step in train_rows if step > steps // 4 and step + 1 in train_rows and step not in eval_steps]
-    seconds_per_step = sorted(step_seconds(step) for step in plain)[len(plain) // 2]  # median
-    in_loop = [step for step in eval_steps if step + 1 in train_rows]
-    eval_seconds = max(step_seconds(in_loop[-1]) - seconds_per_step, 0.0)
-    overhead = max(wall - steps * seconds_per_step - len(eval_steps) * eval_seconds, 0.0)
-    result = {
-        "seconds_per_step": seconds_per_step,
-        "eval_seconds": eval_seconds,
-        "overhead_seconds": overhead,
-        "calibration_wall_seconds": wall,
-    }
-    print(f"calibration: {json.dumps({k: round(v, 3) for k, v in result.items()})}", flush=True)
-    return result
 
 
 # --------------------------------------------------------------------------------------------------
@@ -302,17 +265,13 @@ def main(argv: list[str] | None = None) -> dict:
             check=True,
         )
 
-    calibration = calibrate(args, work_dir)
     budget = args.budget_minutes * 60
-    training_seconds = budget - calibration["overhead_seconds"] - args.num_evaluations * calibration["eval_seconds"]
-    max_steps = max(int(training_seconds / calibration["seconds_per_step"]), args.num_evaluations)
-    eval_steps = max(max_steps // args.num_evaluations, 1)
+    eval_steps = max(int(budget * args.expected_steps_per_second / args.num_evaluations), 1)
     run_dir = work_dir / "run"
-    rows, wall = run_training(
-        train_command(args, run_dir, max_steps, eval_steps), run_dir, args.train_threads, timeout_s=2 * budget + 15 * 60
-    )
+    rows, wall = run_training(train_command(args, run_dir, eval_steps), run_dir, timeout_s=2 * budget + 15 * 60)
     train_rows = [row for row in rows if "loss" in row]
-    batch_size = json.loads((run_dir / "training_args.json").read_text())["per_device_train_batch_size"]
+    recorded = json.loads((run_dir / "training_args.json").read_text())
+    batch_size, max_steps = recorded["per_device_train_batch_size"], recorded["planned_total_steps"]
 
     print("final scores on the full test set...", flush=True)
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
@@ -352,8 +311,11 @@ def main(argv: list[str] | None = None) -> dict:
     notes = (
         f"ViT {config.num_hidden_layers}x{config.hidden_size}, patch {config.patch_size}, {config.image_size} px; "
         f"recipe {Path(args.config).name}{' + ' + args.train_args if args.train_args else ''}; "
-        f"train.py with OMP_NUM_THREADS={args.train_threads}; max_steps from a {args.calibration_steps}-step "
-        f"calibration ({calibration['seconds_per_step']:.2f} s/step). 20-NN/linear on all 60k train / 10k test; "
+        f"train.py --max_train_minutes {args.budget_minutes:g}: {max_steps} steps planned from its calibration "
+        f"({recorded.get('calibrated_seconds_per_step', float('nan')):.3f} s/step), precision "
+        f"{recorded.get('resolved_mixed_precision')}, {recorded.get('resolved_dataloader_num_workers')} loader "
+        f"worker(s), {recorded.get('resolved_torch_num_threads')} compute thread(s). "
+        f"20-NN/linear on all 60k train / 10k test; "
         f"raw pixels = flattened [0,1] intensities; random weights = same ViT, fresh init. "
         f"Learning curve (teacher {args.k}-NN; * = in-training on {args.eval_max_samples} train/"
         f"{args.eval_max_samples} test images, minutes incl. evaluations): {curve_text}"

@@ -3,40 +3,36 @@
 Every benchmark in this folder measures ours against a reference formulation in the same run and
 calls :func:`record_result` once at the end, so that ``RESULTS.md`` is an append-only log of
 side-by-side ratios with the machine and library versions they were measured on.
+
+Rows are kept apart by machine: each machine (CPU model, usable cores, SIMD level, native bf16 or
+not, GPU) has its own section (``## Machine: ...``) and table, created on its first row, so that a
+figure measured on one CPU is never read as a promise for another.
 """
 
 from __future__ import annotations
 
 import datetime
 import json
-import os
-import platform
 from importlib import metadata
 from pathlib import Path
 
 RESULTS_PATH = Path(__file__).resolve().parent / "RESULTS.md"
+SECTION_PREFIX = "## Machine: "
 _TABLE_HEADER = (
-    "| date (UTC) | benchmark | machine | versions | command | metrics | notes |\n"
-    "| --- | --- | --- | --- | --- | --- | --- |\n"
+    "| date (UTC) | benchmark | versions | command | metrics | notes |\n"
+    "| --- | --- | --- | --- | --- | --- |\n"
 )
 
 
 def describe_machine() -> str:
-    """Short description of the host: CPU model, core count and accelerator if any."""
+    """The host as a section title: CPU model, usable cores, SIMD level, native bf16, and the GPU if any."""
     import torch
 
-    cpu_name = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as cpuinfo:
-            for line in cpuinfo:
-                if line.startswith("model name"):
-                    cpu_name = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    description = f"{cpu_name}, {os.cpu_count()} cores"
+    from dino_hf.hardware import describe_cpu
+
+    description = describe_cpu().describe()
     if torch.cuda.is_available():
-        description += f", {torch.cuda.get_device_name(0)}"
+        description += f"; GPU {torch.cuda.get_device_name(0)}"
     return description
 
 
@@ -57,6 +53,18 @@ def _format_value(value: object) -> str:
     return str(value)
 
 
+def _insert_row(text: str, machine: str, row: str) -> str:
+    """``text`` with ``row`` appended to ``machine``'s table (the section is created when missing)."""
+    heading = f"{SECTION_PREFIX}{machine}\n"
+    start = text.find(heading)
+    if start < 0:
+        return text.rstrip("\n") + f"\n\n{heading}\n" + _TABLE_HEADER + row
+    next_section = text.find("\n## ", start + len(heading))
+    end = len(text) if next_section < 0 else next_section + 1
+    section = text[start:end].rstrip("\n") + "\n" + row
+    return text[:start] + section + ("\n" + text[end:] if next_section >= 0 else "")
+
+
 def record_result(
     benchmark: str,
     command: str,
@@ -64,7 +72,7 @@ def record_result(
     notes: str = "",
     results_path: Path | None = None,
 ) -> None:
-    """Print ``metrics`` as one JSON line and append a dated row to the results table.
+    """Print ``metrics`` as one JSON line and append a dated row to this machine's results table.
 
     Args:
         benchmark: short name, e.g. ``"bench_loss"``.
@@ -76,28 +84,29 @@ def record_result(
     """
     results_path = results_path or RESULTS_PATH
     date = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M")
+    machine = describe_machine()
     record = {
         "benchmark": benchmark,
         "date": date,
-        "machine": describe_machine(),
+        "machine": machine,
         "versions": describe_versions(),
         "command": command,
         **metrics,
     }
     print(json.dumps(record), flush=True)
 
-    if not results_path.exists():
-        results_path.write_text(
-            "# Benchmark results\n\nAppended by the scripts in `benchmarks/` "
-            "(see `make bench`). Each row is one run; ratios compare ours with the reference "
-            "formulation measured in the same run.\n\n" + _TABLE_HEADER,
-            encoding="utf-8",
+    if results_path.exists():
+        text = results_path.read_text(encoding="utf-8")
+    else:
+        text = (
+            "# Benchmark results\n\nAppended by the scripts in `benchmarks/` (see `make bench`). Each row is one "
+            "run; ratios compare ours with the reference formulation measured in the same run. Rows are kept "
+            "apart by machine.\n"
         )
     metric_text = "<br>".join(f"{name}={_format_value(value)}" for name, value in metrics.items())
-    row = [date, benchmark, record["machine"], record["versions"], f"`{command}`", metric_text, notes]
-    cells = [str(cell).replace("|", "\\|").replace("\n", " ") for cell in row]
-    with results_path.open("a", encoding="utf-8") as table:
-        table.write("| " + " | ".join(cells) + " |\n")
+    cells = [date, benchmark, record["versions"], f"`{command}`", metric_text, notes]
+    row = "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |\n"
+    results_path.write_text(_insert_row(text, machine, row), encoding="utf-8")
 
 
 def write_metrics_json(metrics: dict, path: Path | None) -> None:

@@ -163,7 +163,8 @@ def _adjust_hue(images: Tensor, shifts: Tensor) -> Tensor:
 
     Closed form instead of an RGB->HSV->RGB round trip: hue H (in sixths) from the max channel,
     then ``rgb = min + chroma * pure_hue(H + 6 * shift)``. Only elementwise arithmetic on planes
-    (no ``torch.where``/``max(dim)`` with indices, which are slow on CPU): ~6x faster than torchvision.
+    (no ``torch.where``/``max(dim)`` with indices, which are slow on CPU), so it is faster than
+    torchvision's (benchmarks/RESULTS.md, "Figures from code comments").
     """
     red, green, blue = images.unbind(1)
     max_value = images.amax(dim=1)

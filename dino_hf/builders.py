@@ -12,11 +12,18 @@ import contextlib
 import json
 import os
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import torch
-from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, is_tensorboard_available, is_wandb_available
+from accelerate import Accelerator, PartialState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    broadcast_object_list,
+    is_tensorboard_available,
+    is_wandb_available,
+    parse_flag_from_env,
+)
 from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import AutoConfig, PreTrainedConfig
 
@@ -25,9 +32,17 @@ from .batched_augmentation import BatchedMultiCropAugmentation, DeviceMultiCrop
 from .configuration_dino import DinoConfig
 from .data import DinoDataLoader, create_train_dataloader, mix_seeds
 from .evaluation import KnnMonitor
+from .hardware import (
+    PrecisionChoice,
+    choose_mixed_precision,
+    choose_num_threads,
+    choose_num_workers,
+    measure_cpu_bf16_speedup,
+    usable_cores,
+)
 from .modeling_dino import DinoForPreTraining
-from .schedules import DinoSchedules
-from .training_args import DinoTrainingArguments, StepPlan
+from .schedules import DinoSchedules, StepPlan
+from .training_args import DinoTrainingArguments
 
 __all__ = [
     "apply_config_overrides",
@@ -41,8 +56,13 @@ __all__ = [
     "build_model_config",
     "build_optimizer",
     "build_schedules",
+    "choose_precision",
+    "cores_per_process",
     "open_training_data",
     "prepare_model_and_optimizer",
+    "set_compute_threads",
+    "training_device",
+    "worker_policy",
 ]
 
 
@@ -187,11 +207,6 @@ def build_model(args: DinoTrainingArguments) -> DinoForPreTraining:
         raise ValueError(message) from None
     if args.activation_checkpointing:
         model.student.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    if args.mixed_precision == "bf16" and _cpu_only():
-        # Measured with benchmarks/bench_train_step.py (torch 2.14, CPU): the SDPA backward in bf16 is
-        # slow on the CPU, and eager attention makes the whole step ~1.4x faster. Not saved in exports.
-        for network in (model.student, model.teacher):
-            network.backbone.set_attn_implementation("eager")
     return model
 
 
@@ -256,12 +271,20 @@ def build_device_augmentation(
 
 
 def build_dataloader(
-    args: DinoTrainingArguments, augmentation: MultiCropAugmentation, process_index: int, num_processes: int
+    args: DinoTrainingArguments,
+    augmentation: MultiCropAugmentation,
+    process_index: int,
+    num_processes: int,
+    num_workers: int | Callable[[int | None], int] | None = None,
 ) -> DinoDataLoader:
     """This process's shard of the training data (`DinoDataLoader`, CPU tensors).
 
     With ``--augmentation_device cpu|cuda`` the loader only decodes (``augmentation`` is not used).
+    ``num_workers`` defaults to ``--dataloader_num_workers`` (0 for auto: pass the policy of
+    :func:`worker_policy` to resolve auto from the shards).
     """
+    if num_workers is None:
+        num_workers = args.requested_num_workers or 0
     on_loader = args.augmentation_device == "loader"
     return create_train_dataloader(
         args.dataset_name,
@@ -273,7 +296,7 @@ def build_dataloader(
         split=args.train_split,
         image_column=args.image_column,
         streaming=args.streaming,
-        num_workers=args.dataloader_num_workers,
+        num_workers=num_workers,
         shuffle_buffer_size=args.shuffle_buffer_size,
         seed=args.seed,
         process_index=process_index,
@@ -281,10 +304,33 @@ def build_dataloader(
     )
 
 
+def cores_per_process(num_processes: int) -> int:
+    """Usable cores over the training processes on this machine (at least 1)."""
+    local_processes = int(os.environ.get("LOCAL_WORLD_SIZE", num_processes))
+    return max(1, usable_cores() // max(local_processes, 1))
+
+
+def worker_policy(args: DinoTrainingArguments, accelerator: Accelerator) -> Callable[[int | None], int]:
+    """``--dataloader_num_workers`` as a function of the shards this process reads (auto: `choose_num_workers`)."""
+    cores = cores_per_process(accelerator.num_processes)
+
+    def policy(num_shards_per_process: int | None) -> int:
+        return choose_num_workers(args.requested_num_workers, cores, num_shards_per_process, accelerator.device.type)
+
+    return policy
+
+
 def open_training_data(args: DinoTrainingArguments, accelerator: Accelerator) -> DinoDataLoader:
-    """`build_dataloader`, with library errors that name no flag attributed to the data flags."""
+    """`build_dataloader` with the worker count resolved for this machine; library errors that name
+    no flag are attributed to the data flags."""
     try:
-        return build_dataloader(args, build_augmentation(args), accelerator.process_index, accelerator.num_processes)
+        return build_dataloader(
+            args,
+            build_augmentation(args),
+            accelerator.process_index,
+            accelerator.num_processes,
+            num_workers=worker_policy(args, accelerator),
+        )
     except (ValueError, KeyError) as error:
         message = str(error).strip("'\"")
         if "--" in message:
@@ -302,22 +348,56 @@ def _trackers(report_to: str) -> list[str] | None:
     return names or None
 
 
-def _cpu_only() -> bool:
-    forced = os.environ.get("ACCELERATE_USE_CPU", "false").lower() in ("1", "true", "yes")
-    return forced or not torch.cuda.is_available()
+def training_device() -> torch.device:
+    """The device accelerate will train on (its process state is created here, once per process).
+
+    ``ACCELERATE_USE_CPU`` is read as `Accelerator` reads it: the shared state created here is the one
+    the accelerator then uses (created without it, two CPU processes would each train alone).
+    """
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
 
 
-def build_accelerator(args: DinoTrainingArguments) -> Accelerator:
-    """`Accelerator` with the requested precision and trackers (fp16 refused without a CUDA GPU)."""
-    if args.mixed_precision == "fp16" and _cpu_only():
+def choose_precision(args: DinoTrainingArguments, device: torch.device) -> PrecisionChoice:
+    """``--mixed_precision`` resolved for ``device`` (`choose_mixed_precision`); fp16 refused without a GPU.
+
+    Raises:
+        ValueError: fp16 on a device other than a CUDA GPU (on the CPU it would silently do nothing).
+    """
+    if args.mixed_precision == "fp16" and device.type != "cuda":
         raise ValueError(
-            "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently do nothing); use --mixed_precision bf16."
+            "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently do nothing); use --mixed_precision "
+            "auto, which picks fp32 or --mixed_precision bf16, whichever is faster on this CPU."
         )
+    cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
+    return choose_mixed_precision(args.mixed_precision, device.type, cuda_bf16, _bf16_probe_of_the_main_process)
+
+
+def _bf16_probe_of_the_main_process() -> float:
+    """`measure_cpu_bf16_speedup` on the main process, shared with the others: every process must
+    decide the same precision, and two probes on a busy machine can disagree."""
+    state = PartialState()
+    value = [measure_cpu_bf16_speedup() if state.is_main_process else 0.0]
+    if state.num_processes > 1:
+        broadcast_object_list(value, from_process=0)
+    return float(value[0])
+
+
+def set_compute_threads(args: DinoTrainingArguments, accelerator: Accelerator, num_workers: int) -> int:
+    """Set torch's compute threads (``--torch_num_threads``, auto: `choose_num_threads`); returns the count."""
+    threads = args.requested_num_threads
+    if threads is None:
+        threads = choose_num_threads(cores_per_process(accelerator.num_processes), num_workers, accelerator.device.type)
+    torch.set_num_threads(threads)
+    return threads
+
+
+def build_accelerator(args: DinoTrainingArguments, mixed_precision: str) -> Accelerator:
+    """`Accelerator` with the resolved precision (`choose_precision`) and the trackers."""
     # Buffers need no broadcast: the center is all-reduced by DinoLoss.update_center, and the
     # teacher (inside the wrapped module) is kept identical by identical EMA updates.
     ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
     return Accelerator(
-        mixed_precision=args.mixed_precision,
+        mixed_precision=mixed_precision,
         log_with=_trackers(args.report_to),
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
@@ -351,7 +431,7 @@ def build_schedules(args: DinoTrainingArguments, plan: StepPlan) -> DinoSchedule
     )
 
 
-def build_knn_monitor(args: DinoTrainingArguments) -> KnnMonitor | None:
+def build_knn_monitor(args: DinoTrainingArguments, num_workers: int = 0) -> KnnMonitor | None:
     """The periodic k-NN evaluation of ``--eval_dataset_name`` (``None`` without one).
 
     A Hub dataset is streamed when the training data is (``--streaming``), so that
@@ -369,7 +449,7 @@ def build_knn_monitor(args: DinoTrainingArguments) -> KnnMonitor | None:
         label_column=args.eval_label_column,
         max_train_samples=args.eval_max_samples,
         max_test_samples=args.eval_max_samples,
-        num_workers=args.dataloader_num_workers,
+        num_workers=num_workers,
         streaming=args.streaming and not is_local,
         seed=args.seed,
     )
@@ -385,8 +465,13 @@ def _maybe_convert_sync_batch_norm(model: DinoForPreTraining, accelerator: Accel
 def prepare_model_and_optimizer(
     args: DinoTrainingArguments, accelerator: Accelerator, model: DinoForPreTraining
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Sync batch norm, compilation, device placement, AdamW and the (DDP) wrapping."""
+    """Sync batch norm, the attention kernel, compilation, device placement, AdamW and the (DDP) wrapping."""
     model = _maybe_convert_sync_batch_norm(model, accelerator)
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+        # The SDPA backward in bf16 is slow on the CPU and eager attention is faster there (see
+        # benchmarks/RESULTS.md, bench_train_step); the exports keep the configured implementation.
+        for network in (model.student, model.teacher):
+            network.backbone.set_attn_implementation("eager")
     if args.torch_compile:
         model.student.compile_backbone()
         model.teacher.compile_backbone()

@@ -492,7 +492,7 @@ def create_train_dataloader(
     split: str = "train",
     image_column: str = "image",
     streaming: bool = True,
-    num_workers: int = 0,
+    num_workers: int | Callable[[int | None], int] = 0,
     shuffle_buffer_size: int = 10_000,
     seed: int = 0,
     process_index: int = 0,
@@ -513,7 +513,9 @@ def create_train_dataloader(
             makes a decode-only loader.
         batch_size: images per batch for this process.
         streaming: stream the data (default) instead of preparing an Arrow cache first.
-        num_workers: loader worker processes; each reads its own shards (see the shard warning).
+        num_workers: loader worker processes; each reads its own shards (see the shard warning). Or a
+            function of the number of shards this process will read (``None`` when not yet known)
+            that returns the count: how ``--dataloader_num_workers auto`` decides.
         shuffle_buffer_size: examples per shuffle block (1 disables example shuffling; shard order is
             still shuffled per epoch).
         seed: base seed of shuffling and augmentation (mixed with epoch, process and worker).
@@ -547,7 +549,6 @@ def create_train_dataloader(
     if isinstance(dataset.features.get(image_column) if dataset.features else None, ImageFeature):
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # we decode, and catch errors
 
-    readers = num_processes * max(1, num_workers)
     if isinstance(dataset, IterableDataset):
         num_examples = None
         if dataset.info.splits and split in dataset.info.splits and dataset.info.splits[split].num_examples:
@@ -555,12 +556,18 @@ def create_train_dataloader(
         if num_examples is None:
             num_examples = _count_local_examples(dataset_name, dataset_config_name, split)
     else:  # a non-streamed Dataset: make as many shards as needed (a multiple of the readers)
+        num_workers = num_workers(None) if callable(num_workers) else num_workers
+        readers = num_processes * max(1, num_workers)
         num_examples = len(dataset)
         num_shards = max(1, min(num_examples, readers * math.ceil(64 / readers)))
         dataset = dataset.to_iterable_dataset(num_shards=num_shards)
     per_process_examples = None if num_examples is None else num_examples // num_processes
 
     num_shards = dataset.num_shards
+    if callable(num_workers):
+        # a process reads its own shards when they divide evenly, else every shard (keeping 1 in N examples)
+        num_workers = num_workers(num_shards // num_processes if num_shards % num_processes == 0 else num_shards)
+    readers = num_processes * max(1, num_workers)
     if num_shards % num_processes != 0 or num_shards // num_processes < max(1, num_workers):
         consequence = []
         if num_shards % num_processes != 0:

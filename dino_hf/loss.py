@@ -41,7 +41,8 @@ CENTERING_METHODS = ("centering", "sinkhorn_knopp")
 
 # On CPU the student logits are processed in row chunks of about this many bytes, so that the
 # scaled logits, their log-softmax and the gradient of a chunk stay in the L2/L3 cache between
-# the few passes made over them (measured about 1.4x faster than whole-crop passes at K=65536 on 2 cores).
+# the few passes made over them, which is faster than whole-crop passes (benchmarks/RESULTS.md,
+# "Figures from code comments").
 _CPU_CHUNK_BYTES = 2 * 1024 * 1024
 
 

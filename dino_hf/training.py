@@ -17,6 +17,7 @@ import shutil
 import signal
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,8 +35,12 @@ from .builders import (
     build_knn_monitor,
     build_model,
     build_schedules,
+    choose_precision,
+    cores_per_process,
     open_training_data,
     prepare_model_and_optimizer,
+    set_compute_threads,
+    training_device,
 )
 from .checkpointing import (
     StopSignals,
@@ -51,13 +56,14 @@ from .checkpointing import (
 )
 from .data import BatchStream
 from .evaluation import KnnMonitor
+from .hardware import MachineSettings, describe_cpu
 from .hub import try_push_training_output
 from .metrics import CollapseMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
 from .modeling_dino import DinoForPreTraining
 from .run_output import RunFolder
-from .schedules import DinoSchedules, ScheduleValues
+from .schedules import BudgetCalibration, DinoSchedules, ScheduleValues, StepPlan, plan_for_time_budget, plan_steps
 from .train_step import DinoTrainStep
-from .training_args import DinoTrainingArguments, StepPlan, plan_steps
+from .training_args import DinoTrainingArguments
 from .visualization import plot_training_curves
 
 logger = logging.getLogger(__name__)
@@ -106,20 +112,34 @@ class _Run:
     collapse: CollapseMonitor
     knn_monitor: KnnMonitor | None
     signals: StopSignals
+    machine: MachineSettings
+    clock: Callable[[], float]
+    num_examples_per_process: int | None  # for re-planning after a time budget's calibration
     step: int = 0
     last_row: dict[str, Any] = field(default_factory=dict)
     last_good_checkpoint: Path | None = None
     started: float = field(default_factory=time.perf_counter)
+    budget_used_before: float = 0.0  # seconds of the time budget used before this process (resumed runs)
+    loop_started: float | None = None  # clock() when this process's training loop began
+
+    def budget_used(self) -> float:
+        """Seconds of ``--max_train_minutes`` used so far, by this process and those before it."""
+        now = self.clock()
+        return self.budget_used_before + (now - self.loop_started if self.loop_started is not None else 0.0)
 
 
-def train(args: DinoTrainingArguments) -> TrainingResult:
+def train(args: DinoTrainingArguments, clock: Callable[[], float] = time.perf_counter) -> TrainingResult:
     """Train DINO as the arguments say; returns when done or after a signal-triggered checkpoint.
+
+    Args:
+        args: the parsed arguments.
+        clock: the time source of ``--max_train_minutes`` (seconds, monotonic; tests pass a fake one).
 
     Raises:
         ValueError: bad input (one sentence naming the flag), before any training step.
         NonFiniteLossError: ``--max_consecutive_nonfinite_steps`` skipped steps in a row.
     """
-    run = _set_up(args)
+    run = _set_up(args, clock)
     with run.signals:
         interrupted = _training_loop(run)
     if interrupted is not None:
@@ -128,20 +148,31 @@ def train(args: DinoTrainingArguments) -> TrainingResult:
     return TrainingResult(model=run.unwrapped, step=run.step, output_dir=run.folder.root, last_metrics=run.last_row)
 
 
-def _set_up(args: DinoTrainingArguments) -> _Run:
+def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
     """Build every component (bad input fails here, before the output folder is touched), then
     restore the checkpoint to resume from, if any."""
-    accelerator = build_accelerator(args)
+    precision = choose_precision(args, training_device())
+    accelerator = build_accelerator(args, precision.mixed_precision)
     _configure_logging(accelerator)
+    if precision.warning and accelerator.is_main_process:
+        logger.warning(precision.warning)
     folder = RunFolder(args.output_dir)
     resume_path = resolve_resume_checkpoint(args)
     set_seed(args.seed)
     model = build_model(args)
     loader = open_training_data(args, accelerator)
+    machine = MachineSettings(
+        device=str(accelerator.device),
+        cpu=describe_cpu().describe(),
+        cores_per_process=cores_per_process(accelerator.num_processes),
+        precision=precision,
+        num_workers=loader.num_workers,
+        num_threads=set_compute_threads(args, accelerator, loader.num_workers),
+    )
     augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
     plan = plan_steps(args, loader.num_examples, accelerator.num_processes)
     schedules = build_schedules(args, plan)
-    knn_monitor = build_knn_monitor(args)
+    knn_monitor = build_knn_monitor(args, num_workers=loader.num_workers)
     _prepare_output_dir(args, accelerator, folder, resuming=resume_path is not None)
 
     model, optimizer = prepare_model_and_optimizer(args, accelerator, model)
@@ -154,7 +185,8 @@ def _set_up(args: DinoTrainingArguments) -> _Run:
         metrics=MetricsLog(folder.metrics, accelerator, resume_step=checkpoint_step_of(resume_path)),
         accumulator=MetricsAccumulator(accelerator.device),
         collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps),
-        knn_monitor=knn_monitor, signals=StopSignals(),
+        knn_monitor=knn_monitor, signals=StopSignals(), machine=machine, clock=clock,
+        num_examples_per_process=loader.num_examples,
     )
     rng_state = _restore(run, resume_path) if resume_path is not None else None
     if resume_path is None:
@@ -175,6 +207,14 @@ def _restore(run: _Run, path: Path) -> dict[str, Any]:
         run.accumulator.load_state_dict(process_state["metrics"])
     run.step = int(state["step"])
     run.last_good_checkpoint = path
+    if run.args.max_train_minutes is not None and "plan" in state:
+        # A time-budgeted run keeps the plan it calibrated (or calibrates again, with what is left of
+        # its budget, when it was stopped during the calibration).
+        saved = StepPlan.from_dict(state["plan"])
+        run.budget_used_before = float(state.get("training_seconds", 0.0))
+        if saved.calibrated:
+            run.plan = saved
+            run.schedules = build_schedules(run.args, saved)
     logger.info("Resumed from %s at step %d.", path, run.step)
     return process_state["rng"]
 
@@ -185,12 +225,22 @@ def _training_loop(run: _Run) -> TrainingResult | None:
     progress = tqdm(total=run.plan.total_steps, initial=run.step, disable=not accelerator.is_local_main_process,
                     desc="DINO", unit="step", dynamic_ncols=True)
     window = ThroughputWindow(run.stream, args.per_device_train_batch_size * accelerator.num_processes)
+    calibration = _start_calibration(run)
+    first_step = run.step
+    run.loop_started = run.clock()
     try:
         while run.step < run.plan.total_steps:
             values = run.schedules.at(run.step)
             run.accumulator.add(run.step_fn(run.stream, values))
             run.step += 1
             progress.update(1)
+            if calibration is not None:
+                seconds_per_step = calibration.observe(run.step - first_step)
+                if seconds_per_step is not None:
+                    _plan_time_budget(run, seconds_per_step)
+                    calibration = None
+                    progress.total = run.plan.total_steps
+                    progress.refresh()
             # One process stops at once; several agree at the next logging step (their only sync).
             stop_now = run.signals.received is not None and accelerator.num_processes == 1
             if run.step % args.logging_steps == 0 or run.step == run.plan.total_steps:
@@ -204,6 +254,47 @@ def _training_loop(run: _Run) -> TrainingResult | None:
     finally:
         progress.close()
     return None
+
+
+def _start_calibration(run: _Run) -> BudgetCalibration | None:
+    """The calibration of a ``--max_train_minutes`` run whose plan is still provisional, else None."""
+    if run.plan.calibrated:
+        return None
+    synchronize = torch.cuda.synchronize if run.accelerator.device.type == "cuda" else None
+    remaining = run.plan.time_budget_seconds - run.budget_used_before
+    calibration = BudgetCalibration(remaining, clock=run.clock, synchronize=synchronize)
+    if run.accelerator.num_processes > 1:
+        # every process must end its calibration at the same step: a fixed window, no time condition
+        calibration.min_timed_seconds = 0.0
+    logger.info("Time budget %.1f min: calibrating the step time over the first steps.", remaining / 60)
+    return calibration
+
+
+def _plan_time_budget(run: _Run, seconds_per_step: float) -> None:
+    """Replace the provisional plan by the one the measured step (and evaluation) time allows.
+
+    With evaluation on, one evaluation runs now (a point of the learning curve) and is timed. The
+    figures are the slowest process's, so that every process plans the same steps.
+    """
+    evaluation_seconds = 0.0
+    if run.knn_monitor is not None:
+        started = run.clock()
+        _evaluate(run)
+        evaluation_seconds = run.clock() - started
+    measured = torch.tensor([seconds_per_step, evaluation_seconds, run.budget_used()], dtype=torch.float64,
+                            device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        measured = run.accelerator.gather(measured.unsqueeze(0)).amax(dim=0)
+    seconds_per_step, evaluation_seconds, used = measured.tolist()
+    run.plan = plan_for_time_budget(run.args, run.num_examples_per_process, run.accelerator.num_processes,
+                                    elapsed_seconds=used, steps_done=run.step, seconds_per_step=seconds_per_step,
+                                    evaluation_seconds=evaluation_seconds)
+    run.schedules = build_schedules(run.args, run.plan)
+    logger.info("Calibrated: %.3g s per step%s; %.1f of %.1f min used: planning %d steps in all.",
+                seconds_per_step, f", {evaluation_seconds:.1f} s per evaluation" if run.knn_monitor else "",
+                used / 60, run.plan.time_budget_seconds / 60, run.plan.total_steps)
+    _log_plan(run)
+    _write_training_args(run)
 
 
 def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progress: tqdm) -> bool:
@@ -260,8 +351,9 @@ def _checkpoint(run: _Run, forced: bool) -> None:
         logger.warning("Not saving a checkpoint at step %d: the last %d steps were skipped as non-finite.",
                        run.step, current)
         return
+    training_state = {"epoch": run.stream.epoch, "plan": run.plan.to_dict(), "training_seconds": run.budget_used()}
     path = save_checkpoint(run.accelerator, run.folder.root, run.step, run.stream,
-                           {"epoch": run.stream.epoch, "plan": run.plan.to_dict()}, run.args.checkpoints_total_limit,
+                           training_state, run.args.checkpoints_total_limit,
                            process_extras={"metrics": run.accumulator.state_dict()})
     run.last_good_checkpoint = path
     logger.info("Saved checkpoint %s.", path)
@@ -394,15 +486,20 @@ def _device_name(accelerator: Accelerator) -> str:
 
 def _log_plan(run: _Run) -> None:
     plan, args, accelerator = run.plan, run.args, run.accelerator
-    size = "" if plan.dataset_size_known else " (stream of unknown size: --max_steps / --num_train_epochs)"
+    size = "" if plan.dataset_size_known else " (stream of unknown size: total steps / --num_train_epochs)"
+    if not plan.calibrated:
+        length = f"total steps: planned after the calibration, for {plan.time_budget_seconds / 60:g} min"
+    else:
+        budget = f" (time budget {plan.time_budget_seconds / 60:g} min)" if plan.time_budget_seconds else ""
+        length = f"total steps {plan.total_steps}{budget}"
     lines = [
-        (f"processes {accelerator.num_processes} on {_device_name(accelerator)}, "
-        f"mixed precision {args.mixed_precision}"),
+        f"processes {accelerator.num_processes} on {_device_name(accelerator)}",
+        *run.machine.describe(),
         (f"global batch {plan.global_batch_size} ({args.per_device_train_batch_size} per device x "
         f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"),
         f"learning rate {plan.learning_rate:.3g} (= {args.learning_rate:g} x {plan.global_batch_size} / 256)",
         f"steps per epoch {plan.steps_per_epoch:g}{size}",
-        (f"total steps {plan.total_steps}, warm-up {plan.warmup_steps}, teacher temperature warm-up "
+        (f"{length}, warm-up {plan.warmup_steps}, teacher temperature warm-up "
         f"{plan.warmup_teacher_temperature_steps}, last layer frozen for {plan.freeze_last_layer_steps}"),
         f"student parameters {sum(p.numel() for p in run.unwrapped.student.parameters()) / 1e6:.2f} M",
     ]
@@ -411,22 +508,34 @@ def _log_plan(run: _Run) -> None:
 
 
 def _write_training_args(run: _Run, final: bool = False) -> None:
-    """``training_args.json``: the arguments with the step counts resolved, plus run facts."""
+    """``training_args.json``: the arguments with the step counts resolved, plus run facts.
+
+    A time-budgeted run keeps ``max_steps`` unset (replaying the file budgets again) and records its
+    plan as ``planned_total_steps``; the machine's decisions (precision, workers, threads) are recorded
+    next to the arguments that asked for them.
+    """
     if not run.accelerator.is_main_process:
         return
     plan = run.plan
     resolved = {
         **run.args.to_dict(),
-        "max_steps": plan.total_steps,
+        "max_steps": plan.total_steps if plan.time_budget_seconds is None else None,
         "warmup_steps": plan.warmup_steps,
         "warmup_teacher_temperature_steps": plan.warmup_teacher_temperature_steps,
         "freeze_last_layer_steps": plan.freeze_last_layer_steps,
+        "planned_total_steps": plan.total_steps if plan.calibrated else None,
         "num_processes": plan.num_processes,
         "global_batch_size": plan.global_batch_size,
         "scaled_learning_rate": plan.learning_rate,
         "steps_per_epoch": plan.steps_per_epoch,
         "hardware": _device_name(run.accelerator),
+        **run.machine.to_dict(),
     }
+    if plan.seconds_per_step is not None:
+        resolved["calibrated_seconds_per_step"] = round(plan.seconds_per_step, 5)
+        resolved["calibrated_evaluation_seconds"] = round(plan.evaluation_seconds or 0.0, 2)
+        resolved["calibration_steps"] = plan.calibration_steps
+        resolved["calibration_seconds"] = round(plan.calibration_seconds, 2)
     if final:
         resolved["train_runtime"] = round(time.perf_counter() - run.started, 1)
     run.folder.training_args.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")

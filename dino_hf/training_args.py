@@ -4,7 +4,7 @@
 from the command line alone or from one YAML/JSON file (`--config FILE`) whose values the command
 line overrides. It is never mutated after parsing: values that depend on the run (the batch-scaled
 learning rate, the number of optimiser steps, epoch-denominated settings converted to steps) are
-computed by `plan_steps` into a separate `StepPlan` and logged.
+computed by `dino_hf.schedules.plan_steps` into a separate `StepPlan` and logged.
 
 Defaults are those of the official DINO code (`main_dino.py`, ViT-S/16, 100 epochs); each help
 string says why and what range is sane.
@@ -36,11 +36,9 @@ from .schedules import (
 __all__ = [
     "RUN_FACT_KEYS",
     "DinoTrainingArguments",
-    "StepPlan",
     "build_argument_parser",
     "load_config_file",
     "parse_training_args",
-    "plan_steps",
 ]
 
 
@@ -52,8 +50,19 @@ RUN_FACT_KEYS = (
     "global_batch_size",
     "scaled_learning_rate",
     "steps_per_epoch",
+    "planned_total_steps",
+    "calibrated_seconds_per_step",
+    "calibrated_evaluation_seconds",
+    "calibration_steps",
+    "calibration_seconds",
     "hardware",
     "train_runtime",
+    "resolved_mixed_precision",
+    "resolved_dataloader_num_workers",
+    "resolved_torch_num_threads",
+    "machine_device",
+    "machine_cpu",
+    "machine_cpu_bf16_speedup",
 )
 
 
@@ -103,11 +112,23 @@ class DinoTrainingArguments:
             "(about 10k decoded-on-demand records is a good trade-off; 1 disables shuffling)."
         ),
     )
-    dataloader_num_workers: int = field(
-        default=4,
+    dataloader_num_workers: str = field(
+        default="auto",
         metadata=_help(
-            "Data-loading worker processes per training process. Multi-crop augmentation is CPU "
-            "heavy: the official code uses 10 per GPU. Use 0 for bit-exact resume."
+            "Data-loading worker processes per training process, or 'auto': on a GPU every core but "
+            "the training process's own (the official code uses 10 per GPU: multi-crop augmentation "
+            "is CPU heavy), on a CPU a quarter of the cores (the rest compute), never more than the "
+            "shards this process reads nor than its cores. 0 loads in the training process (bit-exact "
+            "resume)."
+        ),
+    )
+    torch_num_threads: str = field(
+        default="auto",
+        metadata=_help(
+            "Compute threads of each training process, or 'auto': its share of the cores minus its "
+            "loader workers, so that compute and loading do not oversubscribe the cores (accelerate "
+            "launch and torchrun set OMP_NUM_THREADS=1 for every process, so that variable alone does "
+            "not decide)."
         ),
     )
 
@@ -239,15 +260,26 @@ class DinoTrainingArguments:
         default=None,
         metadata=_help(
             "Total optimiser steps; overrides --num_train_epochs. Required for a stream of unknown "
-            "length, where epoch-denominated settings then count --max_steps / --num_train_epochs "
-            "steps per epoch."
+            "length (or --max_train_minutes), where epoch-denominated settings then count "
+            "total steps / --num_train_epochs (default 100) steps per epoch."
         ),
     )
-    num_train_epochs: float = field(
-        default=100.0,
+    max_train_minutes: float | None = field(
+        default=None,
         metadata=_help(
-            "Passes over the dataset. 100 is the official short recipe (k-NN 69.3%% for ViT-S/16 on "
-            "ImageNet); 300-800 epochs add a few points."
+            "Train for this many minutes instead of a number of steps or epochs: a short calibration "
+            "at the start (a few warm-up steps, then timed steps and one evaluation when evaluation "
+            "is on) measures this machine, and the step count is planned so that the training loop, "
+            "its evaluations included, ends within the budget with every schedule (cosine learning "
+            "rate, weight decay and momentum, teacher-temperature warm-up, last-layer freeze) "
+            "complete. The plan is logged, saved in training_args.json and kept on resume."
+        ),
+    )
+    num_train_epochs: float | None = field(
+        default=None,
+        metadata=_help(
+            "Passes over the dataset; unset means 100, the official short recipe (k-NN 69.3%% for "
+            "ViT-S/16 on ImageNet); 300-800 epochs add a few points."
         ),
     )
     learning_rate: float = field(
@@ -342,11 +374,14 @@ class DinoTrainingArguments:
             "global clips the norm of all gradients together (torch.nn.utils.clip_grad_norm_)."
         ),
     )
-    mixed_precision: Literal["no", "bf16", "fp16"] = field(
-        default="no",
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = field(
+        default="auto",
         metadata=_help(
-            "Autocast precision. bf16 works on CPUs and recent GPUs and needs no loss scaling; fp16 "
-            "(what the official code uses) needs a CUDA GPU and uses a loss scaler."
+            "Autocast precision, or 'auto' (chosen once at the start, logged and recorded): bf16 on a "
+            "GPU that supports it, else fp16 with loss scaling; on a CPU bf16 only where a sub-second "
+            "probe finds it faster than fp32 (CPUs with native bf16 instructions), else fp32 (no), "
+            "since bf16 on a CPU without them is several times slower. An explicit no, bf16 or fp16 is "
+            "obeyed; fp16 needs a CUDA GPU."
         ),
     )
     seed: int = field(
@@ -476,7 +511,7 @@ class DinoTrainingArguments:
     def __post_init__(self) -> None:
         for name, allowed in (
             ("clip_mode", ("per_parameter", "global")),
-            ("mixed_precision", ("no", "bf16", "fp16")),
+            ("mixed_precision", ("auto", "no", "bf16", "fp16")),
             ("report_to", ("none", "tensorboard", "wandb", "all")),
             ("hub_strategy", ("end", "checkpoint")),
             ("augmentation_device", ("loader", "cpu", "cuda")),
@@ -492,9 +527,10 @@ class DinoTrainingArguments:
                      "max_consecutive_nonfinite_steps", "collapse_warning_steps"):
             value = getattr(self, name)
             _check(value >= 1, f"--{name} must be a positive integer, not {value}.")
-        for name in ("dataloader_num_workers", "num_local_crops"):
-            value = getattr(self, name)
-            _check(value >= 0, f"--{name} must be 0 or more, not {value}.")
+        _check(self.num_local_crops >= 0, f"--num_local_crops must be 0 or more, not {self.num_local_crops}.")
+        # "auto" or a count; stored as written ("auto" / "3"), read through requested_num_workers.
+        object.__setattr__(self, "dataloader_num_workers", _auto_or_count("dataloader_num_workers", self.dataloader_num_workers, 0))
+        object.__setattr__(self, "torch_num_threads", _auto_or_count("torch_num_threads", self.torch_num_threads, 1))
         for name in ("max_steps", "checkpoints_total_limit", "eval_steps", "eval_max_samples"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name} must be a positive integer (or unset), not {value}.")
@@ -505,9 +541,18 @@ class DinoTrainingArguments:
                      "min_learning_rate", "weight_decay", "weight_decay_end", "max_grad_norm"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value >= 0, f"--{name} must be 0 or more, not {value}.")
-        for name in ("learning_rate", "num_train_epochs", "teacher_temperature", "warmup_teacher_temperature"):
+        for name in ("learning_rate", "teacher_temperature", "warmup_teacher_temperature"):
             value = getattr(self, name)
             _check(math.isfinite(value) and value > 0, f"--{name} must be greater than 0, not {value}.")
+        for name in ("num_train_epochs", "max_train_minutes"):
+            value = getattr(self, name)
+            _check(value is None or (math.isfinite(value) and value > 0), f"--{name} must be greater than 0, not {value}.")
+        if self.max_train_minutes is not None:
+            for name in ("max_steps", "num_train_epochs"):
+                _check(
+                    getattr(self, name) is None,
+                    f"--max_train_minutes and --{name} both set the length of the run: pass only one of them.",
+                )
         _check(
             self.student_temperature is None or self.student_temperature > 0,
             f"--student_temperature must be greater than 0, not {self.student_temperature}.",
@@ -562,6 +607,16 @@ class DinoTrainingArguments:
         )
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def requested_num_workers(self) -> int | None:
+        """``--dataloader_num_workers`` as a count, ``None`` for auto."""
+        return None if self.dataloader_num_workers == "auto" else int(self.dataloader_num_workers)
+
+    @property
+    def requested_num_threads(self) -> int | None:
+        """``--torch_num_threads`` as a count, ``None`` for auto."""
+        return None if self.torch_num_threads == "auto" else int(self.torch_num_threads)
+
     def global_batch_size(self, num_processes: int) -> int:
         """Source images per optimiser step over all processes and accumulation micro-steps."""
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
@@ -579,86 +634,14 @@ def _check(condition: bool, message: str) -> None:
         raise ValueError(message)
 
 
-# ---------------------------------------------------------------------------------- step plan
-@dataclass(frozen=True)
-class StepPlan:
-    """Run-dependent values derived once from the arguments, the data size and the process count.
-
-    Epoch-denominated settings are converted with `steps_per_epoch`: the optimiser steps in one
-    pass over the data when its size is known, else `max_steps / num_train_epochs`.
-    """
-
-    num_processes: int
-    global_batch_size: int
-    learning_rate: float  # batch-scaled peak learning rate
-    steps_per_epoch: float
-    total_steps: int
-    warmup_steps: int
-    warmup_teacher_temperature_steps: int
-    freeze_last_layer_steps: int
-    dataset_size_known: bool
-
-    def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def plan_steps(args: DinoTrainingArguments, num_examples_per_process: int | None, num_processes: int) -> StepPlan:
-    """Compute the batch-scaled learning rate and every step count of the run.
-
-    Args:
-        args: parsed arguments.
-        num_examples_per_process: images one process sees per epoch (`DinoDataLoader.num_examples`),
-            or None for a stream of unknown length.
-        num_processes: number of training processes.
-
-    Raises:
-        ValueError: with one sentence naming the flag, when the run length cannot be determined.
-    """
-    micro_batch = args.per_device_train_batch_size
-    if num_examples_per_process is not None:
-        steps_per_epoch = float(num_examples_per_process // (micro_batch * args.gradient_accumulation_steps))
-        _check(
-            steps_per_epoch >= 1,
-            f"The dataset has only {num_examples_per_process} images per process, fewer than one optimiser step "
-            f"needs: lower --per_device_train_batch_size or --gradient_accumulation_steps.",
-        )
-    else:
-        _check(
-            args.max_steps is not None,
-            "The dataset is a stream of unknown length, so --num_train_epochs cannot be converted to "
-            "steps: pass --max_steps.",
-        )
-        steps_per_epoch = args.max_steps / args.num_train_epochs
-
-    total_steps = args.max_steps if args.max_steps is not None else math.ceil(args.num_train_epochs * steps_per_epoch)
-
-    def steps(name: str, explicit: int | None, epochs: float) -> int:
-        """Explicit step counts must fit in the run; epoch-derived ones are capped at its length."""
-        if explicit is not None:
-            _check(
-                explicit <= total_steps,
-                f"--{name} ({explicit}) exceeds the run's {total_steps} optimiser steps.",
-            )
-            return explicit
-        return min(round(epochs * steps_per_epoch), int(total_steps))
-
-    return StepPlan(
-        num_processes=num_processes,
-        global_batch_size=args.global_batch_size(num_processes),
-        learning_rate=args.scaled_learning_rate(num_processes),
-        steps_per_epoch=steps_per_epoch,
-        total_steps=int(total_steps),
-        warmup_steps=steps("warmup_steps", args.warmup_steps, args.warmup_epochs),
-        warmup_teacher_temperature_steps=steps(
-            "warmup_teacher_temperature_steps",
-            args.warmup_teacher_temperature_steps,
-            args.warmup_teacher_temperature_epochs,
-        ),
-        freeze_last_layer_steps=steps(
-            "freeze_last_layer_steps", args.freeze_last_layer_steps, args.freeze_last_layer_epochs
-        ),
-        dataset_size_known=num_examples_per_process is not None,
+def _auto_or_count(name: str, value: object, minimum: int) -> str:
+    """``"auto"`` or a whole number >= ``minimum`` (given as a number or its text), as text."""
+    text = str(value).strip().lower()
+    _check(
+        text == "auto" or (text.isdigit() and int(text) >= minimum),
+        f"--{name} must be auto or a whole number of {minimum} or more, not {value!r}.",
     )
+    return "auto" if text == "auto" else str(int(text))
 
 
 # ---------------------------------------------------------------------------------- parsing
@@ -739,6 +722,14 @@ def _convert_config_value(path: str, key: str, value: Any, action: argparse.Acti
     return result
 
 
+#: The flags that set how long a run is; one given on the command line replaces a config file's others.
+RUN_LENGTH_FLAGS = ("max_steps", "num_train_epochs", "max_train_minutes")
+
+
+def _given(argv: list[str], name: str) -> bool:
+    return any(arg == f"--{name}" or arg.startswith(f"--{name}=") for arg in argv)
+
+
 def parse_training_args(argv: list[str] | None = None, prog: str | None = None) -> DinoTrainingArguments:
     """Parse `argv` (default `sys.argv[1:]`), with `--config FILE` values as overridable defaults.
 
@@ -752,6 +743,12 @@ def parse_training_args(argv: list[str] | None = None, prog: str | None = None) 
     config_parser.add_argument("--config", default=None)
     known, _ = config_parser.parse_known_args(argv)
     if known.config is not None:
-        parser.set_defaults(**load_config_file(known.config, parser))
+        values = load_config_file(known.config, parser)
+        # The run's length is one setting given three ways: a length on the command line replaces the
+        # file's (e.g. --max_steps 200 for a smoke run of a time-budgeted recipe).
+        on_command_line = {name for name in RUN_LENGTH_FLAGS if _given(argv, name)}
+        if on_command_line:
+            values = {key: value for key, value in values.items() if key not in RUN_LENGTH_FLAGS or key in on_command_line}
+        parser.set_defaults(**values)
     namespace = parser.parse_args(argv)  # unknown flags: one-line usage error, exit 2
     return DinoTrainingArguments(**vars(namespace))

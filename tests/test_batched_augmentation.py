@@ -13,6 +13,7 @@ import math
 import pytest
 import torch
 import torchvision.transforms.v2.functional as TF
+from torchvision.transforms.v2 import InterpolationMode
 
 from dino_hf.batched_augmentation import (
     BRIGHTNESS,
@@ -22,6 +23,7 @@ from dino_hf.batched_augmentation import (
     BatchedMultiCropAugmentation,
     BatchedViewParameters,
     _sample_crop_boxes,
+    letterbox,
     resampling_matrices,
 )
 
@@ -533,3 +535,16 @@ def test_device_multi_crop_resumes_its_crops_and_refuses_other_settings():
     assert torch.equal(actual["local_crops"], expected["local_crops"])
     with pytest.raises(ValueError, match="--augmentation_working_size 24"):
         DeviceMultiCrop(augmentation, "cpu", seed=3, working_size=32).load_state_dict(state)
+
+
+# ------------------------------------------------------------------------------------------------
+# Decode-only loading: the letterboxed working images
+# ------------------------------------------------------------------------------------------------
+def test_letterbox_keeps_the_aspect_and_never_enlarges():
+    image = torch.randint(0, 256, (3, 30, 60), dtype=torch.uint8)
+    canvas, size = letterbox(image, 40)
+    assert canvas.shape == (3, 40, 40) and size.tolist() == [20, 40]
+    expected = TF.resize(image, [20, 40], interpolation=InterpolationMode.BICUBIC, antialias=True)
+    assert torch.equal(canvas[:, :20, :40], expected) and canvas[:, 20:].eq(0).all()
+    canvas, size = letterbox(image, 64)  # larger than the image: pasted unchanged
+    assert size.tolist() == [30, 60] and torch.equal(canvas[:, :30, :60], image)

@@ -8,12 +8,8 @@ import logging
 import pytest
 import torch
 from image_datasets import (
-    CORRUPT_KINDS,
     WEBDATASET_IMAGE_COLUMN,
-    corrupt_entry_bytes,
-    encode_png,
     expected_bad_count,
-    make_image,
     read_image_index,
     write_imagefolder_dataset,
     write_parquet_dataset,
@@ -22,7 +18,6 @@ from image_datasets import (
 
 from dino_hf.augmentation import MultiCropAugmentation
 from dino_hf.data import create_train_dataloader, load_image_dataset
-from dino_hf.decoding import BadImageError, decode_image
 
 
 class IndexViews:
@@ -84,15 +79,6 @@ def test_missing_image_column_lists_columns(parquet_dir):
         create_train_dataloader(str(parquet_dir), augmentation=IndexViews(), batch_size=2, image_column="pixels")
 
 
-def test_decode_image_rejects_bad_entries():
-    assert decode_image({"bytes": encode_png(make_image(1, 9)), "path": None}).shape == (3, 9, 9)
-    assert decode_image(encode_png(make_image(1, 9).convert("L"))).shape == (3, 9, 9)
-    for kind in CORRUPT_KINDS:
-        with pytest.raises(BadImageError):
-            data = corrupt_entry_bytes(kind)
-            decode_image(None if data is None else {"bytes": data, "path": None})
-
-
 # ---------------------------------------------------------------------------------------------
 # Streaming
 # ---------------------------------------------------------------------------------------------
@@ -132,21 +118,6 @@ def test_decode_only_batches_for_on_device_augmentation(parquet_dir):
         create_train_dataloader(str(parquet_dir), augmentation=SMALL_AUGMENTATION, working_size=16, batch_size=4)
     with pytest.raises(ValueError, match="either an augmentation or a working_size"):
         create_train_dataloader(str(parquet_dir), augmentation=None, batch_size=4)
-
-
-def test_letterbox_keeps_the_aspect_and_never_enlarges():
-    from torchvision.transforms.v2 import InterpolationMode
-    from torchvision.transforms.v2 import functional as TF
-
-    from dino_hf.batched_augmentation import letterbox
-
-    image = torch.randint(0, 256, (3, 30, 60), dtype=torch.uint8)
-    canvas, size = letterbox(image, 40)
-    assert canvas.shape == (3, 40, 40) and size.tolist() == [20, 40]
-    expected = TF.resize(image, [20, 40], interpolation=InterpolationMode.BICUBIC, antialias=True)
-    assert torch.equal(canvas[:, :20, :40], expected) and canvas[:, 20:].eq(0).all()
-    canvas, size = letterbox(image, 64)  # larger than the image: pasted unchanged
-    assert size.tolist() == [30, 60] and torch.equal(canvas[:, :30, :60], image)
 
 
 def test_multi_crop_batches(parquet_dir):

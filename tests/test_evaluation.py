@@ -1,8 +1,8 @@
-"""Tests of dino_hf.evaluation and the evaluation scripts (CPU, tiny models, a few seconds each)."""
+"""Tests of dino_hf.evaluation and the evaluation scripts (CPU, tiny models, a few seconds each):
+k-NN, linear probe, features, the in-training monitor."""
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 import os
@@ -14,9 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import ViTConfig, ViTImageProcessor, ViTModel
+from transformers import ViTImageProcessor, ViTModel
 
-from dino_hf.backbones import build_image_processor, load_backbone
+from dino_hf.backbones import load_backbone
 from dino_hf.evaluation import (
     KnnMonitor,
     LabelEncoder,
@@ -26,38 +26,10 @@ from dino_hf.evaluation import (
     make_eval_dataloader,
     weighted_knn_predict,
 )
-from dino_hf.visualization import attention_maps, plot_training_curves, save_attention_maps, threshold_attention
+from tests.tiny_models import tiny_vit  # as tests.tiny_models: _distributed_extract runs in a subprocess
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 T = 0.07
-
-
-def tiny_vit_config(**overrides) -> ViTConfig:
-    settings = {
-        "hidden_size": 32,
-        "num_hidden_layers": 2,
-        "num_attention_heads": 2,
-        "intermediate_size": 64,
-        "image_size": 32,
-        "patch_size": 8,
-        "layer_norm_eps": 1e-6,
-    }
-    return ViTConfig(**{**settings, **overrides})
-
-
-def tiny_vit(attn_implementation: str | None = None, seed: int = 0) -> ViTModel:
-    torch.manual_seed(seed)
-    config = tiny_vit_config()
-    if attn_implementation is not None:
-        config._attn_implementation = attn_implementation
-    return ViTModel(config, add_pooling_layer=False).eval()
-
-
-def save_tiny_backbone(directory: Path) -> Path:
-    """The folder format ``DinoForPreTraining.save_backbone`` writes."""
-    tiny_vit().save_pretrained(directory)
-    build_image_processor(32).save_pretrained(directory)
-    return directory
 
 
 def unit(*rows: tuple[float, ...]) -> torch.Tensor:
@@ -249,83 +221,7 @@ def test_extract_features_two_processes_gather_everything_once(tmp_path):
     torch.testing.assert_close(result["features"], expected[result["labels"]], atol=1e-5, rtol=1e-5)
 
 
-# ------------------------------------------------------------------------------------- attention
-
-
-def test_attention_maps_shape_from_eager_model():
-    model = tiny_vit("eager")
-    maps = attention_maps(model, torch.randn(3, 3, 32, 32))
-    assert maps.shape == (3, 2, 4, 4)
-    assert (maps >= 0).all() and (maps.sum(dim=(2, 3)) <= 1 + 1e-5).all()
-    # interpolated position embeddings at a larger, non-square resolution
-    assert attention_maps(model, torch.randn(1, 3, 48, 64)).shape == (1, 2, 6, 8)
-    # the maps are the CLS row of the last layer's attention (patches only)
-    with torch.no_grad():
-        last = model(torch.zeros(1, 3, 32, 32), output_attentions=True).attentions[-1]
-    torch.testing.assert_close(attention_maps(model, torch.zeros(1, 3, 32, 32)), last[:, :, 0, 1:].reshape(1, 2, 4, 4))
-
-
-def test_attention_maps_switch_an_sdpa_model_temporarily():
-    model = tiny_vit("sdpa")
-    assert attention_maps(model, torch.randn(1, 3, 32, 32)).shape == (1, 2, 4, 4)
-    assert model.config._attn_implementation == "sdpa"
-
-
-def test_threshold_attention_keeps_sixty_percent_of_the_mass():
-    maps = torch.tensor([[0.1, 0.5], [0.3, 0.1]])
-    assert threshold_attention(maps, 0.6).tolist() == [[False, True], [True, False]]
-    assert threshold_attention(maps, 0.5).tolist() == [[False, True], [False, False]]
-    assert threshold_attention(maps * 7, 0.6).tolist() == [
-        [False, True],
-        [True, False],
-    ]  # unnormalised
-    batch = torch.rand(2, 3, 4, 5)
-    masks = threshold_attention(batch, 0.6)
-    assert masks.shape == batch.shape and masks.dtype == torch.bool
-    kept = (batch * masks).sum(dim=(-2, -1)) / batch.sum(dim=(-2, -1))
-    assert (kept >= 0.6 - 1e-6).all()
-
-
-def test_save_attention_maps_writes_pngs(tmp_path):
-    image = Image.new("RGB", (32, 32), (120, 40, 200))
-    attentions = attention_maps(tiny_vit("eager"), torch.randn(1, 3, 32, 32))[0]
-    paths = save_attention_maps(image, attentions, tmp_path, prefix="x-")
-    names = sorted(path.name for path in paths)
-    assert names == sorted(
-        [
-            "x-head0.png",
-            "x-head0-mask.png",
-            "x-head1.png",
-            "x-head1-mask.png",
-            "x-mean.png",
-            "x-mean-mask.png",
-            "x-grid.png",
-        ]
-    )
-    # 32 px is enlarged 7x (nearest) for display: shorter side >= 224
-    assert Image.open(tmp_path / "x-head0.png").size == (224, 224)
-    assert Image.open(tmp_path / "x-grid.png").size == (224 * 4, 448)  # image, 2 heads, mean
-    paths = save_attention_maps(image, attentions, tmp_path / "raw", min_display_size=1)
-    assert Image.open(paths[0]).size == (32, 32)
-
-
-# ---------------------------------------------------------------------------------- data + scripts
-
-
-@pytest.fixture(scope="module")
-def labelled_parquet(tmp_path_factory) -> Path:
-    pytest.importorskip("dino_hf.data")
-    from tests.image_datasets import write_parquet_dataset
-
-    directory = tmp_path_factory.mktemp("labelled")
-    write_parquet_dataset(directory, num_images=24, image_size=20, num_shards=1, num_classes=3)
-    write_parquet_dataset(directory, num_images=12, image_size=20, num_shards=1, num_classes=3, seed=1, split="test")
-    return directory
-
-
-@pytest.fixture(scope="module")
-def tiny_backbone(tmp_path_factory) -> Path:
-    return save_tiny_backbone(tmp_path_factory.mktemp("backbone"))
+# ------------------------------------------------------------------------------ scripts + monitor
 
 
 def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
@@ -338,15 +234,6 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
         env={**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"},
         timeout=300,
     )
-
-
-def import_script(name: str):
-    """Import scripts/NAME.py as a module (its main(argv) runs in this process)."""
-    sys.path.insert(0, str(REPO_ROOT / "scripts"))
-    try:
-        return importlib.import_module(name)
-    finally:
-        sys.path.remove(str(REPO_ROOT / "scripts"))
 
 
 def test_eval_knn_script_on_saved_backbone(tmp_path, tiny_backbone, labelled_parquet):
@@ -377,7 +264,7 @@ def test_eval_knn_script_on_saved_backbone(tmp_path, tiny_backbone, labelled_par
         assert summary[key] == pytest.approx(metrics[key], abs=1e-6), key
 
 
-def test_eval_knn_script_input_errors(tmp_path, tiny_backbone, labelled_parquet, capsys):
+def test_eval_knn_script_input_errors(tmp_path, tiny_backbone, labelled_parquet, capsys, import_script):
     eval_knn = import_script("eval_knn")
     cases = [
         (
@@ -438,74 +325,6 @@ def test_knn_monitor_caches_and_reports(tiny_backbone, labelled_parquet):
     assert monitor.evaluate(backbone) == first  # from the cache
     with pytest.raises(ValueError, match="no column"):
         KnnMonitor(str(labelled_parquet), label_column="fine_label")
-
-
-def test_knn_monitor_from_training_args(tiny_backbone, labelled_parquet):
-    from dino_hf.builders import build_knn_monitor
-    from dino_hf.training_args import DinoTrainingArguments
-
-    args = DinoTrainingArguments(
-        dataset_name=str(labelled_parquet),
-        output_dir=str(labelled_parquet / "unused"),
-        eval_dataset_name=str(labelled_parquet),
-        eval_split="train",
-        eval_max_samples=6,
-        dataloader_num_workers=0,
-    )
-    monitor = build_knn_monitor(args)
-    assert monitor.ks == (20,) and len(monitor.datasets["train"]) == 6  # local: map-style, not streamed
-    metrics = monitor.evaluate(ViTModel.from_pretrained(tiny_backbone, add_pooling_layer=False))
-    assert set(metrics) == {"knn_top1_k20"} and 0.0 <= metrics["knn_top1_k20"] <= 1.0
-
-
-def test_visualize_attention_script(tmp_path, tiny_backbone, capsys):
-    visualize_attention = import_script("visualize_attention")
-    image_path = tmp_path / "picture.png"
-    Image.new("RGB", (50, 40), (10, 200, 30)).save(image_path)
-    output_dir = tmp_path / "out"
-    argv = ["--model", str(tiny_backbone), "--image", str(image_path), "--output_dir", str(output_dir)]
-    written = visualize_attention.main([*argv, "--image_size", "40"])
-    assert len(written) == 7
-    # shorter side 40 -> 50x40, cropped to multiples of the patch (8) -> 48x40, enlarged 6x for display
-    assert Image.open(output_dir / "picture" / "head1-mask.png").size == (48 * 6, 40 * 6)
-    assert (output_dir / "picture" / "mean.png").exists()
-    for bad_argv, needle in [
-        (["--model", str(tiny_backbone), "--image", str(tmp_path / "none.png")], "none.png"),
-        (["--model", str(tmp_path / "nowhere"), "--image", str(image_path)], "--model"),
-    ]:
-        with pytest.raises(SystemExit) as exit_info:
-            visualize_attention.main(bad_argv)
-        assert exit_info.value.code == 2
-        error = capsys.readouterr().err.strip().splitlines()[-1]
-        assert error.startswith("visualize_attention.py: error: ") and needle in error, error
-
-
-# ------------------------------------------------------------------------------------------ plots
-
-
-def test_plot_training_curves(tmp_path):
-    pytest.importorskip("matplotlib")
-    metrics = tmp_path / "metrics.jsonl"
-    rows = [
-        {
-            "step": step,
-            "loss": 8.0 - step / 10,
-            "learning_rate": 1e-4 * (step + 1),
-            "teacher_entropy": 4.0,
-            "teacher_mean_entropy": 3.0,
-        }
-        for step in range(20)
-    ]
-    rows += [{"step": 10, "knn_top1_k20": 0.4}, {"step": 19, "knn_top1_k20": 0.55}]
-    metrics.write_text("\n".join(json.dumps(row) for row in rows) + "\n{truncated")
-    output = tmp_path / "curves" / "training_curves.png"
-    plot_training_curves(metrics, output)
-    with Image.open(output) as picture:
-        assert picture.format == "PNG" and picture.size[0] > 500
-    # only a loss column: the other panels say "no data" but the file is written
-    (tmp_path / "loss_only.jsonl").write_text(json.dumps({"step": 0, "loss": 1.0}) + "\n")
-    plot_training_curves(tmp_path / "loss_only.jsonl", tmp_path / "loss_only.png")
-    assert (tmp_path / "loss_only.png").exists()
 
 
 def test_knn_monitor_attention_snapshot(tmp_path):

@@ -1,4 +1,4 @@
-"""Hub sharing, end to end with the real huggingface_hub / transformers clients on a loopback Hub.
+"""Hub sharing (dino_hf.hub), end to end with the real huggingface_hub / transformers clients on a loopback Hub.
 
 The Hub cannot be reached from the test machines, so ``tests/hub_server.py`` serves the part of the
 Hub API the clients use on 127.0.0.1. ``HF_ENDPOINT`` is read by huggingface_hub at import time, so
@@ -8,7 +8,6 @@ client code runs in subprocesses with the environment set; the few in-process te
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import os
@@ -21,10 +20,9 @@ import numpy as np
 import pytest
 import torch
 from hub_server import LoopbackHub
-from huggingface_hub import ModelCard, metadata_load
 from PIL import Image
-from safetensors.torch import save_file
-from transformers import AutoImageProcessor, AutoModel, ViTConfig, ViTImageProcessor, ViTModel
+from tiny_models import KNN_ACCURACY, TOKEN, tiny_dino_config, write_training_output
+from transformers import AutoImageProcessor, AutoModel
 
 from dino_hf.hub import (
     LOGIN_HINT,
@@ -33,107 +31,20 @@ from dino_hf.hub import (
     push_training_output,
     try_push_training_output,
 )
-from dino_hf.model_card import render_model_card
-from dino_hf.run_output import TRAINING_MODEL_SUBFOLDER, read_training_output, scrub_secrets
+from dino_hf.modeling_dino import DinoForPreTraining
+from dino_hf.run_output import TRAINING_MODEL_SUBFOLDER
 
 # huggingface_hub's own LFS upload passes a file object as `data=` to httpx2.
 pytestmark = pytest.mark.filterwarnings("ignore:Use 'content=<...>':DeprecationWarning")
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 PUSH_SCRIPT = REPO_ROOT / "scripts" / "push_to_hub.py"
-TOKEN = "hf_LoopbackSecretToken0123456789abcdef"
-KNN_ACCURACY = 0.8123
-RAW_PIXELS_ACCURACY = 0.841
 
 
 def _test_image() -> Image.Image:
     """A fixed 40x48 RGB image (not the model's 32 px, so the processor's resize is exercised)."""
     rng = np.random.default_rng(0)
     return Image.fromarray(rng.integers(0, 256, (40, 48, 3), dtype=np.uint8))
-
-
-def _write_training_output(output_dir: Path, *, eval_results: bool = True, **arg_overrides) -> Path:
-    """A tiny training output directory with the layout of CONTRACTS.md (random weights)."""
-    torch.manual_seed(0)
-    backbone_dir = output_dir / "backbone"
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        layer_norm_eps=1e-6,
-    )
-    ViTModel(config, add_pooling_layer=False).save_pretrained(backbone_dir)
-    ViTImageProcessor(
-        image_mean=[0.485, 0.456, 0.406],
-        image_std=[0.229, 0.224, 0.225],
-        size={"height": 32, "width": 32},
-        resample=3,
-    ).save_pretrained(backbone_dir)
-    # The full DinoForPreTraining, as far as pushing is concerned: a config and safetensors weights.
-    (output_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "model_type": "dino",
-                "num_prototypes": 128,
-                "head_hidden_size": 48,
-                "head_bottleneck_size": 16,
-                "head_num_layers": 3,
-            }
-        )
-    )
-    save_file({"student.head.last_layer.weight": torch.randn(128, 16)}, output_dir / "model.safetensors")
-    training_args = {
-        "dataset_name": "zalando-datasets/fashion_mnist",
-        "model_config": "vit_tiny_patch16",
-        "model_name_or_path": None,
-        "num_local_crops": 6,
-        "global_crop_size": 32,
-        "local_crop_size": 16,
-        "global_crop_scale": [0.4, 1.0],
-        "local_crop_scale": [0.05, 0.4],
-        "teacher_temperature": 0.07,
-        "warmup_teacher_temperature": 0.04,
-        "warmup_teacher_temperature_steps": 30,
-        "teacher_momentum": 0.996,
-        "per_device_train_batch_size": 64,
-        "gradient_accumulation_steps": 1,
-        "max_steps": 100,
-        "learning_rate": 0.0005,
-        "seed": 0,
-        # run facts that training adds to the resolved arguments
-        "num_processes": 2,
-        "global_batch_size": 128,
-        "scaled_learning_rate": 0.00025,
-        "hardware": "2 x CPU",
-        "train_runtime": 611.4,
-        "output_dir": str(output_dir),
-        # a secret that must never reach the Hub
-        "hub_token": TOKEN,
-        "report_to": f"none {TOKEN}",
-        **arg_overrides,
-    }
-    (output_dir / "training_args.json").write_text(json.dumps(training_args, indent=2))
-    (output_dir / "metrics.jsonl").write_text(
-        "".join(json.dumps({"step": step, "loss": 5.0 - step / 100}) + "\n" for step in (10, 50, 100))
-    )
-    if eval_results:
-        (output_dir / "eval_results.json").write_text(
-            json.dumps(
-                {
-                    "step": 100,
-                    "knn_top1_k20": KNN_ACCURACY,
-                    "raw_pixels_knn_top1_k20": RAW_PIXELS_ACCURACY,
-                    "eval_dataset_name": "zalando-datasets/fashion_mnist",
-                    "eval_split": "test",
-                    "eval_train_split": "train",
-                }
-            )
-        )
-    Image.new("RGB", (8, 8), "white").save(output_dir / "training_curves.png")
-    return output_dir
 
 
 def _cls_features(model_dir: Path | str) -> np.ndarray:
@@ -193,11 +104,6 @@ def _run(args: list[str], env: dict[str, str], timeout: float = 120) -> subproce
 def hub():
     with LoopbackHub(token=TOKEN) as server:
         yield server
-
-
-@pytest.fixture(scope="module")
-def training_output(tmp_path_factory) -> Path:
-    return _write_training_output(tmp_path_factory.mktemp("run"))
 
 
 @pytest.fixture
@@ -356,7 +262,7 @@ def test_push_to_a_branch_with_training_model_and_repush_in_process(in_process_e
     assert again.endswith(url.rsplit("/", 1)[-1])
     assert len(hub.commit_messages(repo_id, revision="dev")) == 2
     # A later run without evaluation results replaces the card and drops the old eval_results.json.
-    later = _write_training_output(tmp_path / "later", eval_results=False)
+    later = write_training_output(tmp_path / "later", eval_results=False)
     push_training_output(later, repo_id, revision="dev", token=TOKEN)
     files = hub.files(repo_id, revision="dev")
     assert "eval_results.json" not in files and "metrics.jsonl" in files
@@ -370,10 +276,6 @@ def test_push_to_a_branch_with_training_model_and_repush_in_process(in_process_e
 
 def test_real_dino_training_output_round_trips(in_process_endpoint, tmp_path):
     """A real DinoForPreTraining export, pushed with include_training_model, loads back."""
-    from tiny_models import tiny_dino_config
-
-    from dino_hf.modeling_dino import DinoForPreTraining
-
     hub = in_process_endpoint
     torch.manual_seed(0)
     model = DinoForPreTraining(tiny_dino_config()).eval()
@@ -428,76 +330,3 @@ def test_push_errors_are_typed_and_scrubbed(in_process_endpoint, training_output
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with pytest.raises(MissingTokenError, match="hf auth login"):
         push_training_output(training_output, f"{hub.user}/anything")
-
-
-def test_card_states_only_recorded_numbers(training_output, tmp_path):
-    card = render_model_card(training_output, "tester/tiny-dino")
-    text = str(card)
-    data = ModelCard(text).data.to_dict()
-    readme = tmp_path / "README.md"
-    readme.write_text(text)
-    assert metadata_load(readme) == data
-    assert f"{KNN_ACCURACY:.4f}" in text and f"{RAW_PIXELS_ACCURACY:.4f}" in text
-    assert "0.04 -> 0.07 (linear over 30 steps)" in text
-    assert "Prototypes (K) | 128" in text
-    assert "128 images per step (64 per device x 2 processes)" in text
-    assert "peak 0.00025 for the global batch" in text
-    assert "| Hardware | 2 x CPU |" in text and "10 min 11 s" in text
-    assert "Optimiser steps | 100 (of 100 planned)" in text
-    assert "add_pooling_layer=False" in text and 'attn_implementation="eager"' in text
-    assert "Caron" in text and "Emerging Properties in Self-Supervised Vision Transformers" in text
-    assert TOKEN not in text
-    assert TRAINING_MODEL_SUBFOLDER not in text  # not pushed unless asked
-    # Only the model's own accuracy goes into model-index; the baseline stays in the body.
-    values = [m["value"] for r in data["model-index"][0]["results"] for m in r["metrics"]]
-    assert values == [KNN_ACCURACY]
-
-
-def test_card_without_evaluation_from_a_hub_checkpoint_and_local_data(tmp_path):
-    run = _write_training_output(
-        tmp_path / "run",
-        eval_results=False,
-        model_name_or_path="facebook/dino-vits16",
-        dataset_name=str(tmp_path / "images"),
-    )
-    card = render_model_card(run, "tester/continued")
-    data = card.data.to_dict()
-    assert data["base_model"] == "facebook/dino-vits16"
-    assert "model-index" not in data and "datasets" not in data  # no results, local data is no Hub id
-    assert "No evaluation results were recorded" in card.text
-    assert "local image set" in card.text
-    # Without eval_results.json, the in-training k-NN rows of metrics.jsonl are used and labelled.
-    with (run / "metrics.jsonl").open("a") as handle:
-        handle.write(json.dumps({"step": 100, "knn_top1_k20": 0.61}) + "\n")
-    card = render_model_card(run, "tester/continued")
-    assert "0.6100" in card.text and "in-training k-NN monitor at step 100" in card.text
-    assert "model-index" not in card.data.to_dict()  # no eval dataset recorded: body only
-
-
-def test_layout_errors_name_the_flag(tmp_path, capsys):
-    spec = importlib.util.spec_from_file_location("push_to_hub_script", PUSH_SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-
-    assert script.main(["--model_dir", str(tmp_path), "--repo_id", "tester/x", "--token", TOKEN]) == 2
-    assert "--model_dir" in capsys.readouterr().err
-
-    run = _write_training_output(tmp_path / "run")
-    (run / "backbone" / "model.safetensors").rename(run / "backbone" / "pytorch_model.bin")
-    with pytest.raises(ValueError, match="safetensors"):
-        read_training_output(run)
-    assert script.main(["--model_dir", str(run), "--repo_id", "tester/x", "--token", TOKEN]) == 2
-    assert "safetensors" in capsys.readouterr().err
-
-    bare = _write_training_output(tmp_path / "bare")
-    with pytest.raises(FileNotFoundError, match="--include_training_model"):
-        read_training_output(bare / "backbone", include_training_model=True)
-    assert script.main(["--model_dir", str(bare), "--repo_id", "tester/x", "--dry_run"]) == 0
-    out = capsys.readouterr().out
-    assert "model.safetensors  <-" in out and "library_name: transformers" in out
-
-
-def test_scrub_secrets():
-    assert scrub_secrets(f"token={TOKEN}!", TOKEN) == "token=***!"
-    assert scrub_secrets("Bearer hf_abcdefghijklmnopqrstuvwxyz") == "Bearer hf_***"
-    assert scrub_secrets("no secret here", None) == "no secret here"

@@ -1,12 +1,9 @@
-import json
-import subprocess
-import sys
-import textwrap
+"""Tests of dino_hf.modeling_dino: student/teacher, head, EMA, parameter groups, save/load (the tiny
+``model`` fixture is in conftest.py; the backbone's embedding and export are in test_backbones.py)."""
 
 import pytest
 import torch
 from tiny_models import tiny_dino_config
-from transformers import ViTModel
 
 from dino_hf import DinoForPreTraining, DinoHead
 from dino_hf.modeling_dino import WeightNormalizedLinear
@@ -19,12 +16,6 @@ def make_crops(batch: int = BATCH, num_local: int = 4, seed: int = 0) -> tuple[t
     global_crops = torch.randn(2, batch, 3, 32, 32, generator=generator)
     local_crops = torch.randn(num_local, batch, 3, 16, 16, generator=generator)
     return global_crops, local_crops
-
-
-@pytest.fixture
-def model() -> DinoForPreTraining:
-    torch.manual_seed(0)
-    return DinoForPreTraining(tiny_dino_config())
 
 
 def test_teacher_starts_as_a_copy_and_gets_no_gradient(model):
@@ -65,29 +56,6 @@ def test_one_backbone_call_per_resolution(model):
     assert sorted(calls) == ["student", "teacher"]
 
 
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("size", [32, 16])  # configured size and interpolated position embeddings
-def test_class_token_only_last_block_matches_the_full_backbone(attention, size):
-    """embed() computes only the CLS row of the last block: same values and gradients as ViTModel."""
-    torch.manual_seed(0)
-    model = DinoForPreTraining(tiny_dino_config(drop_path_rate=0.0)).to(torch.float64)
-    network = model.student
-    network.backbone.set_attn_implementation(attention)
-    images = torch.randn(5, 3, size, size, dtype=torch.float64)
-    ours = network.embed(images)
-    full = network.backbone(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state[:, 0]
-    torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-10)
-    weights = torch.randn_like(ours)
-    parameters = [p for p in network.backbone.parameters() if p.requires_grad]
-    ours_gradients = torch.autograd.grad((ours * weights).sum(), parameters, allow_unused=True)
-    full_gradients = torch.autograd.grad((full * weights).sum(), parameters, allow_unused=True)
-    for ours_gradient, full_gradient in zip(ours_gradients, full_gradients, strict=True):
-        if full_gradient is None:
-            assert ours_gradient is None
-        else:
-            torch.testing.assert_close(ours_gradient, full_gradient, rtol=1e-9, atol=1e-10)
-
-
 def test_student_sees_the_same_views_as_the_teacher_first(model):
     model.update_teacher(0.0)
     model.eval()  # no drop path: student == teacher on the same views
@@ -122,17 +90,6 @@ def test_update_teacher_after_moving_the_model(model):
     for student, teacher in zip(model.student.parameters(), model.teacher.parameters(), strict=True):
         assert teacher.dtype == torch.float64
         assert torch.equal(student, teacher)
-
-
-def test_stochastic_depth_on_the_student_only(model):
-    images = torch.randn(4, 3, 32, 32)
-    model.train()
-    assert not torch.allclose(model.embed(images, "student"), model.embed(images, "student"))
-    assert torch.equal(model.embed(images, "teacher"), model.embed(images, "teacher"))
-    model.eval()
-    assert torch.equal(model.embed(images, "student"), model.embed(images, "student"))
-    # the exported student has the plain ViT weights: stochastic depth lives in hooks, not weights
-    assert set(model.student.backbone.state_dict()) == set(model.teacher.backbone.state_dict())
 
 
 def test_parameter_groups_follow_the_official_rule(model):
@@ -235,56 +192,6 @@ def test_from_backbone_starts_student_and_teacher_from_the_given_weights(tmp_pat
     for network in (model.student, model.teacher):
         for key, value in network.backbone.state_dict().items():
             assert torch.equal(value, expected[key]), key
-
-
-def test_exported_backbone_loads_with_plain_transformers(model, tmp_path):
-    """In a process that never imports dino_hf: AutoModel, AutoImageProcessor and the pipeline."""
-    with torch.no_grad():
-        for parameter in model.teacher.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))  # teacher != student
-    backbone_dir = model.save_backbone(tmp_path / "backbone")
-    processor_config = json.loads((backbone_dir / "preprocessor_config.json").read_text())
-    assert processor_config["image_mean"] == [0.485, 0.456, 0.406]
-    assert processor_config["size"] == {"height": 32, "width": 32}
-
-    pixel_values = torch.randn(2, 3, 32, 32)
-    torch.save(pixel_values, tmp_path / "pixels.pt")
-    model.eval()
-    with torch.no_grad():
-        expected = model.embed(pixel_values, "teacher")
-    script = textwrap.dedent(
-        f"""
-        import sys
-        import numpy as np
-        import torch
-        from PIL import Image
-        from transformers import AutoImageProcessor, AutoModel, pipeline
-        backbone = AutoModel.from_pretrained({str(backbone_dir)!r}, add_pooling_layer=False).eval()
-        assert type(backbone).__name__ == "ViTModel"
-        pixels = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
-        with torch.no_grad():
-            cls = backbone(pixel_values=pixels).last_hidden_state[:, 0]
-        torch.save(cls, {str(tmp_path / "cls.pt")!r})
-        processor = AutoImageProcessor.from_pretrained({str(backbone_dir)!r})
-        picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
-        assert processor(picture, return_tensors="pt")["pixel_values"].shape == (1, 3, 32, 32)
-        extractor = pipeline("image-feature-extraction", model={str(backbone_dir)!r})
-        features = np.asarray(extractor(picture))
-        assert features.shape[-1] == 32, features.shape
-        assert "dino_hf" not in sys.modules
-        print("ok")
-        """
-    )
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert torch.allclose(torch.load(tmp_path / "cls.pt", weights_only=True), expected, atol=1e-5)
-
-
-def test_exported_backbone_has_no_pooler_weights(model, tmp_path):
-    model.save_backbone(tmp_path)
-    loaded = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False)
-    assert loaded.config.layer_norm_eps == 1e-6
-    assert loaded.pooler is None
 
 
 def test_sinkhorn_knopp_centering_option():

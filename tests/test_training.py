@@ -1,84 +1,38 @@
-"""The training loop in one process (CPU, tiny model): end to end, the optimiser step, non-finite
-steps, checkpoints, and the bad-input behaviour of scripts/train.py.
+"""The training loop (dino_hf.training.train) in one process, CPU, tiny model: end to end, non-finite
+steps, the in-training evaluation, what each optimiser step receives from the schedules, and the
+bad-input behaviour of scripts/train.py.
 
-Multi-process, kill-and-resume and signal tests live in tests/test_training_processes.py.
+Multi-process, kill-and-resume and signal tests live in tests/test_training_processes.py; the step
+itself in test_train_step.py, checkpoints in test_checkpointing.py.
 """
 
 from __future__ import annotations
 
-import copy
 import importlib.util
+import inspect
 import json
 import math
 from pathlib import Path
 
 import pytest
 import torch
-from image_datasets import write_parquet_dataset, write_webdataset_dataset
-from tiny_models import tiny_dino_config
+from image_datasets import write_webdataset_dataset
+from tiny_models import read_rows, tiny_args, tiny_dino_config
+from torch.optim.optimizer import register_optimizer_step_post_hook, register_optimizer_step_pre_hook
 
-from dino_hf import checkpointing
-from dino_hf.builders import apply_config_overrides, build_optimizer
 from dino_hf.checkpointing import list_checkpoints
-from dino_hf.metrics import CollapseMonitor
+from dino_hf.loss import DinoLoss
 from dino_hf.modeling_dino import DinoForPreTraining
-from dino_hf.schedules import DinoSchedules, ScheduleValues
+from dino_hf.schedules import DinoSchedules
 from dino_hf.train_step import DinoTrainStep
 from dino_hf.training import NonFiniteLossError, train
 from dino_hf.training_args import DinoTrainingArguments
 
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
 REPO = Path(__file__).resolve().parents[1]
 METRIC_KEYS = {"step", "loss", "learning_rate", "weight_decay", "teacher_momentum", "teacher_temperature",
                "grad_norm", "teacher_entropy", "teacher_mean_entropy", "images_per_second", "data_wait_fraction"}
-
-
-@pytest.fixture(autouse=True)
-def fresh_accelerate_state():
-    """Accelerate keeps process-wide singletons; each in-process run starts from a clean state."""
-    from accelerate.state import AcceleratorState, GradientState
-
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-@pytest.fixture(scope="module")
-def dataset(tmp_path_factory) -> Path:
-    return write_parquet_dataset(tmp_path_factory.mktemp("data"), num_images=48, image_size=40, num_shards=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_config_file(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_config")
-    tiny_dino_config().save_pretrained(folder)
-    return folder / "config.json"
-
-
-def tiny_args(dataset: Path, output_dir: Path, config_file: Path, **overrides) -> DinoTrainingArguments:
-    values = {
-        "dataset_name": str(dataset),
-        "output_dir": str(output_dir),
-        "model_config": str(config_file),
-        "global_crop_size": 32,
-        "local_crop_size": 16,
-        "num_local_crops": 2,
-        "per_device_train_batch_size": 8,
-        "max_steps": 4,
-        "logging_steps": 2,
-        "checkpointing_steps": 2,
-        "dataloader_num_workers": 0,
-        "warmup_steps": 1,
-        "freeze_last_layer_steps": 1,
-        "shuffle_buffer_size": 16,
-    }
-    values.update(overrides)
-    return DinoTrainingArguments(**values)
-
-
-def read_rows(output_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (output_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 # ------------------------------------------------------------------------------ end to end
@@ -145,112 +99,6 @@ def test_on_device_augmentation_trains_with_the_same_recipe(dataset, tiny_config
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["augmentation_device"] == "cpu"
 
 
-def test_existing_checkpoints_need_resume_or_overwrite(dataset, tiny_config_file, tmp_path):
-    output_dir = tmp_path / "run"
-    train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2))
-    with pytest.raises(ValueError, match="--resume_from_checkpoint latest"):
-        train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2))
-    result = train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, overwrite_output_dir=True))
-    assert result.step == 2
-    # resuming a finished run is a no-op that rewrites the outputs
-    result = train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, resume_from_checkpoint="latest"))
-    assert result.step == 2 and [row["step"] for row in read_rows(output_dir)] == [2]
-    # the per-process state is read with weights_only=True: a file that needs unsafe unpickling is refused
-    import numpy as np
-
-    with pytest.raises(ValueError, match="--augmentation_device"):
-        train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, resume_from_checkpoint="latest",
-                        augmentation_device="cpu"))
-    process_state = list_checkpoints(output_dir)[-1] / "process_state_0.pt"
-    torch.save({"rng": {"numpy": np.random.get_state()}}, process_state)
-    with pytest.raises(ValueError, match="unsafe unpickling"):
-        train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, resume_from_checkpoint="latest"))
-
-
-# ------------------------------------------------------------------------------ the step itself
-def _prepared_step(accumulation: int, clip_mode: str = "per_parameter", seed: int = 0):
-    from accelerate import Accelerator
-
-    torch.manual_seed(seed)
-    model = DinoForPreTraining(tiny_dino_config(drop_path_rate=0.0))
-    accelerator = Accelerator(cpu=True)
-    optimizer = build_optimizer(model, accelerator.device)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    return DinoTrainStep(accelerator, model, optimizer, accumulation, 3.0, clip_mode), accelerator.unwrap_model(model)
-
-
-def _values(freeze_last_layer: bool = False) -> ScheduleValues:
-    return ScheduleValues(learning_rate=1e-3, weight_decay=0.04, teacher_momentum=0.9,
-                          teacher_temperature=0.04, freeze_last_layer=freeze_last_layer)
-
-
-def _crops(batch: int, seed: int) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(seed)
-    return {"global_crops": torch.randn(2, batch, 3, 32, 32, generator=generator),
-            "local_crops": torch.randn(2, batch, 3, 16, 16, generator=generator)}
-
-
-def _split(batch: dict[str, torch.Tensor], parts: int) -> list[dict[str, torch.Tensor]]:
-    return [{key: value.chunk(parts, dim=1)[index] for key, value in batch.items()} for index in range(parts)]
-
-
-def test_gradient_accumulation_matches_the_full_batch():
-    full_step, full_model = _prepared_step(accumulation=1)
-    accumulated_step, accumulated_model = _prepared_step(accumulation=2)
-    for step in range(3):
-        batch = _crops(8, seed=step)
-        full_step(iter([batch]).__next__, _values())
-        accumulated_step(iter(_split(batch, 2)).__next__, _values())
-    assert full_model.loss_fn.center.abs().sum() > 0
-    # The attention key bias has a mathematically zero gradient (softmax ignores a shift); Adam turns
-    # its rounding noise into full-size updates, so it is the one tensor that cannot match.
-    def comparable(model):
-        return {name: value for name, value in model.state_dict().items() if not name.endswith("k_proj.bias")}
-
-    torch.testing.assert_close(comparable(accumulated_model), comparable(full_model), rtol=1e-4, atol=1e-5)
-
-
-def test_frozen_last_layer_is_not_updated():
-    step, model = _prepared_step(accumulation=1)
-    last_before = copy.deepcopy(model.student.head.last_layer.state_dict())
-    mlp_before = model.student.head.mlp[0].weight.detach().clone()
-    step(iter([_crops(4, seed=0)]).__next__, _values(freeze_last_layer=True))
-    torch.testing.assert_close(model.student.head.last_layer.state_dict(), last_before, rtol=0, atol=0)
-    assert not torch.equal(model.student.head.mlp[0].weight, mlp_before)
-
-
-@pytest.mark.parametrize("clip_mode", ["per_parameter", "global"])
-def test_clipping(clip_mode):
-    step, model = _prepared_step(accumulation=1, clip_mode=clip_mode)
-    step.max_grad_norm = 0.5
-    for index, parameter in enumerate(step.parameters):
-        parameter.grad = torch.full_like(parameter, float(index + 1))
-    norm_before = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in step.parameters]))
-    grad_norm, finite = step._prepare_gradients(freeze_last_layer=False)
-    assert bool(finite) and grad_norm == pytest.approx(norm_before.item(), rel=1e-5)
-    norms = torch.stack([p.grad.norm() for p in step.parameters])
-    if clip_mode == "per_parameter":
-        assert torch.all(norms <= 0.5 + 1e-5) and torch.all(norms >= 0.5 - 1e-3)
-    else:
-        assert torch.linalg.vector_norm(norms) == pytest.approx(0.5, rel=1e-4)
-
-
-def test_a_non_finite_step_changes_nothing():
-    step, model = _prepared_step(accumulation=1)
-    step(iter([_crops(4, seed=0)]).__next__, _values())  # a good step: optimiser state exists
-    model_before = copy.deepcopy(model.state_dict())
-    optimizer_before = copy.deepcopy(step.optimizer.state_dict())
-    bad = _crops(4, seed=1)
-    bad["global_crops"][0, 0, 0, 0, 0] = float("nan")
-    statistics = step(iter([bad]).__next__, _values())
-    assert not bool(statistics.finite) and not math.isfinite(statistics.grad_norm.item())
-    torch.testing.assert_close(model.state_dict(), model_before, rtol=0, atol=0)  # student, teacher, center
-    torch.testing.assert_close(step.optimizer.state_dict()["state"], optimizer_before["state"], rtol=0, atol=0)
-    assert all(p.grad is None for p in step.parameters)
-    # and training goes on normally afterwards
-    assert bool(step(iter([_crops(4, seed=2)]).__next__, _values()).finite)
-
-
 # ------------------------------------------------------------------------------ non-finite runs
 def _poison_forward(monkeypatch, bad_calls: set[int]) -> None:
     original = DinoForPreTraining.forward
@@ -289,57 +137,195 @@ def test_consecutive_non_finite_steps_stop_the_run(dataset, tiny_config_file, tm
     assert state["step"] == 2
 
 
-# ------------------------------------------------------------------------------ checkpoints
-def test_a_crash_during_a_save_leaves_no_complete_looking_folder(dataset, tiny_config_file, tmp_path, monkeypatch):
-    original = checkpointing._fsync_folder
-    calls = {"count": 0}
+# ------------------------------------------------------------------------------ the schedules reach each step
+# What each optimiser step of the loop hands the model, the teacher and the optimiser, checked on the
+# tensors rather than on the logged values. Every scheduled value differs from step to step: the
+# teacher temperature warms up 0.04 -> 0.07 over the 4 steps, momentum (0.9 -> 1) and weight decay
+# (0.04 -> 0.4) follow their cosines; no learning-rate warm-up, and a learning rate (0.01 after batch
+# scaling) large enough for the student to move well away from the teacher. fp32, for exact checks.
+WIRING_SCHEDULE = {
+    "learning_rate": 0.32, "min_learning_rate": 1e-6, "warmup_steps": 0, "weight_decay": 0.04,
+    "weight_decay_end": 0.4, "teacher_momentum": 0.9, "warmup_teacher_temperature": 0.04,
+    "teacher_temperature": 0.07, "warmup_teacher_temperature_steps": 4,
+}
 
-    def crash_on_second_save(folder):
-        calls["count"] += 1
-        if calls["count"] == 2:
-            raise RuntimeError("simulated crash while saving")
-        original(folder)
 
-    monkeypatch.setattr(checkpointing, "_fsync_folder", crash_on_second_save)
+def _wiring_run(dataset: Path, config_file: Path, output_dir: Path) -> tuple[DinoTrainingArguments, DinoSchedules]:
+    """The arguments of a 4-step run with WIRING_SCHEDULE and the schedules it must follow (built here,
+    not by the library: batch 8 on one process scales the learning rate by 8 / 256)."""
+    args = tiny_args(dataset, output_dir, config_file, logging_steps=1, mixed_precision="no", **WIRING_SCHEDULE)
+    schedules = DinoSchedules(total_steps=4, freeze_last_layer_steps=1,
+                              **{**WIRING_SCHEDULE, "learning_rate": WIRING_SCHEDULE["learning_rate"] * 8 / 256})
+    return args, schedules
+
+
+def _recording(function, calls: list):
+    """``function`` that also appends its bound arguments (defaults applied) to ``calls``."""
+    signature = inspect.signature(function)
+
+    def record(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        calls.append(bound.arguments)
+        return function(*args, **kwargs)
+
+    return record
+
+
+def test_each_step_sharpens_the_teacher_with_the_scheduled_temperature(dataset, tiny_config_file, tmp_path,
+                                                                       monkeypatch):
+    args, schedules = _wiring_run(dataset, tiny_config_file, tmp_path / "run")
+    forward_calls, loss_calls = [], []
+    monkeypatch.setattr(DinoForPreTraining, "forward", _recording(DinoForPreTraining.forward, forward_calls))
+    monkeypatch.setattr(DinoLoss, "teacher_probabilities", _recording(DinoLoss.teacher_probabilities, loss_calls))
+    train(args)
+
+    expected = [schedules.at(step).teacher_temperature for step in range(4)]
+    assert len(set(expected)) == 4  # a warm-up: every step has its own temperature
+    # what the model was given, and what the loss divided the teacher's logits by
+    assert [float(call["teacher_temperature"]) for call in forward_calls] == pytest.approx(expected, rel=1e-6)
+    assert [float(call["teacher_temperature"]) for call in loss_calls] == pytest.approx(expected, rel=1e-6)
+
+
+def _parameters(network: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {name: parameter.detach().clone() for name, parameter in network.named_parameters()}
+
+
+def test_each_step_moves_the_teacher_by_the_scheduled_momentum(dataset, tiny_config_file, tmp_path, monkeypatch):
+    args, schedules = _wiring_run(dataset, tiny_config_file, tmp_path / "run")
+    steps = []  # per optimiser step: (teacher before, student after, teacher after, step applied)
+    call = DinoTrainStep.__call__
+
+    def recording_call(self, *call_args, **call_kwargs):
+        teacher_before = _parameters(self.unwrapped.teacher)
+        statistics = call(self, *call_args, **call_kwargs)
+        steps.append((teacher_before, _parameters(self.unwrapped.student), _parameters(self.unwrapped.teacher),
+                      bool(statistics.finite)))
+        return statistics
+
+    monkeypatch.setattr(DinoTrainStep, "__call__", recording_call)
+    train(args)
+
+    momenta = [schedules.at(step).teacher_momentum for step in range(4)]
+    assert len(steps) == 4 and len(set(momenta)) == 4
+    for step, (before, student, after, applied) in enumerate(steps):
+        momentum = momenta[step]
+        assert applied, step
+        assert before.keys() == student.keys() == after.keys()
+        for name in after:
+            expected = momentum * before[name] + (1 - momentum) * student[name]
+            torch.testing.assert_close(after[name], expected, rtol=0, atol=1e-6, msg=f"step {step}: {name}")
+        # not vacuous: the student is far enough from the teacher for another momentum to show
+        assert max((student[name] - before[name]).abs().max().item() for name in student) > 1e-3, step
+
+
+def test_each_step_decays_weights_by_the_schedule_and_never_biases_or_norms(dataset, tiny_config_file, tmp_path):
+    """The optimiser's parameter groups at each step, and the decay each parameter actually got.
+
+    AdamW (decoupled decay) does ``p <- p - lr * wd * p - adam_update``; ``adam_update`` is rebuilt from
+    the optimiser state after the step, so ``wd`` can be read back from each parameter's change.
+    """
+    args, schedules = _wiring_run(dataset, tiny_config_file, tmp_path / "run")
+    before: dict[int, torch.Tensor] = {}
+    steps = []  # per optimiser step, per group: (lr, weight_decay, parameter ids, {id: weight decay applied})
+
+    def remember(optimizer, *_):
+        before.clear()
+        before.update({id(p): p.detach().double() for group in optimizer.param_groups for p in group["params"]
+                       if p.grad is not None})
+
+    def measure(optimizer, *_):
+        groups = []
+        for group in optimizer.param_groups:
+            lr, (beta1, beta2), eps = group["lr"], group["betas"], group["eps"]
+            applied = {}
+            for p in group["params"]:
+                old = before.get(id(p))
+                if old is None or lr == 0 or not old.abs().sum() > 0:
+                    continue  # no gradient (the frozen last layer), or nothing to decay (a zero bias)
+                state = optimizer.state[p]
+                t = float(state["step"])
+                adam_update = (lr / (1 - beta1**t)) * state["exp_avg"].double() / (
+                    state["exp_avg_sq"].double().sqrt() / math.sqrt(1 - beta2**t) + eps)
+                decay = old - p.detach().double() - adam_update  # lr * wd * old
+                applied[id(p)] = (decay * old).sum().item() / (lr * old.square().sum().item())
+            groups.append((lr, group["weight_decay"], [id(p) for p in group["params"]], applied))
+        steps.append(groups)
+
+    pre_hook = register_optimizer_step_pre_hook(remember)
+    post_hook = register_optimizer_step_post_hook(measure)
+    try:
+        result = train(args)
+    finally:
+        pre_hook.remove()
+        post_hook.remove()
+
+    trainable = {id(p): (name, p) for name, p in result.model.student.named_parameters() if p.requires_grad}
+    decays = [schedules.at(step).weight_decay for step in range(4)]
+    assert len(steps) == 4 and len(set(decays)) == 4
+    checked = {"decayed": set(), "not decayed": set()}
+    for step, groups in enumerate(steps):
+        values = schedules.at(step)
+        # every trainable student parameter exactly once, and nothing else (no teacher parameter)
+        assert sorted(pid for _, _, ids, _ in groups for pid in ids) == sorted(trainable), step
+        for lr, weight_decay, ids, applied in groups:
+            assert lr == pytest.approx(values.learning_rate, rel=1e-9), step
+            for pid in ids:
+                name, parameter = trainable[pid]
+                decayed = not (name.endswith(".bias") or parameter.ndim <= 1)
+                expected = values.weight_decay if decayed else 0.0
+                assert weight_decay == pytest.approx(expected, rel=1e-9), (step, name)
+                if pid in applied:
+                    assert applied[pid] == pytest.approx(expected, rel=1e-3, abs=1e-4), (step, name)
+                    checked["decayed" if decayed else "not decayed"].add(name)
+    # not vacuous: weights, biases and norm weights were all measured
+    assert any(name.endswith(".bias") for name in checked["not decayed"])
+    assert any("layernorm" in name and name.endswith(".weight") for name in checked["not decayed"])
+    assert len(checked["decayed"]) >= 10
+
+
+# ------------------------------------------------------------------------------ time budget
+class StepClock:
+    """A fake clock that advances by ``tick`` at each reading (the calibration reads it once a step)."""
+
+    def __init__(self, tick: float) -> None:
+        self.now, self.tick = 0.0, tick
+
+    def __call__(self) -> float:
+        self.now += self.tick
+        return self.now
+
+
+def test_a_time_budgeted_run_plans_its_steps_from_the_calibration_and_resume_keeps_the_plan(
+    dataset, tiny_config_file, tmp_path
+):
+    from dino_hf.schedules import TIME_BUDGET_MARGIN
+
     output_dir = tmp_path / "run"
-    with pytest.raises(RuntimeError, match="simulated crash"):
-        train(tiny_args(dataset, output_dir, tiny_config_file))
-    checkpoints = output_dir / "checkpoints"
-    assert sorted(path.name for path in checkpoints.iterdir()) == [".tmp-step_4", "step_2"]
-    assert [path.name for path in list_checkpoints(output_dir)] == ["step_2"]
-    monkeypatch.setattr(checkpointing, "_fsync_folder", original)
-    result = train(tiny_args(dataset, output_dir, tiny_config_file, resume_from_checkpoint="latest"))
-    assert result.step == 4
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2", "step_4"]
+    # 1.5 s of budget at 0.02 s per clock reading: 5 warm-up steps, a 20-step window (>= 0.03 s), and
+    # the rest of the budget filled: about 26 + 1.1 / 0.02 steps in all, whatever the real speed.
+    budget = dict(max_steps=None, max_train_minutes=0.025, logging_steps=1000, checkpointing_steps=40,
+                  warmup_steps=None, warmup_epochs=1.0, freeze_last_layer_steps=None, mixed_precision="no")
+    result = train(tiny_args(dataset, output_dir, tiny_config_file, **budget), clock=StepClock(0.02))
+    recorded = json.loads((output_dir / "training_args.json").read_text())
+    planned = recorded["planned_total_steps"]
+    assert recorded["max_steps"] is None and recorded["max_train_minutes"] == 0.025
+    assert recorded["calibrated_seconds_per_step"] == pytest.approx(0.02)
+    assert result.step == planned
+    # the budget left after the calibration is filled with 0.02 s steps
+    calibrated_at, used = recorded["calibration_steps"], recorded["calibration_seconds"]
+    assert 5 < calibrated_at < 30 and used == pytest.approx(0.02 * (calibrated_at - 4 + 1))
+    assert planned == calibrated_at + int((1.5 - used) * (1 - TIME_BUDGET_MARGIN) / 0.02 + 1e-9)
+    last = [row for row in read_rows(output_dir) if "loss" in row][-1]
+    assert last["step"] == planned and last["learning_rate"] == pytest.approx(1e-6, rel=0.05)  # the cosine's end
+    state = json.loads((output_dir / "checkpoints" / "step_40" / "training_state.json").read_text())
+    assert state["plan"]["calibrated"] and state["plan"]["total_steps"] == planned
 
-
-# ------------------------------------------------------------------------------ small pieces
-def test_config_overrides_nested_and_typed():
-    config = tiny_dino_config()
-    apply_config_overrides(config, "backbone_config.hidden_size=64, num_prototypes=128,norm_last_layer=false,"
-                                   "drop_path_rate=0.2")
-    assert config.backbone_config.hidden_size == 64 and config.num_prototypes == 128
-    assert config.norm_last_layer is False and config.drop_path_rate == 0.2
-    for bad, fragment in (("nonsense", "key=value"), ("no_such_key=1", "does not name"),
-                          ("backbone_config.nope=1", "does not name"), ("num_prototypes=many", "not a valid")):
-        with pytest.raises(ValueError, match="--config_overrides") as error:
-            apply_config_overrides(config, bad)
-        assert fragment in str(error.value)
-
-
-def test_collapse_monitor_warns_once_after_patience():
-    monitor = CollapseMonitor(num_prototypes=64, patience_steps=20)
-    uniform = {"loss": math.log(64), "teacher_entropy": math.log(64) - 0.01, "teacher_mean_entropy": math.log(64)}
-    assert monitor.update(10, uniform) is None
-    assert monitor.update(20, uniform) is None
-    message = monitor.update(30, uniform)
-    assert message and "uniform" in message and "--teacher_temperature" in message
-    assert monitor.update(40, uniform) is None  # once per episode
-    healthy = {"loss": 2.0, "teacher_entropy": 1.0, "teacher_mean_entropy": 3.0}
-    assert monitor.update(50, healthy) is None
-    one_hot = {"loss": 0.1, "teacher_entropy": 0.0, "teacher_mean_entropy": 0.01}
-    monitor.update(60, one_hot)
-    assert "one-hot" in monitor.update(80, one_hot)
+    # resuming from step 40 with another budget and another speed keeps the saved plan
+    resumed = train(tiny_args(dataset, output_dir, tiny_config_file, **{**budget, "max_train_minutes": 5.0},
+                              resume_from_checkpoint=str(output_dir / "checkpoints" / "step_40")),
+                    clock=StepClock(1.0))
+    assert resumed.step == planned
 
 
 # ------------------------------------------------------------------------------ bad input
@@ -395,40 +381,7 @@ def test_bad_inputs_exit_2_with_one_sentence(dataset, tiny_config_file, tmp_path
         assert flag in lines[0] and "Traceback" not in err, (extra, err)
 
 
-# ------------------------------------------------------------------------------ starting points and extras
-def test_model_name_or_path_from_a_dino_folder_or_an_exported_backbone(dataset, tiny_config_file, tmp_path):
-    from transformers import ViTModel
-
-    from dino_hf.builders import build_model
-
-    source = DinoForPreTraining(tiny_dino_config())
-    source.save_pretrained(tmp_path / "dino")
-    source.save_backbone(tmp_path / "backbone")
-
-    resumed = build_model(tiny_args(dataset, tmp_path / "a", tiny_config_file, model_name_or_path=str(tmp_path / "dino"),
-                                    student_temperature=0.2))
-    torch.testing.assert_close(resumed.state_dict(), source.state_dict(), rtol=0, atol=0)
-    assert resumed.loss_fn.student_temperature == 0.2
-
-    from_backbone = build_model(tiny_args(dataset, tmp_path / "b", tiny_config_file,
-                                          model_name_or_path=str(tmp_path / "backbone")))
-    backbone = ViTModel.from_pretrained(tmp_path / "backbone", add_pooling_layer=False)
-    for network in (from_backbone.student, from_backbone.teacher):
-        torch.testing.assert_close(network.backbone.state_dict(), backbone.state_dict(), rtol=0, atol=0)
-
-    with pytest.raises(ValueError, match="--model_name_or_path"):
-        build_model(tiny_args(dataset, tmp_path / "c", tiny_config_file, model_name_or_path=str(tmp_path / "nothing")))
-
-
-def test_model_config_as_a_folder_and_preset_sizes(dataset, tiny_config_file, tmp_path):
-    from dino_hf.builders import build_model
-
-    model = build_model(tiny_args(dataset, tmp_path / "a", tiny_config_file.parent,
-                                  config_overrides="num_prototypes=32,backbone_config.num_hidden_layers=1"))
-    assert model.config.num_prototypes == 32 and model.config.backbone_config.num_hidden_layers == 1
-    assert model.config.backbone_config.image_size == 32  # follows --global_crop_size
-
-
+# ------------------------------------------------------------------------------ extras
 def test_in_training_evaluation_plot_and_push(dataset, tiny_config_file, tmp_path, monkeypatch):
     import dino_hf.training
 

@@ -1,4 +1,4 @@
-"""DinoTrainingArguments: parsing (command line, YAML/JSON config), validation, derived step plan."""
+"""DinoTrainingArguments: parsing (command line, YAML/JSON config) and validation."""
 
 from __future__ import annotations
 
@@ -8,11 +8,11 @@ from pathlib import Path
 
 import pytest
 
+from dino_hf.schedules import DEFAULT_NUM_TRAIN_EPOCHS, plan_steps
 from dino_hf.training_args import (
     DinoTrainingArguments,
     build_argument_parser,
     parse_training_args,
-    plan_steps,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -32,7 +32,8 @@ def test_defaults_are_the_official_recipe():
     assert args.max_grad_norm == 3.0 and args.clip_mode == "per_parameter"
     assert args.num_local_crops == 8 and (args.global_crop_size, args.local_crop_size) == (224, 96)
     assert args.global_crop_scale == [0.4, 1.0] and args.local_crop_scale == [0.05, 0.4]
-    assert args.freeze_last_layer_epochs == 1 and args.num_train_epochs == 100
+    assert args.freeze_last_layer_epochs == 1 and args.num_train_epochs is None  # unset: 100 epochs
+    assert DEFAULT_NUM_TRAIN_EPOCHS == 100 and plan_steps(args, 6400, 1).total_steps == 100 * 100
     assert args.model_config == "vit_small_patch16"
 
 
@@ -121,6 +122,12 @@ def test_missing_config_file():
         (REQUIRED + ["--push_to_hub"], "--hub_model_id"),
         (REQUIRED + ["--blur_sigma", "2", "1"], "--blur_sigma"),
         (REQUIRED + ["--color_jitter_probability", "2"], "--color_jitter_probability"),
+        (REQUIRED + ["--dataloader_num_workers", "-1"], "--dataloader_num_workers"),
+        (REQUIRED + ["--dataloader_num_workers", "many"], "--dataloader_num_workers"),
+        (REQUIRED + ["--torch_num_threads", "0"], "--torch_num_threads"),
+        (REQUIRED + ["--max_train_minutes", "0"], "--max_train_minutes"),
+        (REQUIRED + ["--max_train_minutes", "5", "--max_steps", "100"], "--max_train_minutes"),
+        (REQUIRED + ["--max_train_minutes", "5", "--num_train_epochs", "3"], "--num_train_epochs"),
     ],
 )
 def test_invalid_values_raise_one_sentence_naming_the_flag(flags, flag_named):
@@ -145,37 +152,6 @@ def test_usage_errors_are_one_line_and_exit_2(capsys):
 def test_shipped_recipes_parse(config):
     args = parse_training_args(["--config", str(config)])
     assert args.dataset_name and args.output_dir
-
-
-# ------------------------------------------------------------------------------- step plan
-def test_plan_with_known_dataset_size():
-    args = make_args(per_device_train_batch_size=64, gradient_accumulation_steps=2, num_train_epochs=3,
-                     warmup_epochs=1, freeze_last_layer_epochs=0.5, warmup_teacher_temperature_epochs=2)
-    plan = plan_steps(args, num_examples_per_process=1000, num_processes=4)
-    assert plan.global_batch_size == 64 * 2 * 4
-    assert plan.learning_rate == pytest.approx(5e-4 * 512 / 256)
-    assert plan.steps_per_epoch == 7  # 1000 // 128
-    assert plan.total_steps == 21 and plan.warmup_steps == 7
-    assert plan.freeze_last_layer_steps == 4 and plan.warmup_teacher_temperature_steps == 14
-    assert args.learning_rate == 5e-4  # the arguments themselves are untouched
-
-
-def test_plan_for_a_stream_of_unknown_length():
-    args = make_args(max_steps=1000, num_train_epochs=100)
-    plan = plan_steps(args, num_examples_per_process=None, num_processes=1)
-    assert plan.steps_per_epoch == 10 and plan.total_steps == 1000
-    assert plan.warmup_steps == 100 and plan.freeze_last_layer_steps == 10
-    with pytest.raises(ValueError, match="pass --max_steps"):
-        plan_steps(make_args(), num_examples_per_process=None, num_processes=1)
-
-
-def test_plan_caps_epoch_settings_and_rejects_explicit_steps_beyond_the_run():
-    plan = plan_steps(make_args(max_steps=5), num_examples_per_process=6400, num_processes=1)
-    assert plan.total_steps == 5 and plan.warmup_steps == 5  # 10 epochs capped at the run
-    with pytest.raises(ValueError, match="--warmup_steps"):
-        plan_steps(make_args(max_steps=5, warmup_steps=6), num_examples_per_process=6400, num_processes=1)
-    with pytest.raises(ValueError, match="--per_device_train_batch_size"):
-        plan_steps(make_args(), num_examples_per_process=10, num_processes=1)
 
 
 def test_parser_lists_every_field():

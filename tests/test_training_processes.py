@@ -18,7 +18,6 @@ import pytest
 import torch
 from image_datasets import write_parquet_dataset
 from safetensors.torch import load_file
-from tiny_models import tiny_dino_config
 
 from dino_hf.checkpointing import list_checkpoints
 
@@ -30,14 +29,8 @@ BIN = Path(sys.executable).parent
 
 @pytest.fixture(scope="module")
 def dataset(tmp_path_factory) -> Path:
+    """64 images here (conftest.py's ``dataset`` has 48); ``tiny_config_file`` is conftest.py's."""
     return write_parquet_dataset(tmp_path_factory.mktemp("data"), num_images=64, image_size=40, num_shards=2)
-
-
-@pytest.fixture(scope="module")
-def tiny_config_file(tmp_path_factory) -> Path:
-    folder = tmp_path_factory.mktemp("tiny_config")
-    tiny_dino_config().save_pretrained(folder)
-    return folder / "config.json"
 
 
 def environment() -> dict[str, str]:

@@ -1,0 +1,70 @@
+"""Building a run from its arguments (dino_hf.builders): config overrides, the model's starting point
+and size, and the in-training k-NN monitor."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from tiny_models import tiny_args, tiny_dino_config
+from transformers import ViTModel
+
+from dino_hf.builders import apply_config_overrides, build_knn_monitor, build_model
+from dino_hf.modeling_dino import DinoForPreTraining
+from dino_hf.training_args import DinoTrainingArguments
+
+pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
+
+
+def test_config_overrides_nested_and_typed():
+    config = tiny_dino_config()
+    apply_config_overrides(config, "backbone_config.hidden_size=64, num_prototypes=128,norm_last_layer=false,"
+                                   "drop_path_rate=0.2")
+    assert config.backbone_config.hidden_size == 64 and config.num_prototypes == 128
+    assert config.norm_last_layer is False and config.drop_path_rate == 0.2
+    for bad, fragment in (("nonsense", "key=value"), ("no_such_key=1", "does not name"),
+                          ("backbone_config.nope=1", "does not name"), ("num_prototypes=many", "not a valid")):
+        with pytest.raises(ValueError, match="--config_overrides") as error:
+            apply_config_overrides(config, bad)
+        assert fragment in str(error.value)
+
+
+def test_model_name_or_path_from_a_dino_folder_or_an_exported_backbone(dataset, tiny_config_file, tmp_path):
+    source = DinoForPreTraining(tiny_dino_config())
+    source.save_pretrained(tmp_path / "dino")
+    source.save_backbone(tmp_path / "backbone")
+
+    resumed = build_model(tiny_args(dataset, tmp_path / "a", tiny_config_file, model_name_or_path=str(tmp_path / "dino"),
+                                    student_temperature=0.2))
+    torch.testing.assert_close(resumed.state_dict(), source.state_dict(), rtol=0, atol=0)
+    assert resumed.loss_fn.student_temperature == 0.2
+
+    from_backbone = build_model(tiny_args(dataset, tmp_path / "b", tiny_config_file,
+                                          model_name_or_path=str(tmp_path / "backbone")))
+    backbone = ViTModel.from_pretrained(tmp_path / "backbone", add_pooling_layer=False)
+    for network in (from_backbone.student, from_backbone.teacher):
+        torch.testing.assert_close(network.backbone.state_dict(), backbone.state_dict(), rtol=0, atol=0)
+
+    with pytest.raises(ValueError, match="--model_name_or_path"):
+        build_model(tiny_args(dataset, tmp_path / "c", tiny_config_file, model_name_or_path=str(tmp_path / "nothing")))
+
+
+def test_model_config_as_a_folder_and_preset_sizes(dataset, tiny_config_file, tmp_path):
+    model = build_model(tiny_args(dataset, tmp_path / "a", tiny_config_file.parent,
+                                  config_overrides="num_prototypes=32,backbone_config.num_hidden_layers=1"))
+    assert model.config.num_prototypes == 32 and model.config.backbone_config.num_hidden_layers == 1
+    assert model.config.backbone_config.image_size == 32  # follows --global_crop_size
+
+
+def test_knn_monitor_from_training_args(tiny_backbone, labelled_parquet):
+    args = DinoTrainingArguments(
+        dataset_name=str(labelled_parquet),
+        output_dir=str(labelled_parquet / "unused"),
+        eval_dataset_name=str(labelled_parquet),
+        eval_split="train",
+        eval_max_samples=6,
+        dataloader_num_workers=0,
+    )
+    monitor = build_knn_monitor(args)
+    assert monitor.ks == (20,) and len(monitor.datasets["train"]) == 6  # local: map-style, not streamed
+    metrics = monitor.evaluate(ViTModel.from_pretrained(tiny_backbone, add_pooling_layer=False))
+    assert set(metrics) == {"knn_top1_k20"} and 0.0 <= metrics["knn_top1_k20"] <= 1.0

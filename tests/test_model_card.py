@@ -1,0 +1,55 @@
+"""The model card (dino_hf.model_card) of a training output: only recorded numbers, metadata the Hub reads."""
+
+from __future__ import annotations
+
+import json
+
+from huggingface_hub import ModelCard, metadata_load
+from tiny_models import KNN_ACCURACY, RAW_PIXELS_ACCURACY, TOKEN, write_training_output
+
+from dino_hf.model_card import render_model_card
+from dino_hf.run_output import TRAINING_MODEL_SUBFOLDER
+
+
+def test_card_states_only_recorded_numbers(training_output, tmp_path):
+    card = render_model_card(training_output, "tester/tiny-dino")
+    text = str(card)
+    data = ModelCard(text).data.to_dict()
+    readme = tmp_path / "README.md"
+    readme.write_text(text)
+    assert metadata_load(readme) == data
+    assert f"{KNN_ACCURACY:.4f}" in text and f"{RAW_PIXELS_ACCURACY:.4f}" in text
+    assert "0.04 -> 0.07 (linear over 30 steps)" in text
+    assert "Prototypes (K) | 128" in text
+    assert "128 images per step (64 per device x 2 processes)" in text
+    assert "peak 0.00025 for the global batch" in text
+    assert "| Hardware | 2 x CPU |" in text and "10 min 11 s" in text
+    assert "Optimiser steps | 100 (of 100 planned)" in text
+    assert "add_pooling_layer=False" in text and 'attn_implementation="eager"' in text
+    assert "Caron" in text and "Emerging Properties in Self-Supervised Vision Transformers" in text
+    assert TOKEN not in text
+    assert TRAINING_MODEL_SUBFOLDER not in text  # not pushed unless asked
+    # Only the model's own accuracy goes into model-index; the baseline stays in the body.
+    values = [m["value"] for r in data["model-index"][0]["results"] for m in r["metrics"]]
+    assert values == [KNN_ACCURACY]
+
+
+def test_card_without_evaluation_from_a_hub_checkpoint_and_local_data(tmp_path):
+    run = write_training_output(
+        tmp_path / "run",
+        eval_results=False,
+        model_name_or_path="facebook/dino-vits16",
+        dataset_name=str(tmp_path / "images"),
+    )
+    card = render_model_card(run, "tester/continued")
+    data = card.data.to_dict()
+    assert data["base_model"] == "facebook/dino-vits16"
+    assert "model-index" not in data and "datasets" not in data  # no results, local data is no Hub id
+    assert "No evaluation results were recorded" in card.text
+    assert "local image set" in card.text
+    # Without eval_results.json, the in-training k-NN rows of metrics.jsonl are used and labelled.
+    with (run / "metrics.jsonl").open("a") as handle:
+        handle.write(json.dumps({"step": 100, "knn_top1_k20": 0.61}) + "\n")
+    card = render_model_card(run, "tester/continued")
+    assert "0.6100" in card.text and "in-training k-NN monitor at step 100" in card.text
+    assert "model-index" not in card.data.to_dict()  # no eval dataset recorded: body only

@@ -56,6 +56,7 @@ demo: $(VENV)/.installed $(DATA_DIR)/.prepared
 # Side-by-side speed benchmarks (ours vs a reference formulation, same run); rows go to
 # benchmarks/RESULTS.md. bench-quality trains for 30 minutes on Fashion-MNIST.
 bench: $(VENV)/.installed $(DATA_DIR)/.prepared
+	$(PYTHON) -m pip install --quiet -e '.[dev,bench]'
 	$(PYTHON) benchmarks/bench_loss.py
 	$(PYTHON) benchmarks/bench_augmentation.py
 	$(PYTHON) benchmarks/bench_batched_augmentation.py

@@ -11,6 +11,10 @@ tensors, so only the step is timed.
   the pairwise ``DINOLoss`` loop, ``clip_gradients`` (one ``p.grad.norm().item()`` host sync per
   tensor), ``torch.optim.AdamW`` with its defaults, the Python-loop EMA
   (``p_t.data.mul_(m).add_((1 - m) * p_s.detach().data)``) and ``loss.item()`` for logging.
+- ``lightly_timm`` (when ``lightly`` and ``timm`` are installed: ``pip install -e '.[bench]'``): the
+  step as a lightly user writes it (``benchmarks/lightly_dino.py``: timm ViT, lightly's
+  ``DINOProjectionHead``, ``DINOLoss`` and ``update_momentum``, grouped forward of the global and the
+  local crops, AdamW, ``clip_grad_norm_``), loaded with the same weights.
 - ``ours``: ``DinoForPreTraining.forward`` (crop-major tensors, the last block computing the CLS row
   only, ``DinoLoss`` without the pair loop, SDPA attention), per-parameter clipping without host syncs (``torch._foreach_norm`` ->
   clamp -> ``torch._foreach_mul_``), fused AdamW (foreach where fused is unavailable),
@@ -59,6 +63,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
+from lightly_dino import LightlyTimmStep, copy_dino_hf_weights, lightly_available
 from official_dino import OfficialDINOLoss, OfficialMultiCropWrapper, official_clip_gradients
 from recording import record_result, write_metrics_json
 
@@ -70,7 +75,7 @@ CLIP_GRAD = 3.0
 TEACHER_MOMENTUM = 0.996
 TEACHER_TEMPERATURE = 0.04
 WEIGHT_DECAY = 0.04
-VARIANTS = ("reference", "ours", "ours_compiled", "ours_checkpointing", "ours_device_augmentation")
+VARIANTS = ("reference", "lightly_timm", "ours", "ours_compiled", "ours_checkpointing", "ours_device_augmentation")
 
 
 class ReferenceStep:
@@ -238,6 +243,11 @@ def make_variant(name: str, model: DinoForPreTraining, args: argparse.Namespace,
         model.student.backbone.set_attn_implementation(args.reference_attention)
         model.teacher.backbone.set_attn_implementation(args.reference_attention)
         return ReferenceStep(model, scaler, autocast)
+    if name == "lightly_timm":
+        learning_rate = OursStep(copy.deepcopy(model), None, autocast).optimizer.param_groups[0]["lr"]
+        step = LightlyTimmStep(model.config, learning_rate, autocast=autocast)
+        copy_dino_hf_weights(step, model.student, model.teacher)
+        return step.to(device)
     if args.ours_attention != "sdpa":
         for network in (model.student, model.teacher):
             network.backbone.set_attn_implementation(args.ours_attention)
@@ -269,6 +279,8 @@ def _synchronize(device: torch.device) -> None:
 
 def _variants(args: argparse.Namespace) -> list[str]:
     names = ["reference", "ours"]
+    if not args.skip_lightly and lightly_available():
+        names.insert(1, "lightly_timm")
     if args.torch_compile:
         names.append("ours_compiled")
     if args.gradient_checkpointing:
@@ -400,17 +412,20 @@ def run_timing(args: argparse.Namespace, device: torch.device, variants: list[st
     learning_rate = steps["ours"].optimizer.param_groups[0]["lr"]
 
     timings: dict[str, list[float]] = {name: [] for name in variants}
+    cpu_timings: dict[str, list[float]] = {name: [] for name in variants}
     for repeat in range(args.repeats):
         order = variants[repeat % len(variants) :] + variants[: repeat % len(variants)]
         for name in order:
             _synchronize(device)
-            start = time.perf_counter()
+            start, cpu_start = time.perf_counter(), time.process_time()
             for _ in range(args.steps_per_repeat):
                 steps[name](views, global_crops, local_crops)
             _synchronize(device)
             timings[name].append((time.perf_counter() - start) / args.steps_per_repeat)
+            cpu_timings[name].append((time.process_time() - cpu_start) / args.steps_per_repeat)
 
     medians = {name: statistics.median(values) for name, values in timings.items()}
+    cpu_medians = {name: statistics.median(values) for name, values in cpu_timings.items()}
     metrics: dict = {
         "first_step_loss_difference": abs(first_losses["ours"] - first_losses["reference"]),
         "first_step_loss": first_losses["ours"],
@@ -418,8 +433,13 @@ def run_timing(args: argparse.Namespace, device: torch.device, variants: list[st
     }
     for name in variants:
         metrics[f"{name}_seconds_per_step"] = medians[name]
+        metrics[f"{name}_cpu_seconds_per_step"] = cpu_medians[name]
         metrics[f"{name}_images_per_second"] = args.batch_size / medians[name]
     metrics["speedup_ours_vs_reference"] = medians["reference"] / medians["ours"]
+    if "lightly_timm" in variants:
+        # wall time is what a user waits; CPU time is steadier on a shared machine: both are reported
+        metrics["speedup_ours_vs_lightly_timm"] = medians["lightly_timm"] / medians["ours"]
+        metrics["cpu_speedup_ours_vs_lightly_timm"] = cpu_medians["lightly_timm"] / cpu_medians["ours"]
     if "ours_compiled" in variants:
         warm_steps = max(args.warmup_steps, 2)
         compile_seconds = first_two_seconds["ours_compiled"] - warm_steps * medians["ours_compiled"]
@@ -486,6 +506,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup_steps", type=int, default=2, help="Untimed steps per variant (>= 2).")
     parser.add_argument("--skip_memory", action="store_true", help="Do not start the per-variant memory probes.")
     parser.add_argument(
+        "--skip_lightly", action="store_true", help="Do not time the lightly + timm step (timed when installed)."
+    )
+    parser.add_argument(
         "--results_file", type=Path, default=None, help="Table to append to (default benchmarks/RESULTS.md)."
     )
     parser.add_argument("--json_output", type=Path, default=None, help="Also write the metrics as JSON here.")
@@ -513,6 +536,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     args.device = str(device)
     variants = _variants(args)
+    import platform
+
     metrics = {
         "preset": args.preset,
         "device": str(device),
@@ -522,6 +547,8 @@ def main(argv: list[str] | None = None) -> dict:
         "num_prototypes": args.num_prototypes,
         "threads": torch.get_num_threads(),
         "load_average_1min": os.getloadavg()[0],  # other work on a shared machine skews timings
+        "malloc_env": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "none",
+        "python": platform.python_version(),
     }
     metrics.update(run_timing(args, device, variants))
     if not args.skip_memory:
@@ -535,7 +562,9 @@ def main(argv: list[str] | None = None) -> dict:
     notes = (
         f"source images/s of one optimiser step on pre-made crops; reference = official-style step "
         f"({args.reference_attention} attention, MultiCropWrapper cat, pairwise DINOLoss, per-tensor clip with "
-        f".item(), default AdamW, Python-loop EMA, loss.item()); ours = DinoForPreTraining ({args.ours_attention} "
+        f".item(), default AdamW, Python-loop EMA, loss.item()); lightly_timm = benchmarks/lightly_dino.py (timm "
+        f"ViT, lightly head/loss/EMA, grouped forward, AdamW, clip_grad_norm_); ours = DinoForPreTraining "
+        f"({args.ours_attention} "
         f"attention) + foreach clip + fused AdamW + foreach-lerp EMA; peak memory = "
         f"{'cuda max_memory_allocated' if device.type == 'cuda' else 'ru_maxrss growth'} over 2 steps in a fresh process"
     )

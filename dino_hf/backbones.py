@@ -1,147 +1,239 @@
-"""What a backbone is to dino_hf: how it is built, loaded, run on a crop batch, regularised and exported.
+"""What a backbone family is to dino_hf: how it is built, loaded, run on a crop batch, regularised,
+grouped for the optimiser and exported.
 
-Today's family is the ``transformers`` ``ViTModel`` (the backbone of the official DINO): its DINO
-embedding is the CLS token of ``last_hidden_state`` after the final LayerNorm. This module owns
-everything specific to it:
+Every family is a ``transformers`` model class that plain ``AutoModel`` loads, and an export is the same
+class as the input. A family is one :class:`BackboneFamily` entry of :data:`FAMILIES` (adding a family is
+adding an entry):
 
-- :func:`embed_class_token`: ``(N, 3, H, W)`` crops -> ``(N, hidden)`` embeddings, with position
-  embeddings interpolated for crops of another size and the last block run on the CLS row only
-  (:func:`class_token_of_layer`);
-- :func:`add_stochastic_depth`: drop-path on a stock ``ViTModel`` through forward hooks;
-- :func:`save_backbone` / :func:`build_image_processor`: the export as a stock folder with the
-  processor that matches the training crops;
-- :func:`load_backbone` / :func:`load_image_processor` / :func:`backbone_forward`: any exported or
-  Hub backbone, for evaluation and visualisation.
+| ``model_type`` | DINO embedding | stochastic depth | crops |
+| --- | --- | --- | --- |
+| ``vit``, ``deit`` | CLS of ``last_hidden_state`` (fast path: :mod:`dino_hf.vit_forward`) | hooks | multiple of the patch |
+| ``dinov2``, ``dinov2_with_registers`` | CLS of ``last_hidden_state`` (registers excluded) | native | multiple of the patch |
+| ``dinov3_vit`` | CLS of ``last_hidden_state`` (registers excluded) | native | any size (RoPE) |
+| ``convnext``, ``dinov3_convnext`` | the pooled output | native | at least the network's stride |
+| ``resnet`` | the pooled output | none | any size |
+
+The module also loads any exported or Hub backbone for evaluation (:func:`load_backbone`,
+:func:`load_image_processor`, :func:`backbone_embedding`) and writes exports (:func:`save_backbone`).
 """
 
 from __future__ import annotations
 
+import copy
 import inspect
+import json
 import logging
-from collections.abc import Callable, Mapping, Sequence
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedConfig, ViTImageProcessor, ViTModel
+from transformers import (
+    AutoConfig,
+    AutoImageProcessor,
+    AutoModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+    ViTImageProcessor,
+)
 from transformers.image_utils import PILImageResampling
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
-from transformers.models.vit.modeling_vit import ViTLayer, eager_attention_forward
 
 from .augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from .vit_forward import add_stochastic_depth, embed_class_token
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
-    "add_stochastic_depth",
+    "FAMILIES",
+    "BackboneFamily",
+    "backbone_embedding",
     "backbone_forward",
     "build_image_processor",
-    "class_token_of_layer",
     "config_image_size",
     "config_patch_size",
-    "embed_class_token",
+    "family_of",
     "load_backbone",
     "load_image_processor",
     "save_backbone",
 ]
 
+PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
 
-# --------------------------------------------------------------------------------------------------
-# Stochastic depth
-# --------------------------------------------------------------------------------------------------
-def drop_path_hook(drop_probability: float) -> Callable[[nn.Module, tuple, torch.Tensor], torch.Tensor | None]:
-    """Forward hook that drops a residual branch per sample (stochastic depth, timm's ``DropPath``).
 
-    It is attached to the ``dropout`` module every ``ViTLayer`` applies to its attention and MLP
-    branch outputs just before adding the residual, so the backbone's weights and code stay a stock
-    ``ViTModel`` (and exports are unaffected). Each call draws its own mask, as timm's two
-    ``drop_path`` modules per block do.
+@dataclass(frozen=True)
+class BackboneFamily:
+    """One family of transformers backbones and what DINO training needs to know about it.
+
+    Attributes:
+        model_types: the ``config.model_type`` values of the family.
+        embedding: ``"class_token"`` (the CLS token of ``last_hidden_state``, after the final norm) or
+            ``"pooled"`` (``pooler_output``, flattened).
+        stochastic_depth: ``"hooks"`` (drop-path hooks on each block, the weights stay stock),
+            ``"config"`` (the model's own ``drop_path_rate``) or ``None`` (the family has none).
+        crops: ``"patch_multiple"`` (crop sides must be multiples of the patch size), ``"stride"``
+            (at least the network's total stride) or ``"any"``.
+        fast_embedding: the backbone has ViT-style blocks: :func:`embed_class_token` applies.
+        has_attention: attention maps exist (and the attention implementation can be switched).
+        load_kwargs: extra ``from_pretrained`` / constructor arguments (no random pooler for ViT).
+        block_pattern: regular expression whose first group is a parameter's block index (for
+            layer-wise learning-rate decay); parameters before the first block (embeddings) are 0,
+            after the last (final norms) ``num_blocks + 1``.
     """
-    keep_probability = 1.0 - drop_probability
 
-    def hook(module: nn.Module, inputs: tuple, output: torch.Tensor) -> torch.Tensor | None:
-        if not module.training or drop_probability == 0.0:
-            return None
-        # (batch, 1, 1): one Bernoulli draw per sample, broadcast over tokens and channels.
-        mask_shape = (output.shape[0],) + (1,) * (output.ndim - 1)
-        mask = output.new_empty(mask_shape).bernoulli_(keep_probability)
-        return output * mask / keep_probability
+    model_types: tuple[str, ...]
+    embedding: str
+    stochastic_depth: str | None
+    crops: str
+    fast_embedding: bool = False
+    has_attention: bool = True
+    load_kwargs: Mapping[str, Any] = None  # type: ignore[assignment]
+    block_pattern: str = r"(?:^|\.)(?:layers|layer)\.(\d+)\."
 
-    return hook
+    # ---- building -----------------------------------------------------------------------------------
+    def build(self, config: PreTrainedConfig, drop_path_rate: float = 0.0) -> PreTrainedModel:
+        """A freshly initialised backbone of ``config``, with ``drop_path_rate`` of stochastic depth."""
+        if self.stochastic_depth == "config":
+            config = copy.deepcopy(config)
+            config.drop_path_rate = float(drop_path_rate)
+        model_class = MODEL_MAPPING[type(config)]
+        backbone = model_class(config, **dict(self.load_kwargs or {}))
+        if self.stochastic_depth == "hooks":
+            add_stochastic_depth(backbone, drop_path_rate)
+        return backbone
+
+    def load(self, model_name_or_path: str | Path, **kwargs: Any) -> PreTrainedModel:
+        """``AutoModel.from_pretrained`` with the family's arguments (no random pooler for ViT/DeiT)."""
+        return AutoModel.from_pretrained(model_name_or_path, **{**dict(self.load_kwargs or {}), **kwargs})
+
+    def state_dict_for_loading(self, backbone: PreTrainedModel) -> dict[str, torch.Tensor]:
+        """The weights a DINO network takes from a loaded backbone (without a pooler DINO does not use)."""
+        return {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
+
+    # ---- the DINO embedding ---------------------------------------------------------------------------
+    def embed(self, backbone: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` -> ``(N, embedding_size)``, the DINO embedding of a crop batch."""
+        if self.fast_embedding:
+            return embed_class_token(backbone, pixel_values)
+        pixel_values = pixel_values.to(next(backbone.parameters()).dtype)
+        return self.embedding_of(backbone_forward(backbone, pixel_values))
+
+    def embedding_of(self, output: Any) -> torch.Tensor:
+        """The DINO embedding in a backbone's output: ``(N, embedding_size)``."""
+        if self.embedding == "class_token":
+            return output.last_hidden_state[:, 0]
+        return output.pooler_output.flatten(1)
+
+    def embedding_size(self, config: PreTrainedConfig) -> int:
+        """Width of the embedding (what the projection head takes)."""
+        if self.embedding == "class_token":
+            return int(config.hidden_size)
+        return int(config.hidden_sizes[-1])
+
+    def num_prefix_tokens(self, config: PreTrainedConfig) -> int:
+        """Tokens before the patches in ``last_hidden_state`` (CLS, distillation, registers); 0 for ConvNets."""
+        if self.embedding != "class_token":
+            return 0
+        return 1 + int(config.model_type == "deit") + int(getattr(config, "num_register_tokens", 0) or 0)
+
+    # ---- checks -----------------------------------------------------------------------------------------
+    def check(self, config: PreTrainedConfig) -> None:
+        """``ValueError`` (one sentence) for an impossible architecture."""
+        heads = getattr(config, "num_attention_heads", None)
+        if self.has_attention and heads and config.hidden_size % heads != 0:
+            raise ValueError(
+                f"backbone_config.hidden_size ({config.hidden_size}) must be divisible by "
+                f"backbone_config.num_attention_heads ({heads})."
+            )
+        image_size, patch_size = getattr(config, "image_size", None), getattr(config, "patch_size", None)
+        if (
+            self.crops == "patch_multiple"
+            and isinstance(image_size, int)
+            and isinstance(patch_size, int)
+            and image_size % patch_size
+        ):
+            raise ValueError(
+                f"backbone_config.image_size ({image_size}) must be a multiple of backbone_config.patch_size "
+                f"({patch_size})."
+            )
+
+    def check_crop_size(self, config: PreTrainedConfig, size: int, flag: str) -> None:
+        """``ValueError`` naming ``flag`` when crops of ``size`` pixels cannot go through the backbone."""
+        if self.crops == "patch_multiple":
+            patch = config_patch_size(config)[0]
+            if size % patch != 0:
+                raise ValueError(f"{flag} {size} is not a multiple of the backbone's patch size {patch}.")
+        elif self.crops == "stride":
+            stride = _total_stride(config)
+            if size < stride:
+                raise ValueError(
+                    f"{flag} {size} is smaller than the backbone's total stride {stride} ({config.model_type} "
+                    f"with {len(config.hidden_sizes)} stages): use crops of at least {stride} pixels or fewer stages."
+                )
+
+    # ---- optimiser ----------------------------------------------------------------------------------------
+    def block_index(self, parameter_name: str, num_blocks: int) -> int:
+        """0 for the embeddings, ``i + 1`` for block ``i``, ``num_blocks + 1`` after the last block."""
+        match = re.search(self.block_pattern, parameter_name)
+        if match is not None:
+            return int(match.group(1)) + 1
+        if parameter_name.startswith(("embeddings.", "embedder.", "model.embeddings.")):
+            return 0
+        return num_blocks + 1
+
+    def num_blocks(self, config: PreTrainedConfig) -> int:
+        """Blocks counted by :meth:`block_index` (transformer layers, or ConvNet stages)."""
+        if self.embedding == "class_token":
+            return int(config.num_hidden_layers)
+        return len(config.hidden_sizes)
 
 
-def add_stochastic_depth(backbone: ViTModel, drop_path_rate: float) -> None:
-    """Drop-path rates rising linearly from 0 (first block) to ``drop_path_rate`` (last), as the official ViT."""
-    if drop_path_rate <= 0.0:
-        return
-    num_layers = len(backbone.layers)
-    for index, layer in enumerate(backbone.layers):
-        rate = drop_path_rate * index / max(num_layers - 1, 1)
-        layer.dropout.register_forward_hook(drop_path_hook(rate))
+def _total_stride(config: PreTrainedConfig) -> int:
+    """Downsampling of a ConvNeXt-style backbone: its stem, then 2 per further stage."""
+    stem = int(getattr(config, "patch_size", 4) or 4)
+    return stem * 2 ** (len(config.hidden_sizes) - 1)
 
 
-# --------------------------------------------------------------------------------------------------
-# The DINO embedding of a crop batch
-# --------------------------------------------------------------------------------------------------
-def class_token_of_layer(layer: ViTLayer, hidden_states: torch.Tensor) -> torch.Tensor:
-    """The CLS row of ``layer(hidden_states)``, computing only what that row depends on.
+_VIT_KWARGS = {"add_pooling_layer": False}
 
-    DINO uses nothing of the last block but its CLS output, yet a full block computes (and
-    back-propagates) every token's query, attention row and MLP. Here keys and values come from all
-    ``T`` tokens while the query, the output projection, both residuals, the second layer norm and
-    the MLP run on the CLS token alone: the same function to float rounding (tested against
-    ``ViTLayer``), at about ``1/T`` of the block's MLP and query cost. It runs the layer's own modules
-    (the configured attention implementation, its ``dropout`` with any drop-path hook), so the
-    weights stay those of the stock ``ViTLayer``.
+#: The families dino_hf trains, one entry each (see the table at the top of this module).
+FAMILIES: tuple[BackboneFamily, ...] = (
+    BackboneFamily(("vit", "deit"), "class_token", "hooks", "patch_multiple", fast_embedding=True,
+                   load_kwargs=_VIT_KWARGS),
+    BackboneFamily(("dinov2", "dinov2_with_registers"), "class_token", "config", "patch_multiple"),
+    BackboneFamily(("dinov3_vit",), "class_token", "config", "any"),
+    BackboneFamily(("convnext", "dinov3_convnext"), "pooled", "config", "stride", has_attention=False,
+                   block_pattern=r"stages\.(\d+)\."),
+    BackboneFamily(("resnet",), "pooled", None, "any", has_attention=False, block_pattern=r"stages\.(\d+)\."),
+)
+_BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
+SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
 
-    Args:
-        layer: a ``ViTLayer``.
-        hidden_states: ``(N, T, D)`` input of the layer, CLS token first.
-    Returns:
-        ``(N, D)``.
+
+def family_of(config_or_model_type: PreTrainedConfig | str) -> BackboneFamily:
+    """The family of a backbone config (or ``model_type``).
+
+    Raises:
+        ValueError: one sentence listing the families dino_hf trains.
     """
-    attention = layer.attention
-    batch, tokens, _ = hidden_states.shape
-    normed = layer.layernorm_before(hidden_states)
-    heads, head_dim = attention.num_attention_heads, attention.head_dim
-    query = attention.q_proj(normed[:, :1]).view(batch, 1, heads, head_dim).transpose(1, 2)  # (N, H, 1, d)
-    key = attention.k_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)  # (N, H, T, d)
-    value = attention.v_proj(normed).view(batch, tokens, heads, head_dim).transpose(1, 2)
-    attention_function = ALL_ATTENTION_FUNCTIONS.get_interface(
-        attention.config._attn_implementation, eager_attention_forward
-    )
-    attended, _ = attention_function(
-        attention, query, key, value, None,
-        dropout=attention.attention_dropout if attention.training else 0.0, scaling=attention.scaling,
-    )  # (N, 1, H, d)
-    class_token = hidden_states[:, 0] + layer.dropout(attention.o_proj(attended.reshape(batch, heads * head_dim)))
-    return class_token + layer.dropout(layer.mlp(layer.layernorm_after(class_token)))
-
-
-def embed_class_token(backbone: ViTModel, pixel_values: torch.Tensor) -> torch.Tensor:
-    """``(N, 3, H, W)`` -> ``(N, hidden)``: the normed CLS token of ``last_hidden_state``.
-
-    Runs the backbone's own modules as ``ViTModel.forward`` does, except that the last block computes
-    the CLS row only (:func:`class_token_of_layer`). Position embeddings are interpolated when
-    ``H, W`` differ from the configured image size (local crops).
-    """
-    pixel_values = pixel_values.to(backbone.embeddings.patch_embeddings.projection.weight.dtype)
-    hidden_states = backbone.embeddings(pixel_values, interpolate_pos_encoding=True)
-    if len(backbone.layers) == 0:
-        return backbone.layernorm(hidden_states[:, 0])
-    for layer in backbone.layers[:-1]:
-        hidden_states = layer(hidden_states)
-    return backbone.layernorm(class_token_of_layer(backbone.layers[-1], hidden_states))
+    model_type = getattr(config_or_model_type, "model_type", config_or_model_type)
+    if model_type not in _BY_MODEL_TYPE:
+        raise ValueError(
+            f"dino_hf does not train {model_type!r} backbones: use one of {', '.join(SUPPORTED_MODEL_TYPES)}."
+        )
+    return _BY_MODEL_TYPE[model_type]
 
 
 # --------------------------------------------------------------------------------------------------
 # Export
 # --------------------------------------------------------------------------------------------------
 def build_image_processor(image_size: int | Sequence[int]) -> ViTImageProcessor:
-    """The processor of an exported backbone: resize to ``image_size`` (bicubic, as DINO's crops) and
-    the training crops' ImageNet mean/std (``ViTImageProcessor`` would otherwise default to 0.5/0.5)."""
+    """The processor of an exported backbone trained from scratch: resize to ``image_size`` (bicubic, as
+    DINO's crops) and the training crops' ImageNet mean/std (``ViTImageProcessor`` would otherwise
+    default to 0.5/0.5)."""
     height, width = image_size if isinstance(image_size, (list, tuple)) else (image_size, image_size)
     return ViTImageProcessor(
         do_resize=True,
@@ -154,12 +246,36 @@ def build_image_processor(image_size: int | Sequence[int]) -> ViTImageProcessor:
     )
 
 
-def save_backbone(backbone: ViTModel, output_dir: str | Path, image_size: int | None = None) -> Path:
-    """Write ``backbone`` with ``save_pretrained`` plus its :func:`build_image_processor` processor."""
+def save_backbone(
+    backbone: PreTrainedModel,
+    output_dir: str | Path,
+    image_size: int | None = None,
+    image_processor: Mapping[str, Any] | None = None,
+) -> Path:
+    """Write ``backbone`` with ``save_pretrained`` and its ``preprocessor_config.json``.
+
+    The processor is the one the backbone came with (``image_processor``, the dict of its
+    ``preprocessor_config.json``: a DINOv2 keeps its own resize rule and mean/std) or, for a backbone
+    trained from scratch, :func:`build_image_processor` at ``image_size`` (default: the config's
+    ``image_size``, else 224).
+    """
     output_dir = Path(output_dir)
     backbone.save_pretrained(output_dir)
-    build_image_processor(image_size or backbone.config.image_size).save_pretrained(output_dir)
+    if image_processor is not None:
+        (output_dir / PROCESSOR_CONFIG_NAME).write_text(json.dumps(dict(image_processor), indent=2) + "\n")
+    else:
+        size = image_size or getattr(backbone.config, "image_size", None) or 224
+        build_image_processor(size).save_pretrained(output_dir)
     return output_dir
+
+
+def image_processor_dict(model_name_or_path: str | Path) -> dict[str, Any] | None:
+    """The ``preprocessor_config.json`` a local folder or Hub model comes with, as a dict (else ``None``)."""
+    try:
+        return AutoImageProcessor.from_pretrained(model_name_or_path).to_dict()
+    except (OSError, ValueError, KeyError) as error:
+        logger.info("%s has no image processor (%s); exports will get an ImageNet one.", model_name_or_path, error)
+        return None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -171,7 +287,7 @@ def load_backbone(
     attn_implementation: str | None = None,
     revision: str | None = None,
 ) -> nn.Module:
-    """Load a ViT-style backbone with ``transformers.AutoModel`` (in eval mode).
+    """Load a backbone with ``transformers.AutoModel`` (in eval mode).
 
     ``add_pooling_layer=False`` is passed to model classes that accept it (``ViTModel`` and friends), so
     no randomly initialised pooler is created; the DINO embedding is the CLS token anyway.
@@ -194,6 +310,19 @@ def load_backbone(
     return model.eval()
 
 
+def backbone_embedding(backbone: nn.Module, output: Any) -> torch.Tensor:
+    """The DINO embedding in ``backbone``'s output, ``(N, D)``: its family's, or for another model the
+    CLS token of a token sequence, else its pooled output."""
+    config = getattr(backbone, "config", None)
+    model_type = getattr(config, "model_type", None)
+    if model_type in _BY_MODEL_TYPE:
+        return _BY_MODEL_TYPE[model_type].embedding_of(output)
+    hidden = getattr(output, "last_hidden_state", None)
+    if hidden is not None and hidden.ndim == 3:
+        return hidden[:, 0]
+    return output.pooler_output.flatten(1)
+
+
 def config_patch_size(config: PreTrainedConfig) -> tuple[int, int]:
     """``config.patch_size`` as (height, width)."""
     patch_size = getattr(config, "patch_size", 16)
@@ -203,7 +332,7 @@ def config_patch_size(config: PreTrainedConfig) -> tuple[int, int]:
 
 
 def config_image_size(config: PreTrainedConfig) -> int:
-    """``config.image_size`` (its first side when it is a pair)."""
+    """``config.image_size`` (its first side when it is a pair; 224 when the config has none)."""
     image_size = getattr(config, "image_size", 224)
     return int(image_size[0] if isinstance(image_size, Sequence) else image_size)
 
@@ -214,19 +343,22 @@ def load_image_processor(
     image_size: int | None = None,
     *,
     revision: str | None = None,
+    image_processor: Mapping[str, Any] | None = None,
 ) -> Any:
     """The image processor that evaluation feeds the backbone with.
 
-    The model's own ``AutoImageProcessor`` when it has one (:func:`save_backbone` writes one); otherwise
-    (or for ``model_name_or_path=None``, e.g. a backbone in training) what :func:`save_backbone` would
-    write for ``backbone_config``.
+    The model's own ``AutoImageProcessor`` when it has one (:func:`save_backbone` writes one), or the
+    ``image_processor`` dict a backbone in training came with; otherwise what :func:`save_backbone`
+    would write for ``backbone_config``.
 
     Args:
         image_size: overrides the processor's output resolution (square ``image_size`` px; processors
             that resize the shorter side then centre-crop keep their resize / crop ratio).
     """
     processor = None
-    if model_name_or_path is not None:
+    if image_processor is not None:
+        processor = _processor_from_dict(image_processor)
+    elif model_name_or_path is not None:
         try:
             processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=revision)
         except (OSError, ValueError, KeyError) as error:
@@ -236,6 +368,16 @@ def load_image_processor(
     if image_size is not None:
         _set_processor_size(processor, image_size)
     return processor
+
+
+def _processor_from_dict(values: Mapping[str, Any]) -> Any:
+    """An image processor from its ``to_dict()`` (the class named by ``image_processor_type``)."""
+    import transformers
+
+    processor_class = getattr(transformers, str(values.get("image_processor_type", "")), None)
+    if processor_class is None:
+        processor_class = ViTImageProcessor
+    return processor_class.from_dict(dict(values))
 
 
 def _set_processor_size(processor: Any, image_size: int) -> None:

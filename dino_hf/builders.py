@@ -24,10 +24,10 @@ from accelerate.utils import (
     is_wandb_available,
     parse_flag_from_env,
 )
-from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
 from transformers import AutoConfig, PreTrainedConfig
 
 from .augmentation import MultiCropAugmentation
+from .backbones import SUPPORTED_MODEL_TYPES, family_of
 from .batched_augmentation import BatchedMultiCropAugmentation, DeviceMultiCrop
 from .configuration_dino import DinoConfig
 from .data import DinoDataLoader, create_train_dataloader, mix_seeds
@@ -41,6 +41,7 @@ from .hardware import (
     usable_cores,
 )
 from .modeling_dino import DinoForPreTraining
+from .optimizers import build_optimizer_for_groups
 from .schedules import DinoSchedules, StepPlan
 from .training_args import DinoTrainingArguments
 
@@ -55,12 +56,14 @@ __all__ = [
     "build_model",
     "build_model_config",
     "build_optimizer",
+    "backbone_learning_rate_scale",
     "build_schedules",
     "choose_precision",
     "cores_per_process",
     "open_training_data",
     "prepare_model_and_optimizer",
     "set_compute_threads",
+    "starts_from_backbone",
     "training_device",
     "worker_policy",
 ]
@@ -156,7 +159,7 @@ def _apply_loss_settings(config: DinoConfig, args: DinoTrainingArguments) -> Non
 
 
 def _checkpoint_model_type(path: str) -> str:
-    """``model_type`` of a local folder or Hub id (``"vit"`` for an exported backbone)."""
+    """``model_type`` of a local folder or Hub id (e.g. ``"vit"`` for an exported backbone)."""
     config_file = os.path.join(path, "config.json")
     if os.path.isdir(path):
         if not os.path.isfile(config_file):
@@ -173,49 +176,60 @@ def _checkpoint_model_type(path: str) -> str:
         ) from None
 
 
-def build_model(args: DinoTrainingArguments) -> DinoForPreTraining:
-    """The `DinoForPreTraining` to train: fresh, from a DINO checkpoint or from a ViT backbone.
+def starts_from_backbone(args: DinoTrainingArguments) -> bool:
+    """Whether the run continues pre-training of a backbone with fresh heads (``--model_name_or_path``
+    names a backbone, not a DinoForPreTraining folder): the head warm-up and the lower backbone
+    learning rate of continued pre-training then apply by default."""
+    return args.model_name_or_path is not None and _checkpoint_model_type(args.model_name_or_path) != DinoConfig.model_type
 
-    A fresh backbone gets ``image_size = --global_crop_size`` unless the overrides set it; crop
-    sizes must be multiples of the patch size.
+
+def build_model(args: DinoTrainingArguments) -> DinoForPreTraining:
+    """The `DinoForPreTraining` to train: fresh, from a DINO checkpoint or from a backbone of any family.
+
+    A fresh backbone whose config has an ``image_size`` gets ``--global_crop_size`` unless the
+    overrides set it; crop sizes must suit the backbone (multiples of the patch size for ViTs).
     """
     try:
         if args.model_name_or_path is None:
             config = build_model_config(args)
-            if "backbone_config.image_size" not in (args.config_overrides or ""):
-                config.backbone_config.image_size = args.global_crop_size
-            _check_crop_sizes(args, config.backbone_config.patch_size)
+            backbone_config = config.backbone_config
+            if hasattr(backbone_config, "image_size") and "backbone_config.image_size" not in (args.config_overrides or ""):
+                backbone_config.image_size = args.global_crop_size
+            _check_crop_sizes(args, backbone_config)
             model = DinoForPreTraining(config)
         else:
             model_type = _checkpoint_model_type(args.model_name_or_path)
-            if model_type == "vit":
-                model = DinoForPreTraining.from_backbone(args.model_name_or_path, config=build_model_config(args))
-            elif model_type == DinoConfig.model_type:
+            if model_type == DinoConfig.model_type:
                 config = DinoConfig.from_pretrained(args.model_name_or_path)
                 _apply_loss_settings(config, args)
                 model = DinoForPreTraining.from_pretrained(args.model_name_or_path, config=config)
+            elif model_type in SUPPORTED_MODEL_TYPES:
+                model = DinoForPreTraining.from_backbone(args.model_name_or_path, config=build_model_config(args))
             else:
                 raise ValueError(
                     f"--model_name_or_path {args.model_name_or_path} holds a {model_type!r} model: pass a "
-                    "DinoForPreTraining folder or an exported ViT backbone."
+                    f"DinoForPreTraining folder or a backbone of one of these families: {', '.join(SUPPORTED_MODEL_TYPES)}."
                 )
-            _check_crop_sizes(args, model.config.backbone_config.patch_size)
+            _check_crop_sizes(args, model.config.backbone_config)
     except ValueError as error:
         message = str(error)
         if "--" not in message:
             message = f"--model_config/--config_overrides describe an impossible model: {message}"
         raise ValueError(message) from None
     if args.activation_checkpointing:
-        model.student.backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        backbone = model.student.backbone
+        if not getattr(backbone, "supports_gradient_checkpointing", False):
+            raise ValueError(
+                f"--activation_checkpointing: {type(backbone).__name__} does not support activation checkpointing."
+            )
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
 
 
-def _check_crop_sizes(args: DinoTrainingArguments, patch_size: int | list[int] | tuple[int, int]) -> None:
-    patch = patch_size[0] if isinstance(patch_size, (list, tuple)) else int(patch_size)
+def _check_crop_sizes(args: DinoTrainingArguments, backbone_config: PreTrainedConfig) -> None:
+    family = family_of(backbone_config)
     for name in ("global_crop_size", "local_crop_size"):
-        size = getattr(args, name)
-        if size % patch != 0:
-            raise ValueError(f"--{name} {size} is not a multiple of the backbone's patch size {patch}.")
+        family.check_crop_size(backbone_config, getattr(args, name), f"--{name}")
 
 
 def build_augmentation(args: DinoTrainingArguments) -> MultiCropAugmentation:
@@ -391,11 +405,20 @@ def set_compute_threads(args: DinoTrainingArguments, accelerator: Accelerator, n
     return threads
 
 
+def _may_freeze_backbone(args: DinoTrainingArguments) -> bool:
+    """Whether the run may have a head warm-up (explicit, or the default of continued pre-training)."""
+    if args.freeze_backbone_steps is not None or args.freeze_backbone_epochs is not None:
+        return bool(args.freeze_backbone_steps or args.freeze_backbone_epochs)
+    return starts_from_backbone(args)
+
+
 def build_accelerator(args: DinoTrainingArguments, mixed_precision: str) -> Accelerator:
     """`Accelerator` with the resolved precision (`choose_precision`) and the trackers."""
     # Buffers need no broadcast: the center is all-reduced by DinoLoss.update_center, and the
-    # teacher (inside the wrapped module) is kept identical by identical EMA updates.
-    ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False)
+    # teacher (inside the wrapped module) is kept identical by identical EMA updates. A head warm-up
+    # leaves the backbone without gradients for a while, which DDP must be told about.
+    ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False,
+                                               find_unused_parameters=_may_freeze_backbone(args))
     return Accelerator(
         mixed_precision=mixed_precision,
         log_with=_trackers(args.report_to),
@@ -405,13 +428,35 @@ def build_accelerator(args: DinoTrainingArguments, mixed_precision: str) -> Acce
     )
 
 
-def build_optimizer(model: DinoForPreTraining, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW over the student's parameter groups; fused where supported, so that a non-finite step
-    can be skipped on the device (``found_inf``). Learning rate and weight decay are set each step."""
-    groups = model.get_parameter_groups(weight_decay=0.0)
+def build_optimizer(
+    model: DinoForPreTraining, device: torch.device, args: DinoTrainingArguments | None = None
+) -> torch.optim.Optimizer:
+    """``--optimizer`` (AdamW by default) over the student's parameter groups (`get_parameter_groups`:
+    no weight decay on biases and norms; the backbone's learning-rate scale and layer-wise decay).
+
+    Learning rate and weight decay are set each step. ``args`` ``None`` gives AdamW at full scale.
+    """
+    name, backbone_scale, layer_decay = "adamw", 1.0, 1.0
+    if args is not None:
+        name, layer_decay = args.optimizer, args.layerwise_learning_rate_decay
+        backbone_scale = backbone_learning_rate_scale(args)
+    groups = model.get_parameter_groups(0.0, backbone_scale, layer_decay)
     groups = [group for group in groups if group["params"]]
-    fused = device.type in _get_fused_kernels_supported_devices()
-    return torch.optim.AdamW(groups, lr=0.0, betas=(0.9, 0.999), fused=fused, foreach=None if fused else True)
+    return build_optimizer_for_groups(name, groups, device)
+
+
+#: The backbone's learning-rate factor when continuing from a pretrained backbone and
+#: --backbone_learning_rate_scale is unset (chosen by measurement, benchmarks/RESULTS.md
+#: "Continued pre-training").
+CONTINUED_BACKBONE_LEARNING_RATE_SCALE = 0.1
+
+
+def backbone_learning_rate_scale(args: DinoTrainingArguments) -> float:
+    """``--backbone_learning_rate_scale``, else :data:`CONTINUED_BACKBONE_LEARNING_RATE_SCALE` for continued
+    pre-training and 1 from scratch or from a DinoForPreTraining folder."""
+    if args.backbone_learning_rate_scale is not None:
+        return args.backbone_learning_rate_scale
+    return CONTINUED_BACKBONE_LEARNING_RATE_SCALE if starts_from_backbone(args) else 1.0
 
 
 def build_schedules(args: DinoTrainingArguments, plan: StepPlan) -> DinoSchedules:
@@ -428,15 +473,19 @@ def build_schedules(args: DinoTrainingArguments, plan: StepPlan) -> DinoSchedule
         warmup_teacher_temperature=args.warmup_teacher_temperature,
         warmup_teacher_temperature_steps=plan.warmup_teacher_temperature_steps,
         freeze_last_layer_steps=plan.freeze_last_layer_steps,
+        freeze_backbone_steps=plan.freeze_backbone_steps,
     )
 
 
-def build_knn_monitor(args: DinoTrainingArguments, num_workers: int = 0) -> KnnMonitor | None:
+def build_knn_monitor(
+    args: DinoTrainingArguments, num_workers: int = 0, image_processor: dict | None = None
+) -> KnnMonitor | None:
     """The periodic k-NN evaluation of ``--eval_dataset_name`` (``None`` without one).
 
     A Hub dataset is streamed when the training data is (``--streaming``), so that
     ``--eval_max_samples`` images are read rather than the whole split downloaded; a local one is read
     map-style (its seeded subset is then an unbiased draw even from class-sorted folders).
+    ``image_processor``: the one a continued backbone came with (evaluation sees what its export will).
     """
     if not args.eval_dataset_name:
         return None
@@ -452,12 +501,15 @@ def build_knn_monitor(args: DinoTrainingArguments, num_workers: int = 0) -> KnnM
         num_workers=num_workers,
         streaming=args.streaming and not is_local,
         seed=args.seed,
+        image_processor=image_processor,
     )
 
 
 def _maybe_convert_sync_batch_norm(model: DinoForPreTraining, accelerator: Accelerator) -> DinoForPreTraining:
-    """Batch norm in the head is synchronised across GPUs, as in the official code."""
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and model.config.head_use_batch_norm:
+    """Batch norms (a ResNet backbone, a batch-norm head) are synchronised across GPUs, as in the
+    official code (``nn.SyncBatchNorm`` needs CUDA: CPU processes keep per-process statistics)."""
+    has_batch_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and has_batch_norm:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
 
@@ -467,7 +519,7 @@ def prepare_model_and_optimizer(
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """Sync batch norm, the attention kernel, compilation, device placement, AdamW and the (DDP) wrapping."""
     model = _maybe_convert_sync_batch_norm(model, accelerator)
-    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu":
+    if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and model.student.family.has_attention:
         # The SDPA backward in bf16 is slow on the CPU and eager attention is faster there (see
         # benchmarks/RESULTS.md, bench_train_step); the exports keep the configured implementation.
         for network in (model.student, model.teacher):
@@ -476,7 +528,7 @@ def prepare_model_and_optimizer(
         model.student.compile_backbone()
         model.teacher.compile_backbone()
     model.to(accelerator.device)
-    optimizer = build_optimizer(model, accelerator.device)
+    optimizer = build_optimizer(model, accelerator.device, args)
     with warnings.catch_warnings():  # accelerate 1.x forwards the still-needed broadcast_buffers=False
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         model, optimizer = accelerator.prepare(model, optimizer)

@@ -1,16 +1,22 @@
 """`DinoConfig`: everything that determines the shape of a DINO student/teacher pair.
 
-The configuration travels in ``config.json`` next to the weights. It nests the ViT backbone's own
-``ViTConfig`` (so the exported backbone is a stock ``transformers`` ViT) and adds the projection
-head, the number of prototypes and the loss constants the official DINO code fixes at build time.
-Training-time recipe values (learning rates, schedules, crops) live in ``DinoTrainingArguments``.
+The configuration travels in ``config.json`` next to the weights. It nests the backbone's own
+``transformers`` config (a ``ViTConfig`` by default; any family of :mod:`dino_hf.backbones`, named by
+its ``model_type``, so that the exported backbone is the stock ``transformers`` model) and adds the
+projection head, the number of prototypes and the loss constants the official DINO code fixes at
+build time. Training-time recipe values (learning rates, schedules, crops) live in
+``DinoTrainingArguments``.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from huggingface_hub.dataclasses import strict
-from transformers import PreTrainedConfig, ViTConfig
+from transformers import Dinov2WithRegistersConfig, PreTrainedConfig, ResNetConfig, ViTConfig
 from transformers.configuration_utils import SubConfigSpec
+
+from .backbones import family_of
 
 # Architecture of the backbones the official DINO release trains. DINO's ViT differs from the
 # ViTConfig defaults in its LayerNorm epsilon (1e-6, as timm/DeiT) — that difference matters for
@@ -36,6 +42,24 @@ DINO_BACKBONE_DEFAULTS: dict = {
 }
 
 
+# Presets of the other families: the backbone config, and DinoConfig fields that go with it.
+_FAMILY_PRESETS: dict[str, tuple[Callable[[], PreTrainedConfig], dict]] = {
+    # DINOv2's ViT-S/14 with 4 registers (Darcet et al. 2024): layer scale 1e-5, LayerNorm eps 1e-6,
+    # 224 px global crops (16 x 16 patches).
+    "dinov2_small_patch14": (
+        lambda: Dinov2WithRegistersConfig(
+            hidden_size=384, num_hidden_layers=12, num_attention_heads=6, mlp_ratio=4, patch_size=14,
+            image_size=224, num_register_tokens=4, layerscale_value=1e-5, layer_norm_eps=1e-6, qkv_bias=True,
+        ),
+        {},
+    ),
+    # The official DINO ResNet-50 (torchvision's layout = transformers' ResNetConfig defaults): no
+    # stochastic depth; the rest of its recipe (SGD, lr 0.03, weight decay 1e-4, crop scales) is
+    # scripts/configs/resnet50.yaml.
+    "resnet50": (lambda: ResNetConfig(), {"drop_path_rate": 0.0}),
+}
+
+
 def dino_backbone_config(**overrides) -> ViTConfig:
     """A ``ViTConfig`` with DINO's defaults (ViT-S/16 unless ``overrides`` say otherwise).
 
@@ -53,9 +77,11 @@ class DinoConfig(PreTrainedConfig):
     constants of the DINO loss. Defaults reproduce the official facebookresearch/dino ViT-S/16.
 
     Args:
-        backbone_config (`ViTConfig` or `dict`, *optional*):
-            The student/teacher backbone. Defaults to DINO's ViT-S/16 (hidden 384, 12 layers, 6 heads,
-            patch 16, 224 px, LayerNorm eps 1e-6, qkv bias).
+        backbone_config (`PreTrainedConfig` or `dict`, *optional*):
+            The student/teacher backbone: a config of any family dino_hf trains (ViT, DeiT, DINOv2,
+            DINOv2 with registers, DINOv3 ViT, ConvNeXt, DINOv3 ConvNeXt, ResNet; a dict names it by
+            ``model_type``). Defaults to DINO's ViT-S/16 (hidden 384, 12 layers, 6 heads, patch 16,
+            224 px, LayerNorm eps 1e-6, qkv bias).
         num_prototypes (`int`, *optional*, defaults to 65536):
             Output dimension K of the head (the official ``out_dim``). Smaller K (1-4k) learns faster on
             small data sets; ln(K) is the loss of a uniformly collapsed model.
@@ -81,6 +107,10 @@ class DinoConfig(PreTrainedConfig):
             How teacher targets avoid collapse: `"centering"` (DINO: subtract an EMA center, then
             sharpen) or `"sinkhorn_knopp"` (DINOv2: equipartition over prototypes by 3 Sinkhorn-Knopp
             iterations; the center buffer is then unused).
+        backbone_image_processor (`dict`, *optional*):
+            The `preprocessor_config.json` the backbone came with (continued pre-training of a Hub or
+            local backbone): every export writes it again, so a DINOv2 keeps its own resize rule and
+            mean/std. `None` (training from scratch): exports get ImageNet mean/std at the crop size.
 
     Example:
 
@@ -115,6 +145,7 @@ class DinoConfig(PreTrainedConfig):
     student_temperature: float | int = 0.1
     center_momentum: float | int = 0.9
     teacher_centering: str = "centering"
+    backbone_image_processor: dict | None = None
 
     def check_architecture(self) -> None:
         """Raise ``ValueError`` with one sentence when a field has an impossible value."""
@@ -135,32 +166,27 @@ class DinoConfig(PreTrainedConfig):
             raise ValueError(
                 f"DinoConfig.teacher_centering must be 'centering' or 'sinkhorn_knopp', got {self.teacher_centering!r}."
             )
-        backbone = self.backbone_config
-        if backbone.hidden_size % backbone.num_attention_heads != 0:
-            raise ValueError(
-                f"backbone_config.hidden_size ({backbone.hidden_size}) must be divisible by "
-                f"backbone_config.num_attention_heads ({backbone.num_attention_heads})."
-            )
-        image_size, patch_size = backbone.image_size, backbone.patch_size
-        if isinstance(image_size, int) and isinstance(patch_size, int) and image_size % patch_size != 0:
-            raise ValueError(
-                f"backbone_config.image_size ({image_size}) must be a multiple of backbone_config.patch_size ({patch_size})."
-            )
+        family_of(self.backbone_config).check(self.backbone_config)
 
     @staticmethod
     def preset_names() -> list[str]:
         """Names accepted by :meth:`from_preset`."""
-        return sorted(_BACKBONE_PRESETS)
+        return sorted([*_BACKBONE_PRESETS, *_FAMILY_PRESETS])
 
     @classmethod
     def from_preset(cls, name: str, **kwargs) -> DinoConfig:
-        """Build the configuration of an official DINO architecture.
+        """Build the configuration of an official DINO (or DINOv2) architecture.
 
         Args:
-            name: one of :meth:`preset_names` (``vit_tiny_patch16``, ``vit_small_patch16``,
-                ``vit_small_patch8``, ``vit_base_patch16``, ``vit_base_patch8``).
+            name: one of :meth:`preset_names`: the official DINO ViTs (``vit_tiny_patch16``,
+                ``vit_small_patch16``, ``vit_small_patch8``, ``vit_base_patch16``, ``vit_base_patch8``),
+                DINOv2's ViT-S/14 with registers (``dinov2_small_patch14``) and the official DINO
+                ResNet-50 (``resnet50``).
             kwargs: overrides of the DinoConfig fields (head, K, drop path...).
         """
+        if name in _FAMILY_PRESETS:
+            build, fields = _FAMILY_PRESETS[name]
+            return cls(backbone_config=build(), **{**fields, **kwargs})
         if name not in _BACKBONE_PRESETS:
             raise ValueError(f"Unknown DINO preset {name!r}; use one of: {', '.join(cls.preset_names())}.")
         backbone = dino_backbone_config(**_BACKBONE_PRESETS[name])

@@ -17,6 +17,7 @@ arguments, so ``argparse.Namespace`` is the one extra type allowed.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import re
 from pathlib import Path
@@ -27,6 +28,7 @@ from transformers import ViTConfig, ViTModel
 from .backbones import save_backbone
 from .configuration_dino import DINO_BACKBONE_DEFAULTS, DinoConfig
 from .modeling_dino import DinoForPreTraining
+from .run_output import PRETRAINING_PROGRESS_NAME
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
 _PREFIXES = ("module.", "backbone.", "_orig_mod.")
@@ -232,7 +234,8 @@ def convert_checkpoint(
         checkpoint_path: ``.pth`` file (bare backbone or full training checkpoint).
         output_dir: destination; the backbone goes to ``output_dir`` (same format as
             ``DinoForPreTraining.save_backbone``) and, with ``save_training_model``, the full
-            ``DinoForPreTraining`` to ``output_dir/training_model``.
+            ``DinoForPreTraining`` to ``output_dir/training_model`` (with the checkpoint's epoch in
+            ``pretraining_progress.json``, so that training from that folder continues the schedules).
         checkpoint_key: for full checkpoints, which network's backbone to export (the official
             evaluation uses ``teacher``).
         num_attention_heads: override the inferred head count (``hidden // 64``).
@@ -247,6 +250,11 @@ def convert_checkpoint(
         model = training_model_from_official(checkpoint, num_attention_heads)
         if save_training_model:
             model.save_pretrained(output_dir / "training_model")
+            epoch = checkpoint.get("epoch")
+            if isinstance(epoch, (int, float)) and not isinstance(epoch, bool):
+                # the official loop saves the next epoch to run: a run from this folder starts there
+                progress = {"epoch": float(epoch), "source": Path(checkpoint_path).name}
+                (output_dir / "training_model" / PRETRAINING_PROGRESS_NAME).write_text(json.dumps(progress) + "\n")
         model.save_backbone(output_dir, which=checkpoint_key)
         return output_dir
     if save_training_model:

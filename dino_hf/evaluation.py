@@ -1,10 +1,11 @@
 """Evaluation of (DINO) vision backbones: frozen features, weighted k-NN, linear probe, the in-training monitor.
 
-Everything here works on any ``transformers.AutoModel``-loadable ViT-style backbone whose
-``last_hidden_state[:, 0]`` is a CLS token (``ViTModel`` written by ``save_backbone``, ``facebook/dino-*``,
-``facebook/dinov2-*``...), as the official DINO evaluation does:
+Everything here works on any ``transformers.AutoModel``-loadable backbone (``ViTModel`` written by
+``save_backbone``, ``facebook/dino-*``, ``facebook/dinov2-*``, ConvNeXt, ResNet...), as the official
+DINO evaluation does:
 
-- features: CLS token of ``last_hidden_state`` (after the final LayerNorm), L2-normalised;
+- features: the DINO embedding (:func:`dino_hf.backbones.backbone_embedding`: the CLS token of
+  ``last_hidden_state`` after the final norm, or a ConvNet's pooled output), L2-normalised;
 - k-NN: cosine similarity to every training feature, the top-k neighbours vote for their class with
   weight ``exp(similarity / T)`` (T = 0.07), the class with the largest vote wins (official
   ``eval_knn.py``, ``knn_classifier``);
@@ -29,7 +30,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from .backbones import backbone_forward, load_image_processor
+from .backbones import backbone_embedding, backbone_forward, load_image_processor
 from .data import load_image_dataset
 from .decoding import decode_image, to_pil_image
 from .visualization import attention_grid, attention_maps, save_attention_maps
@@ -234,7 +235,7 @@ def extract_features(
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
             with autocast():
                 output = backbone_forward(backbone, pixel_values)
-            features = output.last_hidden_state[:, 0].float()
+            features = backbone_embedding(backbone, output).float()
             if normalize:
                 features = F.normalize(features, dim=-1)
             if shard:  # gather inside the loop: gather_for_metrics drops the last batch's padding
@@ -458,6 +459,8 @@ class KnnMonitor:
         linear_probe: also fit a linear probe (metric ``linear_probe_top1``).
         cache_max_bytes: largest preprocessed-image cache kept in memory (per process).
         seed: seed of the subset draw.
+        image_processor: the preprocessor config dict a backbone came with (else what an export of a
+            backbone trained from scratch gets: ImageNet mean/std at the backbone's resolution).
     """
 
     def __init__(
@@ -480,11 +483,13 @@ class KnnMonitor:
         linear_probe: bool = False,
         cache_max_bytes: int = 2 * 1024**3,
         seed: int = 0,
+        image_processor: dict | None = None,
     ) -> None:
         self.dataset_name = dataset_name
         self.image_column = image_column
         self.label_column = label_column
         self.image_size = image_size
+        self.image_processor = image_processor
         self.ks = _normalise_ks(k)
         self.temperature = temperature
         self.batch_size = batch_size
@@ -512,7 +517,9 @@ class KnnMonitor:
                 _HalfTensorDataset(pixel_values, labels), batch_size=self.batch_size, shuffle=False
             )
         if self._processor is None:
-            self._processor = load_image_processor(None, backbone.config, self.image_size)
+            self._processor = load_image_processor(
+                None, backbone.config, self.image_size, image_processor=self.image_processor
+            )
         loader = make_eval_dataloader(
             self.datasets[name],
             self._processor,
@@ -583,7 +590,9 @@ class KnnMonitor:
         per image (:func:`attention_grid`).
         """
         if self._processor is None:
-            self._processor = load_image_processor(None, backbone.config, self.image_size)
+            self._processor = load_image_processor(
+                None, backbone.config, self.image_size, image_processor=self.image_processor
+            )
         images = []
         for example in self.datasets["test"]:
             value = example.get(self.image_column)

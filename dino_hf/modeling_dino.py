@@ -9,19 +9,22 @@ plain ``transformers`` loads without dino_hf.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoConfig, AutoModel, PreTrainedModel, ViTModel
+from torch.autograd.function import once_differentiable
+from transformers import AutoConfig, AutoModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
-from .backbones import add_stochastic_depth, embed_class_token, save_backbone
+from .backbones import family_of, image_processor_dict, save_backbone
 from .configuration_dino import DinoConfig
 from .loss import DinoLoss
 from .schedules import OFFICIAL_TEACHER_TEMPERATURE
@@ -73,6 +76,57 @@ def initialize_head_module(module: nn.Module, initialization: ModuleType = nn.in
         module.reset_parameters(initialization)
 
 
+class _ScaledRowsLinear(torch.autograd.Function):
+    """``y = (x @ v.T) * s`` with ``s = g / ||v||`` per output row, and its gradient in closed form.
+
+    Shapes: ``x`` ``(N, D)``, ``v`` ``(K, D)``, ``g`` ``(K, 1)``, ``y`` ``(N, K)``. With ``G = dL/dy`` and
+    ``c_j = sum_n G[n, j] (x_n . v_j)``::
+
+        dL/dx = (G * s) @ v
+        dL/dv = (G * s).T @ x - (c * s / ||v||^2) v      one (K, D) product, then an in-place update
+        dL/dg = c / ||v||
+
+    exactly the gradient of ``linear(x, g * v / ||v||)``. Letting autograd differentiate the norm
+    instead allocates and sweeps several more ``(K, D)`` tensors per step (65,536 x 256 in the
+    official head), which made the prototype layer the largest item of a CPU step after the backbone
+    (benchmarks/RESULTS.md, bench_train_step).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, inputs: torch.Tensor, weight_v: torch.Tensor, weight_g: torch.Tensor) -> torch.Tensor:
+        norm = torch.linalg.vector_norm(weight_v, dim=1, keepdim=True)  # (K, 1)
+        scale = (weight_g / norm).squeeze(1)  # (K,)
+        raw = F.linear(inputs, weight_v)  # (N, K)
+        ctx.scale_trainable = ctx.needs_input_grad[2]
+        if ctx.scale_trainable:  # c needs the unscaled product: keep it
+            logits = raw * scale.to(raw.dtype)
+            ctx.save_for_backward(inputs, weight_v, norm, scale, raw)
+        else:  # scale in place (one (N, K) allocation) and recover c * s from the output
+            logits = raw.mul_(scale.to(raw.dtype))
+            ctx.save_for_backward(inputs, weight_v, norm, scale, logits)
+        return logits
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, grad_logits: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        inputs, weight_v, norm, scale, saved = ctx.saved_tensors
+        grad_inputs = grad_v = grad_g = None
+        scaled = grad_logits * scale.to(grad_logits.dtype)  # G * s, (N, K)
+        if ctx.needs_input_grad[0]:
+            grad_inputs = scaled.to(weight_v.dtype) @ weight_v
+        if ctx.needs_input_grad[1] or ctx.needs_input_grad[2]:
+            # c (trainable g: saved = x @ v.T) or c * s (fixed g: saved = y), per prototype, (K,)
+            products = (grad_logits * saved).sum(0).to(norm.dtype)
+            norm_squared = norm.squeeze(1).square()
+            if ctx.needs_input_grad[1]:
+                grad_v = scaled.t().mm(inputs.to(scaled.dtype)).to(weight_v.dtype)  # (K, D)
+                coefficient = (products * scale if ctx.scale_trainable else products) / norm_squared
+                grad_v.addcmul_(weight_v, coefficient.neg().unsqueeze(1).to(weight_v.dtype))
+            if ctx.needs_input_grad[2]:
+                grad_g = (products / norm.squeeze(1)).unsqueeze(1)
+        return grad_inputs, grad_v, grad_g
+
+
 class WeightNormalizedLinear(nn.Module):
     """Bias-free linear layer with weight normalisation, ``weight = g * v / ||v||`` per output row.
 
@@ -98,12 +152,11 @@ class WeightNormalizedLinear(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """``(N, in_features)`` -> ``(N, out_features)``."""
-        scale = self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)  # (out, 1)
         if hidden_states.shape[0] < self.weight_v.shape[1]:
             # Few rows (the teacher's 2 x batch, small batches): scaling the (N, out) output costs less
             # than materialising the normalised (out, in) weight, e.g. 65536 x 256 (same result).
-            logits = F.linear(hidden_states, self.weight_v)
-            return logits * scale.squeeze(1).to(logits.dtype)
+            return _ScaledRowsLinear.apply(hidden_states, self.weight_v, self.weight_g)
+        scale = self.weight_g / torch.linalg.vector_norm(self.weight_v, dim=1, keepdim=True)  # (out, 1)
         return F.linear(hidden_states, self.weight_v * scale)
 
 
@@ -151,14 +204,17 @@ class DinoHead(nn.Module):
 
 
 class DinoStudentTeacherNetwork(nn.Module):
-    """A ViT backbone followed by a :class:`DinoHead`; the student and the teacher are each one."""
+    """A backbone of any supported family followed by a :class:`DinoHead`; the student and the teacher
+    are each one. What is specific to the backbone's family (building, stochastic depth, the DINO
+    embedding) is :mod:`dino_hf.backbones`'."""
 
     def __init__(self, config: DinoConfig, drop_path_rate: float = 0.0) -> None:
         super().__init__()
-        self.backbone = ViTModel(config.backbone_config, add_pooling_layer=False)
+        self.family = family_of(config.backbone_config)
+        self.backbone = self.family.build(config.backbone_config, drop_path_rate)
         self._compiled_embed = None  # set by compile_backbone
         self.head = DinoHead(
-            in_features=config.backbone_config.hidden_size,
+            in_features=self.family.embedding_size(config.backbone_config),
             num_prototypes=config.num_prototypes,
             hidden_size=config.head_hidden_size,
             bottleneck_size=config.head_bottleneck_size,
@@ -166,13 +222,12 @@ class DinoStudentTeacherNetwork(nn.Module):
             use_batch_norm=config.head_use_batch_norm,
             norm_last_layer=config.norm_last_layer,
         )
-        add_stochastic_depth(self.backbone, drop_path_rate)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """``(N, 3, H, W)`` -> ``(N, hidden)``: the backbone's DINO embedding (:func:`embed_class_token`)."""
+        """``(N, 3, H, W)`` -> ``(N, embedding_size)``: the backbone's DINO embedding (its family's)."""
         if self._compiled_embed is not None:
             return self._compiled_embed(self.backbone, pixel_values)
-        return embed_class_token(self.backbone, pixel_values)
+        return self.family.embed(self.backbone, pixel_values)
 
     def compile_backbone(self, **compile_options) -> None:
         """``torch.compile`` what :meth:`embed` runs, as one function (weights and state-dict names unchanged).
@@ -180,17 +235,20 @@ class DinoStudentTeacherNetwork(nn.Module):
         One compiled frame for the whole backbone: compiling each block separately would share one
         code object between blocks whose drop-path rates differ, and recompile past torch's limit.
         """
-        self._compiled_embed = torch.compile(embed_class_token, **compile_options)
+        self._compiled_embed = torch.compile(self.family.embed, **compile_options)
 
-    def forward(self, crops_per_resolution: list[torch.Tensor]) -> torch.Tensor:
+    def forward(self, crops_per_resolution: list[torch.Tensor], freeze_backbone: bool = False) -> torch.Tensor:
         """Embed each resolution group with one backbone call, then run the head once.
 
         Args:
             crops_per_resolution: tensors of shape ``(N_i, 3, H_i, W_i)``.
+            freeze_backbone: run the backbone without gradients (a head warm-up: only the head
+                learns, and the backbone's backward pass is not computed at all).
         Returns:
             ``(sum N_i, num_prototypes)`` logits in the order of the inputs.
         """
-        features = torch.cat([self.embed(crops) for crops in crops_per_resolution])
+        with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
+            features = torch.cat([self.embed(crops) for crops in crops_per_resolution])
         return self.head(features)
 
 
@@ -307,6 +365,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         teacher_temperature: float | torch.Tensor = OFFICIAL_TEACHER_TEMPERATURE,
         update_center: bool | None = None,
         return_dict: bool = True,
+        freeze_backbone: bool = False,
     ) -> DinoForPreTrainingOutput | tuple:
         """Run teacher on the global crops and student on all crops; compute the DINO loss.
 
@@ -317,6 +376,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
             update_center: update the loss's center after the loss; ``None`` means "in training mode".
                 Pass ``False`` on gradient-accumulation micro-steps and update once per optimiser
                 step from the averaged ``teacher_logits_mean``.
+            freeze_backbone: the student's backbone runs without gradients (a head warm-up).
         """
         self._check_crops(global_crops, local_crops)
         num_global, batch = global_crops.shape[:2]
@@ -327,7 +387,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         student_inputs = [global_flat]
         if local_crops is not None and local_crops.shape[0] > 0:
             student_inputs.append(local_crops.flatten(0, 1))
-        student_logits = self.student(student_inputs)
+        student_logits = self.student(student_inputs, freeze_backbone=freeze_backbone)
         student_logits = student_logits.view(-1, batch, student_logits.shape[-1])
 
         losses = self.loss_fn(
@@ -344,7 +404,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def embed(self, pixel_values: torch.Tensor, which: str = "teacher") -> torch.Tensor:
-        """``(N, 3, H, W)`` -> ``(N, hidden)`` CLS embedding of the teacher (default) or student."""
+        """``(N, 3, H, W)`` -> ``(N, D)`` DINO embedding of the teacher (default) or student."""
         return self._network(which).embed(pixel_values)
 
     def _network(self, which: str) -> DinoStudentTeacherNetwork:
@@ -381,25 +441,56 @@ class DinoForPreTraining(DinoPreTrainedModel):
         self._ema_pairs = None
         return super()._apply(fn, recurse)
 
-    def get_parameter_groups(self, weight_decay: float) -> list[dict]:
-        """AdamW parameter groups of the student, following the official DINO rule.
+    def get_parameter_groups(
+        self,
+        weight_decay: float,
+        backbone_learning_rate_scale: float = 1.0,
+        layerwise_learning_rate_decay: float = 1.0,
+    ) -> list[dict]:
+        """Optimiser parameter groups of the student, following the official DINO rule.
 
-        Biases and all 1-D parameters (norm weights) get no weight decay; frozen parameters (the
-        teacher, a fixed prototype norm) are left out. Each group carries ``apply_weight_decay`` so
-        that a weight-decay schedule updates only the decayed group.
+        Biases and all 1-D parameters (norm weights, layer scales) get no weight decay; frozen
+        parameters (the teacher, a fixed prototype norm) are left out. Each group carries
+        ``apply_weight_decay`` (so that a weight-decay schedule updates only the decayed groups) and
+        ``lr_scale`` (the training step sets ``lr = scheduled lr * lr_scale``).
+
+        Args:
+            weight_decay: initial weight decay of the decayed groups.
+            backbone_learning_rate_scale: learning-rate factor of every backbone parameter (the heads
+                keep 1): continued pre-training moves a pretrained backbone less than its fresh head.
+            layerwise_learning_rate_decay: factor per block from the top (as DINOv2 / BEiT fine-tuning):
+                block ``i`` of ``L`` gets ``decay ** (L + 1 - i)``, the embeddings ``decay ** (L + 1)``.
         """
-        decayed, not_decayed = [], []
+        family = self.student.family
+        num_blocks = family.num_blocks(self.config.backbone_config)
+        groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
         for name, parameter in self.student.named_parameters():
             if not parameter.requires_grad:
                 continue
-            if name.endswith(".bias") or parameter.ndim <= 1:
-                not_decayed.append(parameter)
-            else:
-                decayed.append(parameter)
+            scale = 1.0
+            if name.startswith("backbone."):
+                depth = family.block_index(name[len("backbone."):], num_blocks)
+                scale = backbone_learning_rate_scale * layerwise_learning_rate_decay ** (num_blocks + 1 - depth)
+            decayed = not (name.endswith(".bias") or parameter.ndim <= 1)
+            groups.setdefault((decayed, scale), []).append(parameter)
         return [
-            {"params": decayed, "weight_decay": weight_decay, "apply_weight_decay": True},
-            {"params": not_decayed, "weight_decay": 0.0, "apply_weight_decay": False},
+            {
+                "params": parameters,
+                "weight_decay": weight_decay if decayed else 0.0,
+                "apply_weight_decay": decayed,
+                "lr_scale": scale,
+            }
+            for (decayed, scale), parameters in sorted(groups.items(), key=lambda item: (not item[0][0], -item[0][1]))
         ]
+
+    def backbone_parameters(self, which: str = "student") -> list[torch.nn.Parameter]:
+        """The parameters of the student's (or teacher's) backbone."""
+        return list(self._network(which).backbone.parameters())
+
+    @torch.no_grad()
+    def copy_student_head_to_teacher(self) -> None:
+        """Make the teacher's head the student's (e.g. at the end of a head warm-up, whose EMA lags)."""
+        self.teacher.head.load_state_dict(self.student.head.state_dict())
 
     def cancel_last_layer_gradients(self) -> None:
         """Drop the gradients of the student's prototype layer (official last-layer freeze)."""
@@ -408,38 +499,49 @@ class DinoForPreTraining(DinoPreTrainedModel):
 
     # ------------------------------------------------------------------ export / import
     def save_backbone(self, output_dir: str | Path, which: str = "teacher", image_size: int | None = None) -> Path:
-        """Write the teacher (default) or student backbone as a stock ``ViTModel`` folder.
+        """Write the teacher (default) or student backbone as a stock ``transformers`` folder.
 
-        The folder holds ``config.json``, ``model.safetensors`` and a ``preprocessor_config.json``
-        with ImageNet mean/std and a resize to the backbone's resolution, so that
-        ``AutoModel.from_pretrained``, ``AutoImageProcessor`` and
-        ``pipeline("image-feature-extraction")`` work without dino_hf. The DINO embedding is the CLS
-        token of ``last_hidden_state``; load with ``add_pooling_layer=False`` to avoid a random pooler.
+        The folder holds ``config.json``, ``model.safetensors`` and a ``preprocessor_config.json`` (the
+        processor the backbone came with, else ImageNet mean/std and a resize to ``image_size``), so
+        that ``AutoModel.from_pretrained``, ``AutoImageProcessor`` and
+        ``pipeline("image-feature-extraction")`` work without dino_hf. The export is the class of the
+        input (a ``ViTModel`` stays a ``ViTModel``, a DINOv2 a ``Dinov2Model``...). For ViT and DeiT
+        load with ``add_pooling_layer=False`` to avoid a random pooler.
 
         Args:
             output_dir: destination folder (created).
             which: ``"teacher"`` (the official choice for evaluation) or ``"student"``.
-            image_size: processor resolution; defaults to the backbone's ``image_size``.
+            image_size: processor resolution of a backbone trained from scratch; defaults to the
+                backbone's ``image_size``.
         """
-        return save_backbone(self._network(which).backbone, output_dir, image_size)
+        backbone = self._network(which).backbone
+        if getattr(backbone.config, "drop_path_rate", None) != getattr(self.config.backbone_config, "drop_path_rate", None):
+            # the student's own stochastic depth is a training setting: export the configured value
+            backbone = copy.copy(backbone)
+            backbone.config = copy.deepcopy(self.config.backbone_config)
+        return save_backbone(backbone, output_dir, image_size, self.config.backbone_image_processor)
 
     @classmethod
     def from_backbone(
-        cls, backbone: str | Path | ViTModel, config: DinoConfig | None = None, **config_kwargs
+        cls, backbone: str | Path | PreTrainedModel, config: DinoConfig | None = None, **config_kwargs
     ) -> DinoForPreTraining:
-        """Start DINO pre-training from an existing ViT backbone (continued pre-training).
+        """Start DINO pre-training from an existing backbone of any supported family (continued pre-training).
 
         Args:
-            backbone: a ``ViTModel`` or a folder / Hub id that ``ViTModel.from_pretrained`` loads
-                (e.g. a folder written by :meth:`save_backbone`).
-            config: a DinoConfig for the head and loss; its ``backbone_config`` is replaced by the
+            backbone: a backbone model, or a folder / Hub id that ``AutoModel`` loads (e.g.
+                ``facebook/dinov2-small`` or a folder written by :meth:`save_backbone`). Its image
+                processor, when it has one, is kept for the exports.
+            config: a DinoConfig for the heads and loss; its ``backbone_config`` is replaced by the
                 backbone's own. When omitted, DINO defaults plus ``config_kwargs`` are used.
         Returns:
             A model whose student and teacher backbones both hold the given weights and whose heads
             are freshly initialised.
         """
-        if not isinstance(backbone, ViTModel):
-            backbone = ViTModel.from_pretrained(backbone, add_pooling_layer=False)
+        processor = None
+        if not isinstance(backbone, PreTrainedModel):
+            processor = image_processor_dict(backbone)
+            backbone = family_of(AutoConfig.from_pretrained(backbone)).load(backbone)
+        family = family_of(backbone.config)
         backbone_config = copy.deepcopy(backbone.config)
         if config is None:
             config = DinoConfig(backbone_config=backbone_config, **config_kwargs)
@@ -448,8 +550,11 @@ class DinoForPreTraining(DinoPreTrainedModel):
             config.backbone_config = backbone_config
             for key, value in config_kwargs.items():
                 setattr(config, key, value)
+        config.backbone_image_processor = processor
+        if family.stochastic_depth is None:
+            config.drop_path_rate = 0.0
         model = cls(config)
-        state = {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
+        state = family.state_dict_for_loading(backbone)
         for network in (model.student, model.teacher):
             network.backbone.load_state_dict(state, strict=True)
         return model

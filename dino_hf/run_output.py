@@ -53,6 +53,9 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+#: Next to a DinoForPreTraining imported from an official DINO ``checkpoint.pth``: how far that run had
+#: come (``{"epoch": E}``), so that a run started from the folder continues its schedules at epoch E.
+PRETRAINING_PROGRESS_NAME = "pretraining_progress.json"
 
 #: Files of a run that are shared next to the backbone when they exist.
 RUN_RECORD_NAMES = (TRAINING_ARGS_NAME, EVAL_RESULTS_NAME, METRICS_NAME, TRAINING_CURVES_NAME)

@@ -100,6 +100,7 @@ class ScheduleValues:
     teacher_momentum: float
     teacher_temperature: float
     freeze_last_layer: bool
+    freeze_backbone: bool = False
 
 
 @dataclass(frozen=True)
@@ -125,6 +126,9 @@ class DinoSchedules:
             30 epochs in the "boost" recipes).
         freeze_last_layer_steps: the head's last layer receives no update during the first
             this-many steps (official: 1 epoch), which stabilises the start of training.
+        freeze_backbone_steps: the student's backbone receives no update during the first this-many
+            steps, so that fresh heads learn on a pretrained backbone before it moves (continued
+            pre-training); 0 from scratch.
     """
 
     total_steps: int
@@ -138,6 +142,7 @@ class DinoSchedules:
     warmup_teacher_temperature: float = OFFICIAL_TEACHER_TEMPERATURE
     warmup_teacher_temperature_steps: int = 0
     freeze_last_layer_steps: int = 0
+    freeze_backbone_steps: int = 0
 
     def __post_init__(self) -> None:
         _check_positive_integer("total_steps", self.total_steps)
@@ -153,7 +158,8 @@ class DinoSchedules:
             value = getattr(self, name)
             if not _is_finite_number(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive number, got {value!r}.")
-        for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps"):
+        for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps",
+                     "freeze_backbone_steps"):
             _check_step_count(name, getattr(self, name), self.total_steps)
 
     def learning_rate_at(self, step: int) -> float:
@@ -188,6 +194,11 @@ class DinoSchedules:
         _check_step(step)
         return step < self.freeze_last_layer_steps
 
+    def freeze_backbone_at(self, step: int) -> bool:
+        """True while the student's backbone must not be updated (``step < freeze_backbone_steps``)."""
+        _check_step(step)
+        return step < self.freeze_backbone_steps
+
     def at(self, step: int) -> ScheduleValues:
         """Every scheduled value at optimiser ``step`` (>= 0; clamped to the final values)."""
         return ScheduleValues(
@@ -196,6 +207,7 @@ class DinoSchedules:
             teacher_momentum=self.teacher_momentum_at(step),
             teacher_temperature=self.teacher_temperature_at(step),
             freeze_last_layer=self.freeze_last_layer_at(step),
+            freeze_backbone=self.freeze_backbone_at(step),
         )
 
 
@@ -256,6 +268,7 @@ class StepPlan:
     warmup_teacher_temperature_steps: int
     freeze_last_layer_steps: int
     dataset_size_known: bool
+    freeze_backbone_steps: int = 0
     calibrated: bool = True
     time_budget_seconds: float | None = None
     seconds_per_step: float | None = None  # measured by the calibration
@@ -278,6 +291,7 @@ def plan_steps(
     num_examples_per_process: int | None,
     num_processes: int,
     total_steps: int | None = None,
+    continued: bool = False,
 ) -> StepPlan:
     """Compute the batch-scaled learning rate and every step count of the run.
 
@@ -289,6 +303,8 @@ def plan_steps(
         total_steps: the run's length when already decided (a time budget's plan); by default it
             comes from ``--max_steps`` or ``--num_train_epochs``, and a ``--max_train_minutes`` run
             gets a provisional plan (``calibrated`` false) to start its calibration with.
+        continued: the run starts from a pretrained backbone with fresh heads (continued
+            pre-training), which sets the default of the head warm-up (``--freeze_backbone_*``).
 
     Raises:
         ValueError: with one sentence naming the flag, when the run length cannot be determined.
@@ -346,9 +362,38 @@ def plan_steps(
             "freeze_last_layer_steps", args.freeze_last_layer_steps, args.freeze_last_layer_epochs
         ),
         dataset_size_known=num_examples_per_process is not None,
+        freeze_backbone_steps=_freeze_backbone_steps(args, int(total_steps), steps_per_epoch, continued),
         calibrated=not (budgeted and total_steps == PROVISIONAL_TOTAL_STEPS),
         time_budget_seconds=args.max_train_minutes * 60.0 if budgeted else None,
     )
+
+
+#: The head warm-up of continued pre-training when --freeze_backbone_steps/epochs are unset: this
+#: share of the run trains the fresh heads on the frozen backbone (chosen by measurement,
+#: benchmarks/RESULTS.md "Continued pre-training").
+CONTINUED_FREEZE_BACKBONE_FRACTION = 0.1
+
+
+def _freeze_backbone_steps(
+    args: DinoTrainingArguments, total_steps: int, steps_per_epoch: float, continued: bool
+) -> int:
+    """The head warm-up: the flags' value, else :data:`CONTINUED_FREEZE_BACKBONE_FRACTION` of a
+    continued run and none from scratch."""
+    if args.freeze_backbone_steps is None and args.freeze_backbone_epochs is None:
+        return round(CONTINUED_FREEZE_BACKBONE_FRACTION * total_steps) if continued else 0
+    if args.freeze_backbone_steps is not None:
+        frozen = args.freeze_backbone_steps
+    else:
+        frozen = round(args.freeze_backbone_epochs * steps_per_epoch)
+    if args.max_train_minutes is not None:  # the budget decides the length: keep a step to train the backbone
+        return min(frozen, max(total_steps - 1, 0))
+    flag = "--freeze_backbone_steps" if args.freeze_backbone_steps is not None else "--freeze_backbone_epochs"
+    _check(
+        frozen < total_steps or frozen == 0,
+        f"{flag} freezes the backbone for {frozen} of the run's {total_steps} optimiser steps, so it would never "
+        "train: give a warm-up shorter than the run.",
+    )
+    return frozen
 
 
 class BudgetCalibration:
@@ -452,6 +497,7 @@ def plan_for_time_budget(
     steps_done: int,
     seconds_per_step: float,
     evaluation_seconds: float = 0.0,
+    continued: bool = False,
 ) -> StepPlan:
     """The final plan of a ``--max_train_minutes`` run, from its calibration's measurements.
 
@@ -469,7 +515,7 @@ def plan_for_time_budget(
         eval_steps=args.eval_steps,
         final_evaluation=bool(args.eval_dataset_name),
     )
-    plan = plan_steps(args, num_examples_per_process, num_processes, total_steps=total_steps)
+    plan = plan_steps(args, num_examples_per_process, num_processes, total_steps=total_steps, continued=continued)
     return dataclasses.replace(
         plan,
         calibrated=True,

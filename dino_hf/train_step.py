@@ -41,7 +41,8 @@ class DinoTrainStep:
     Args:
         accelerator: the run's `Accelerator`.
         model: the prepared (possibly DDP-wrapped) `DinoForPreTraining`.
-        optimizer: the prepared AdamW (fused where the device supports it).
+        optimizer: the prepared optimiser (`dino_hf.optimizers`: fused AdamW or SGD where the device
+            supports it, or LARS), whose groups carry ``lr_scale`` and ``apply_weight_decay``.
         gradient_accumulation_steps: micro-steps per optimiser step.
         max_grad_norm: clipping threshold (0 disables clipping).
         clip_mode: ``"per_parameter"`` (official) or ``"global"``.
@@ -60,14 +61,28 @@ class DinoTrainStep:
         self.parameters = [p for group in optimizer.param_groups for p in group["params"]]
         inner = getattr(optimizer, "optimizer", optimizer)
         self._inner_optimizer = inner
-        self._skips_on_device = bool(inner.defaults.get("fused"))
+        # fused kernels (and LARS) read found_inf: a non-finite step is skipped without a host sync
+        self._skips_on_device = bool(inner.defaults.get("fused")) or getattr(inner, "accepts_found_inf", False)
         self._uses_scaler = getattr(accelerator, "scaler", None) is not None
 
-    def __call__(self, next_batch: Callable[[], dict[str, Tensor | None]], values: ScheduleValues) -> StepStatistics:
-        """One optimiser step with the schedule ``values`` (a `ScheduleValues`)."""
-        loss_sum, statistics_sum, center_sum = self._accumulate_gradients(next_batch, values.teacher_temperature)
+    def __call__(
+        self,
+        next_batch: Callable[[], dict[str, Tensor | None]],
+        values: ScheduleValues,
+        full_backward: bool = False,
+    ) -> StepStatistics:
+        """One optimiser step with the schedule ``values`` (a `ScheduleValues`).
+
+        During a head warm-up (``values.freeze_backbone``) the student's backbone runs without
+        gradients; ``full_backward`` computes them anyway (and drops them), so that a time budget's
+        calibration measures what an unfrozen step costs.
+        """
+        no_backbone_gradients = values.freeze_backbone and not full_backward
+        loss_sum, statistics_sum, center_sum = self._accumulate_gradients(
+            next_batch, values.teacher_temperature, no_backbone_gradients
+        )
         scale = 1.0 / self.gradient_accumulation_steps
-        grad_norm, finite = self._prepare_gradients(values.freeze_last_layer)
+        grad_norm, finite = self._prepare_gradients(values.freeze_last_layer, values.freeze_backbone)
         self._optimizer_step(values, finite)
         self._update_teacher(values.teacher_momentum, finite)
         self._update_center(center_sum * scale, finite)
@@ -80,7 +95,7 @@ class DinoTrainStep:
         )
 
     def _accumulate_gradients(self, next_batch: Callable[[], dict[str, Tensor | None]],
-                              teacher_temperature: float) -> tuple[Tensor, Tensor, Tensor]:
+                              teacher_temperature: float, freeze_backbone: bool) -> tuple[Tensor, Tensor, Tensor]:
         """Forward/backward of every micro-step; gradients are all-reduced on the last one only."""
         device = self.accelerator.device
         loss_sum = statistics_sum = center_sum = None
@@ -93,7 +108,7 @@ class DinoTrainStep:
             last = index == self.gradient_accumulation_steps - 1
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 output = self.model(global_crops, local_crops, teacher_temperature=teacher_temperature,
-                                    update_center=False)
+                                    update_center=False, freeze_backbone=freeze_backbone)
                 loss = output.loss
                 # A non-finite loss must show in the all-reduced gradient norm on every process, even
                 # when its gradient happens to be finite: scale the backward pass by NaN (else by 1).
@@ -107,8 +122,8 @@ class DinoTrainStep:
             center_sum = mean if center_sum is None else center_sum + mean
         return loss_sum, statistics_sum, center_sum
 
-    def _prepare_gradients(self, freeze_last_layer: bool) -> tuple[Tensor, Tensor]:
-        """Unscale (fp16), drop frozen last-layer gradients, measure and clip; no host sync.
+    def _prepare_gradients(self, freeze_last_layer: bool, freeze_backbone: bool = False) -> tuple[Tensor, Tensor]:
+        """Unscale (fp16), drop frozen last-layer (and backbone) gradients, measure and clip; no host sync.
 
         Returns:
             (global gradient norm before clipping, bool "all gradients finite").
@@ -117,6 +132,9 @@ class DinoTrainStep:
             self.accelerator.unscale_gradients(self.optimizer)
         if freeze_last_layer:
             self.unwrapped.cancel_last_layer_gradients()
+        if freeze_backbone:
+            for parameter in self.unwrapped.backbone_parameters():
+                parameter.grad = None
         gradients = [p.grad for p in self.parameters if p.grad is not None]
         if not gradients:
             zero = torch.zeros((), device=self.accelerator.device)
@@ -138,7 +156,7 @@ class DinoTrainStep:
 
     def _optimizer_step(self, values: ScheduleValues, finite: Tensor) -> None:
         for group in self.optimizer.param_groups:
-            group["lr"] = values.learning_rate
+            group["lr"] = values.learning_rate * group.get("lr_scale", 1.0)
             group["weight_decay"] = values.weight_decay if group.get("apply_weight_decay", True) else 0.0
         if self._uses_scaler:
             # GradScaler hands its own found_inf (from the unscale above) to the fused kernel.

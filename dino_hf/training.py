@@ -40,6 +40,7 @@ from .builders import (
     open_training_data,
     prepare_model_and_optimizer,
     set_compute_threads,
+    starts_from_backbone,
     training_device,
 )
 from .checkpointing import (
@@ -60,7 +61,7 @@ from .hardware import MachineSettings, describe_cpu
 from .hub import try_push_training_output
 from .metrics import CollapseMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
 from .modeling_dino import DinoForPreTraining
-from .run_output import RunFolder
+from .run_output import PRETRAINING_PROGRESS_NAME, RunFolder, read_json
 from .schedules import BudgetCalibration, DinoSchedules, ScheduleValues, StepPlan, plan_for_time_budget, plan_steps
 from .train_step import DinoTrainStep
 from .training_args import DinoTrainingArguments
@@ -115,6 +116,7 @@ class _Run:
     machine: MachineSettings
     clock: Callable[[], float]
     num_examples_per_process: int | None  # for re-planning after a time budget's calibration
+    continued: bool  # continued pre-training of a backbone (the defaults of its head warm-up)
     step: int = 0
     last_row: dict[str, Any] = field(default_factory=dict)
     last_good_checkpoint: Path | None = None
@@ -170,9 +172,11 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
         num_threads=set_compute_threads(args, accelerator, loader.num_workers),
     )
     augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
-    plan = plan_steps(args, loader.num_examples, accelerator.num_processes)
+    continued = starts_from_backbone(args)
+    plan = plan_steps(args, loader.num_examples, accelerator.num_processes, continued=continued)
     schedules = build_schedules(args, plan)
-    knn_monitor = build_knn_monitor(args, num_workers=loader.num_workers)
+    knn_monitor = build_knn_monitor(args, num_workers=loader.num_workers,
+                                    image_processor=model.config.backbone_image_processor)
     _prepare_output_dir(args, accelerator, folder, resuming=resume_path is not None)
 
     model, optimizer = prepare_model_and_optimizer(args, accelerator, model)
@@ -186,11 +190,12 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
         accumulator=MetricsAccumulator(accelerator.device),
         collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps),
         knn_monitor=knn_monitor, signals=StopSignals(), machine=machine, clock=clock,
-        num_examples_per_process=loader.num_examples,
+        num_examples_per_process=loader.num_examples, continued=continued,
     )
     rng_state = _restore(run, resume_path) if resume_path is not None else None
     if resume_path is None:
         run.stream.start()
+        run.step = _imported_progress_step(run)
     _log_plan(run)
     _write_training_args(run)
     if args.report_to != "none":
@@ -198,6 +203,20 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above shifts the random streams
     return run
+
+
+def _imported_progress_step(run: _Run) -> int:
+    """The step a run from an imported official DINO checkpoint starts at (its epoch), else 0."""
+    if run.args.model_name_or_path is None:
+        return 0
+    progress = read_json(Path(run.args.model_name_or_path) / PRETRAINING_PROGRESS_NAME)
+    epoch = progress.get("epoch")
+    if not isinstance(epoch, (int, float)) or epoch <= 0 or not run.plan.calibrated:
+        return 0
+    step = min(round(epoch * run.plan.steps_per_epoch), run.plan.total_steps - 1)
+    logger.info("Continuing the schedules of %s at epoch %g: step %d of %d.", progress.get("source", "the import"),
+                epoch, step, run.plan.total_steps)
+    return step
 
 
 def _restore(run: _Run, path: Path) -> dict[str, Any]:
@@ -231,9 +250,12 @@ def _training_loop(run: _Run) -> TrainingResult | None:
     try:
         while run.step < run.plan.total_steps:
             values = run.schedules.at(run.step)
-            run.accumulator.add(run.step_fn(run.stream, values))
+            run.accumulator.add(run.step_fn(run.stream, values, full_backward=calibration is not None))
             run.step += 1
             progress.update(1)
+            if run.step == run.plan.freeze_backbone_steps and args.copy_student_head_after_freeze:
+                run.unwrapped.copy_student_head_to_teacher()
+                logger.info("Head warm-up done at step %d: the backbone trains from now on.", run.step)
             if calibration is not None:
                 seconds_per_step = calibration.observe(run.step - first_step)
                 if seconds_per_step is not None:
@@ -288,7 +310,7 @@ def _plan_time_budget(run: _Run, seconds_per_step: float) -> None:
     seconds_per_step, evaluation_seconds, used = measured.tolist()
     run.plan = plan_for_time_budget(run.args, run.num_examples_per_process, run.accelerator.num_processes,
                                     elapsed_seconds=used, steps_done=run.step, seconds_per_step=seconds_per_step,
-                                    evaluation_seconds=evaluation_seconds)
+                                    evaluation_seconds=evaluation_seconds, continued=run.continued)
     run.schedules = build_schedules(run.args, run.plan)
     logger.info("Calibrated: %.3g s per step%s; %.1f of %.1f min used: planning %d steps in all.",
                 seconds_per_step, f", {evaluation_seconds:.1f} s per evaluation" if run.knn_monitor else "",
@@ -416,7 +438,7 @@ def _finish(run: _Run) -> None:
     eval_metrics = _evaluate(run)
     if accelerator.is_main_process:
         run.unwrapped.save_pretrained(run.folder.root)
-        run.unwrapped.save_backbone(run.folder.backbone)
+        run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
         _write_training_args(run, final=True)
         if eval_metrics:
             run.folder.eval_results.write_text(
@@ -439,7 +461,7 @@ def _plot(run: _Run) -> None:
 
 def _export_and_push(run: _Run, message: str) -> None:
     if run.accelerator.is_main_process:
-        run.unwrapped.save_backbone(run.folder.backbone)
+        run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
         _write_training_args(run)
         _push(run, message)
     run.accelerator.wait_for_everyone()
@@ -500,7 +522,8 @@ def _log_plan(run: _Run) -> None:
         f"learning rate {plan.learning_rate:.3g} (= {args.learning_rate:g} x {plan.global_batch_size} / 256)",
         f"steps per epoch {plan.steps_per_epoch:g}{size}",
         (f"{length}, warm-up {plan.warmup_steps}, teacher temperature warm-up "
-        f"{plan.warmup_teacher_temperature_steps}, last layer frozen for {plan.freeze_last_layer_steps}"),
+        f"{plan.warmup_teacher_temperature_steps}, last layer frozen for {plan.freeze_last_layer_steps}, "
+        f"backbone frozen for {plan.freeze_backbone_steps}"),
         f"student parameters {sum(p.numel() for p in run.unwrapped.student.parameters()) / 1e6:.2f} M",
     ]
     for line in lines:
@@ -523,6 +546,7 @@ def _write_training_args(run: _Run, final: bool = False) -> None:
         "warmup_steps": plan.warmup_steps,
         "warmup_teacher_temperature_steps": plan.warmup_teacher_temperature_steps,
         "freeze_last_layer_steps": plan.freeze_last_layer_steps,
+        "freeze_backbone_steps": plan.freeze_backbone_steps,
         "planned_total_steps": plan.total_steps if plan.calibrated else None,
         "num_processes": plan.num_processes,
         "global_batch_size": plan.global_batch_size,

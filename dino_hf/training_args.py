@@ -360,6 +360,49 @@ class DinoTrainingArguments:
         default=None,
         metadata=_help("Last-layer freeze in optimiser steps; overrides --freeze_last_layer_epochs."),
     )
+    freeze_backbone_epochs: float | None = field(
+        default=None,
+        metadata=_help(
+            "Head warm-up of continued pre-training: epochs during which the student's backbone is frozen "
+            "(no backward pass through it) while the fresh heads learn on its features. Unset: none from "
+            "scratch, a tenth of the run when --model_name_or_path is a pretrained backbone (fresh heads "
+            "on a trained backbone otherwise drag it away from what it knew)."
+        ),
+    )
+    freeze_backbone_steps: int | None = field(
+        default=None,
+        metadata=_help("Head warm-up in optimiser steps; overrides --freeze_backbone_epochs."),
+    )
+    backbone_learning_rate_scale: float | None = field(
+        default=None,
+        metadata=_help(
+            "Learning-rate factor of the student's backbone (the heads keep the full rate). Unset: 1 from "
+            "scratch, 0.1 when continuing from a pretrained backbone (it should move less than its fresh "
+            "heads)."
+        ),
+    )
+    layerwise_learning_rate_decay: float = field(
+        default=1.0,
+        metadata=_help(
+            "Learning-rate factor per block from the top of the backbone (DINOv2 / BEiT fine-tuning use "
+            "0.65-0.9): the lower blocks of a pretrained backbone change least. 1 disables it."
+        ),
+    )
+    copy_student_head_after_freeze: bool = field(
+        default=True,
+        metadata=_help(
+            "At the end of the head warm-up, give the teacher the student's head (the teacher's EMA of "
+            "a fast-learning fresh head lags far behind it)."
+        ),
+    )
+    optimizer: Literal["adamw", "sgd", "lars"] = field(
+        default="adamw",
+        metadata=_help(
+            "adamw (the official ViT recipe), sgd (momentum 0.9, the official ResNet-50 recipe with "
+            "--learning_rate 0.03 --weight_decay 1e-4 --weight_decay_end 1e-4) or lars (SGD with "
+            "layer-wise adaptive rate scaling, for large batches of ConvNets)."
+        ),
+    )
     max_grad_norm: float = field(
         default=3.0,
         metadata=_help(
@@ -515,6 +558,7 @@ class DinoTrainingArguments:
             ("report_to", ("none", "tensorboard", "wandb", "all")),
             ("hub_strategy", ("end", "checkpoint")),
             ("augmentation_device", ("loader", "cpu", "cuda")),
+            ("optimizer", ("adamw", "sgd", "lars")),
         ):
             value = getattr(self, name)
             _check(value in allowed, f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
@@ -534,9 +578,23 @@ class DinoTrainingArguments:
         for name in ("max_steps", "checkpoints_total_limit", "eval_steps", "eval_max_samples"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name} must be a positive integer (or unset), not {value}.")
-        for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps"):
+        for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps",
+                     "freeze_backbone_steps"):
             value = getattr(self, name)
             _check(value is None or value >= 0, f"--{name} must be 0 or more (or unset), not {value}.")
+        _check(
+            self.freeze_backbone_epochs is None or (math.isfinite(self.freeze_backbone_epochs)
+                                                    and self.freeze_backbone_epochs >= 0),
+            f"--freeze_backbone_epochs must be 0 or more (or unset), not {self.freeze_backbone_epochs}.",
+        )
+        _check(
+            self.backbone_learning_rate_scale is None or 0.0 <= self.backbone_learning_rate_scale <= 10.0,
+            f"--backbone_learning_rate_scale must be between 0 and 10, not {self.backbone_learning_rate_scale}.",
+        )
+        _check(
+            0.0 < self.layerwise_learning_rate_decay <= 1.0,
+            f"--layerwise_learning_rate_decay must be in (0, 1], not {self.layerwise_learning_rate_decay}.",
+        )
         for name in ("warmup_epochs", "warmup_teacher_temperature_epochs", "freeze_last_layer_epochs",
                      "min_learning_rate", "weight_decay", "weight_decay_end", "max_grad_norm"):
             value = getattr(self, name)

@@ -1,53 +1,22 @@
-"""Tests of dino_hf.backbones on the tiny ViT of a DinoForPreTraining: the class-token embedding,
-stochastic depth through hooks, and the export as a stock transformers folder."""
+"""Tests of dino_hf.backbones: every backbone family trains, exports as its own stock transformers
+class and loads without dino_hf; continued pre-training from a saved backbone; the ViT export format."""
 
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 import textwrap
 
 import pytest
 import torch
-from tiny_models import tiny_dino_config
+from tiny_models import FAMILY_MODEL_TYPES, read_rows, tiny_args, tiny_dino_config, tiny_family_config
 from transformers import ViTModel
 
 from dino_hf import DinoForPreTraining
-
-
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
-@pytest.mark.parametrize("size", [32, 16])  # configured size and interpolated position embeddings
-def test_class_token_only_last_block_matches_the_full_backbone(attention, size):
-    """embed() computes only the CLS row of the last block: same values and gradients as ViTModel."""
-    torch.manual_seed(0)
-    model = DinoForPreTraining(tiny_dino_config(drop_path_rate=0.0)).to(torch.float64)
-    network = model.student
-    network.backbone.set_attn_implementation(attention)
-    images = torch.randn(5, 3, size, size, dtype=torch.float64)
-    ours = network.embed(images)
-    full = network.backbone(pixel_values=images, interpolate_pos_encoding=True).last_hidden_state[:, 0]
-    torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-10)
-    weights = torch.randn_like(ours)
-    parameters = [p for p in network.backbone.parameters() if p.requires_grad]
-    ours_gradients = torch.autograd.grad((ours * weights).sum(), parameters, allow_unused=True)
-    full_gradients = torch.autograd.grad((full * weights).sum(), parameters, allow_unused=True)
-    for ours_gradient, full_gradient in zip(ours_gradients, full_gradients, strict=True):
-        if full_gradient is None:
-            assert ours_gradient is None
-        else:
-            torch.testing.assert_close(ours_gradient, full_gradient, rtol=1e-9, atol=1e-10)
-
-
-def test_stochastic_depth_on_the_student_only(model):
-    images = torch.randn(4, 3, 32, 32)
-    model.train()
-    assert not torch.allclose(model.embed(images, "student"), model.embed(images, "student"))
-    assert torch.equal(model.embed(images, "teacher"), model.embed(images, "teacher"))
-    model.eval()
-    assert torch.equal(model.embed(images, "student"), model.embed(images, "student"))
-    # the exported student has the plain ViT weights: stochastic depth lives in hooks, not weights
-    assert set(model.student.backbone.state_dict()) == set(model.teacher.backbone.state_dict())
+from dino_hf.backbones import family_of
+from dino_hf.training import train
 
 
 def test_exported_backbone_loads_with_plain_transformers(model, tmp_path):
@@ -98,3 +67,204 @@ def test_exported_backbone_has_no_pooler_weights(model, tmp_path):
     loaded = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False)
     assert loaded.config.layer_norm_eps == 1e-6
     assert loaded.pooler is None
+
+
+# ------------------------------------------------------------------------------ every family
+_EMBEDDING_IN_A_FRESH_PROCESS = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import torch
+    from PIL import Image
+    from transformers import AutoConfig, AutoImageProcessor, AutoModel, pipeline
+    folder, pixels_path, output_path, expected_type = sys.argv[1:5]
+    config = AutoConfig.from_pretrained(folder)
+    assert config.model_type == expected_type, (config.model_type, expected_type)
+    kwargs = {"add_pooling_layer": False} if config.model_type in ("vit", "deit") else {}
+    backbone = AutoModel.from_pretrained(folder, **kwargs).eval()
+    pixels = torch.load(pixels_path, weights_only=True)
+    with torch.no_grad():
+        output = backbone(pixel_values=pixels)
+    hidden = output.last_hidden_state
+    # the DINO embedding, by the rule a user of each family applies: CLS token, or the pooled output
+    embedding = hidden[:, 0] if hidden.ndim == 3 else output.pooler_output.flatten(1)
+    torch.save(embedding, output_path)
+    processor = AutoImageProcessor.from_pretrained(folder)
+    picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
+    assert processor(picture, return_tensors="pt")["pixel_values"].shape[:2] == (1, 3)
+    features = np.asarray(pipeline("image-feature-extraction", model=folder, model_kwargs=kwargs)(picture))
+    assert features.size > 0
+    assert "dino_hf" not in sys.modules
+    print(type(backbone).__name__)
+    """
+)
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+@pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
+def test_each_family_trains_and_exports_its_own_class_that_plain_transformers_loads(
+    model_type, dataset, tmp_path
+):
+    """3 steps on parquet images, then the export loads in a process without dino_hf as the same
+    model_type and gives the teacher's embedding (fp32, max abs difference < 1e-5)."""
+    config_dir = tmp_path / "config"
+    tiny_family_config(model_type).save_pretrained(config_dir)
+    result = train(tiny_args(dataset, tmp_path / "run", config_dir / "config.json", max_steps=3, logging_steps=1,
+                             checkpointing_steps=3, mixed_precision="no"))
+    assert result.step == 3 and type(result.model.teacher.backbone).__name__ == MODEL_CLASSES[model_type]
+    rows = [row for row in read_rows(tmp_path / "run") if "loss" in row]
+    assert len(rows) == 3 and all(math.isfinite(row["loss"]) for row in rows)
+    # the teacher moved: it is the EMA of a trained student
+    assert not torch.equal(result.model.teacher.head.mlp[0].weight, DinoForPreTraining(tiny_family_config(model_type))
+                           .teacher.head.mlp[0].weight)
+
+    pixels = torch.randn(2, 3, 32, 32)
+    torch.save(pixels, tmp_path / "pixels.pt")
+    result.model.eval()
+    with torch.no_grad():
+        expected = result.model.embed(pixels, "teacher")
+    folder = tmp_path / "run" / "backbone"
+    completed = subprocess.run(
+        [sys.executable, "-c", _EMBEDDING_IN_A_FRESH_PROCESS, str(folder), str(tmp_path / "pixels.pt"),
+         str(tmp_path / "embedding.pt"), model_type],
+        capture_output=True, text=True, timeout=180,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.stdout.strip().splitlines()[-1] == MODEL_CLASSES[model_type]
+    actual = torch.load(tmp_path / "embedding.pt", weights_only=True)
+    assert actual.shape == expected.shape
+    assert (actual - expected).abs().max() < 1e-5
+
+
+MODEL_CLASSES = {
+    "vit": "ViTModel", "deit": "DeiTModel", "dinov2": "Dinov2Model", "dinov2_with_registers": "Dinov2WithRegistersModel",
+    "dinov3_vit": "DINOv3ViTModel", "convnext": "ConvNextModel", "dinov3_convnext": "DINOv3ConvNextModel",
+    "resnet": "ResNetModel",
+}
+
+
+def test_registers_are_excluded_from_the_embedding():
+    """Dinov2 with registers: the embedding is the CLS token (position 0), not a register."""
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_family_config("dinov2_with_registers")).eval()
+    pixels = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        output = model.teacher.backbone(pixel_values=pixels)
+        embedding = model.embed(pixels)
+    assert output.last_hidden_state.shape[1] == 1 + 2 + 16  # CLS, 2 registers, 4x4 patches
+    torch.testing.assert_close(embedding, output.last_hidden_state[:, 0])
+    assert family_of(model.config.backbone_config).num_prefix_tokens(model.config.backbone_config) == 3
+
+
+# ------------------------------------------------------------------------------ continued pre-training
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_continuing_from_a_saved_backbone_keeps_its_embedding_processor_and_warm_up(dataset, tmp_path, monkeypatch):
+    """The teacher's embedding at step 0 is the backbone's own; the export keeps the backbone's own
+    processor; with --freeze_backbone_steps the backbone is unchanged through the warm-up and moves after."""
+    from transformers import AutoModel, BitImageProcessor
+
+    from dino_hf.builders import build_model
+
+    torch.manual_seed(1)
+    source = tiny_family_config("dinov2").backbone_config
+    backbone = AutoModel.from_config(source).eval()
+    backbone.save_pretrained(tmp_path / "pretrained")
+    processor = BitImageProcessor(image_mean=[0.1, 0.2, 0.3], image_std=[0.5, 0.5, 0.5], size={"shortest_edge": 36},
+                                  crop_size={"height": 32, "width": 32})
+    processor.save_pretrained(tmp_path / "pretrained")
+    config_dir = tmp_path / "config"
+    tiny_dino_config().save_pretrained(config_dir)  # the heads' settings; the backbone comes from the folder
+
+    args = tiny_args(dataset, tmp_path / "run", config_dir / "config.json", model_name_or_path=str(tmp_path / "pretrained"),
+                     max_steps=4, logging_steps=1, checkpointing_steps=4, freeze_backbone_steps=2, mixed_precision="no")
+    model = build_model(args).eval()
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model.embed(pixels, "teacher"), backbone(pixel_values=pixels).pooler_output,
+                                   rtol=0, atol=1e-6)
+
+    from dino_hf.train_step import DinoTrainStep
+
+    snapshots = []
+    call = DinoTrainStep.__call__
+
+    def recording(self, next_batch, values, full_backward=False):
+        statistics = call(self, next_batch, values, full_backward)
+        snapshots.append({name: tensor.clone() for name, tensor in self.unwrapped.student.backbone.state_dict().items()})
+        return statistics
+
+    monkeypatch.setattr(DinoTrainStep, "__call__", recording)
+    result = train(args)
+    start = backbone.state_dict()
+    for step in (0, 1):  # steps 1 and 2: frozen
+        assert all(torch.equal(snapshots[step][name], start[name]) for name in start), step
+    assert any(not torch.equal(snapshots[3][name], start[name]) for name in start)  # step 4 moved it
+    # the teacher got the warmed-up student head at the end of the warm-up, then followed by EMA
+    recorded = json.loads((tmp_path / "run" / "training_args.json").read_text())
+    assert recorded["freeze_backbone_steps"] == 2
+    exported = json.loads((tmp_path / "run" / "backbone" / "preprocessor_config.json").read_text())
+    assert exported["image_mean"] == [0.1, 0.2, 0.3] and exported["image_processor_type"] == "BitImageProcessor"
+    assert result.step == 4
+
+
+def test_continued_pre_training_defaults_warm_up_the_heads_at_a_lower_backbone_rate(dataset, tmp_path):
+    from dino_hf.builders import backbone_learning_rate_scale, build_optimizer
+    from dino_hf.schedules import CONTINUED_FREEZE_BACKBONE_FRACTION, plan_steps
+
+    folder = tmp_path / "pretrained"
+    DinoForPreTraining(tiny_dino_config()).save_backbone(folder)
+    continued = tiny_args(dataset, tmp_path / "a", tmp_path / "unused.json", model_name_or_path=str(folder),
+                          max_steps=100, freeze_backbone_steps=None)
+    scratch = tiny_args(dataset, tmp_path / "b", tmp_path / "unused.json", max_steps=100, freeze_backbone_steps=None)
+    assert backbone_learning_rate_scale(continued) < 1.0 == backbone_learning_rate_scale(scratch)
+    assert plan_steps(continued, 480, 1, continued=True).freeze_backbone_steps == round(100 * CONTINUED_FREEZE_BACKBONE_FRACTION)
+    assert plan_steps(scratch, 480, 1).freeze_backbone_steps == 0
+    model = DinoForPreTraining.from_backbone(folder, config=tiny_dino_config())
+    groups = build_optimizer(model, torch.device("cpu"), continued).param_groups
+    backbone_ids = {id(parameter) for parameter in model.student.backbone.parameters()}
+    for group in groups:
+        in_backbone = {id(parameter) in backbone_ids for parameter in group["params"]}
+        assert len(in_backbone) == 1  # a group is all backbone or all head
+        assert group["lr_scale"] == (backbone_learning_rate_scale(continued) if in_backbone == {True} else 1.0)
+
+
+def test_layerwise_learning_rate_decay_scales_blocks_from_the_top():
+    model = DinoForPreTraining(tiny_dino_config())
+    groups = model.get_parameter_groups(0.04, backbone_learning_rate_scale=1.0, layerwise_learning_rate_decay=0.5)
+    scale_of = {id(parameter): group["lr_scale"] for group in groups for parameter in group["params"]}
+    backbone = model.student.backbone
+    assert scale_of[id(backbone.embeddings.cls_token)] == 0.5**3  # 2 blocks: embeddings at depth 0
+    assert scale_of[id(backbone.layers[0].mlp.fc1.weight)] == 0.5**2
+    assert scale_of[id(backbone.layers[1].mlp.fc1.weight)] == 0.5
+    assert scale_of[id(backbone.layernorm.weight)] == 1.0
+    assert scale_of[id(model.student.head.mlp[0].weight)] == 1.0
+
+
+# ------------------------------------------------------------------------------ bad input
+def test_a_backbone_outside_the_families_or_crops_it_cannot_take_are_refused(dataset, tmp_path):
+    from transformers import BertConfig, BertModel
+
+    from dino_hf.builders import build_model
+
+    BertModel(BertConfig(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)).save_pretrained(
+        tmp_path / "bert"
+    )
+    with pytest.raises(ValueError, match="--model_name_or_path.*'bert'.*vit, deit, dinov2"):
+        build_model(tiny_args(dataset, tmp_path / "a", tmp_path / "none.json", model_name_or_path=str(tmp_path / "bert")))
+    tiny_dino_config().save_pretrained(tmp_path / "vit")
+    with pytest.raises(ValueError, match="--local_crop_size 12 is not a multiple of the backbone's patch size 8"):
+        build_model(tiny_args(dataset, tmp_path / "b", tmp_path / "vit" / "config.json", local_crop_size=12))
+    tiny_family_config("convnext").save_pretrained(tmp_path / "convnext")
+    with pytest.raises(ValueError, match="--local_crop_size 4 is smaller than the backbone's total stride 8"):
+        build_model(tiny_args(dataset, tmp_path / "c", tmp_path / "convnext" / "config.json", local_crop_size=4))
+    with pytest.raises(ValueError, match="dino_hf does not train 'bert'"):
+        family_of("bert")
+
+
+def test_a_warm_up_beyond_the_run_is_refused():
+    from dino_hf.schedules import plan_steps
+    from dino_hf.training_args import DinoTrainingArguments
+
+    args = DinoTrainingArguments(dataset_name="d", output_dir="o", max_steps=10, freeze_backbone_steps=10)
+    with pytest.raises(ValueError, match="--freeze_backbone_steps freezes the backbone for 10 of the run's 10"):
+        plan_steps(args, 6400, 1)

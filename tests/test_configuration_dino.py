@@ -37,7 +37,20 @@ def test_presets(name):
     assert (backbone.hidden_size, backbone.num_attention_heads, backbone.patch_size) == (hidden, heads, patch)
     assert backbone.intermediate_size == 4 * hidden
     assert backbone.layer_norm_eps == 1e-6
-    assert DinoConfig.preset_names() == sorted(EXPECTED_PRESETS)
+    assert DinoConfig.preset_names() == sorted([*EXPECTED_PRESETS, *FAMILY_PRESETS])
+
+
+FAMILY_PRESETS = ("dinov2_small_patch14", "resnet50")
+
+
+def test_presets_of_the_other_families():
+    dinov2 = DinoConfig.from_preset("dinov2_small_patch14").backbone_config
+    assert dinov2.model_type == "dinov2_with_registers" and dinov2.num_register_tokens == 4
+    assert (dinov2.hidden_size, dinov2.num_attention_heads, dinov2.patch_size) == (384, 6, 14)
+    assert dinov2.layerscale_value == 1e-5 and dinov2.layer_norm_eps == 1e-6
+    resnet = DinoConfig.from_preset("resnet50")
+    assert resnet.backbone_config.model_type == "resnet" and resnet.backbone_config.hidden_sizes[-1] == 2048
+    assert list(resnet.backbone_config.depths) == [3, 4, 6, 3] and resnet.drop_path_rate == 0.0
 
 
 def test_preset_stays_editable_and_round_trips(tmp_path):

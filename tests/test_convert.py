@@ -2,6 +2,7 @@
 
 import argparse
 import functools
+import json
 import subprocess
 import sys
 import warnings
@@ -117,6 +118,30 @@ def test_full_training_checkpoint(tmp_path):
         for network, reference, head in ((model.student, student, student_head), (model.teacher, teacher, teacher_head)):
             expected_logits = head(cls_embedding(reference, images))
             assert torch.allclose(network([images]), expected_logits, atol=1e-5, rtol=1e-4)
+    # the official run's epoch travels with the import: a run started from it continues the schedules
+    progress = json.loads((tmp_path / "out" / "training_model" / "pretraining_progress.json").read_text())
+    assert progress == {"epoch": 3.0, "source": "checkpoint.pth"}
+
+
+@pytest.mark.usefixtures("fresh_accelerate_state")
+def test_training_from_an_imported_checkpoint_continues_at_its_epoch(tmp_path):
+    """A DinoForPreTraining folder with pretraining_progress.json (epoch 2) starts at step 2 x steps per epoch."""
+    from image_datasets import write_parquet_dataset
+    from tiny_models import read_rows, tiny_args, tiny_dino_config
+
+    from dino_hf import DinoForPreTraining
+    from dino_hf.training import train
+
+    dataset = write_parquet_dataset(tmp_path / "data", num_images=32, image_size=40, num_shards=2)
+    folder = tmp_path / "imported"
+    DinoForPreTraining(tiny_dino_config()).save_pretrained(folder)
+    (folder / "pretraining_progress.json").write_text(json.dumps({"epoch": 2, "source": "checkpoint.pth"}))
+    # 32 images / batch 8 = 4 steps per epoch; 5 epochs = 20 steps, of which the first 8 were done
+    result = train(tiny_args(dataset, tmp_path / "run", tmp_path / "unused.json", model_name_or_path=str(folder),
+                             max_steps=None, num_train_epochs=5, warmup_steps=None, freeze_last_layer_steps=None,
+                             logging_steps=4, checkpointing_steps=100, mixed_precision="no"))
+    rows = [row for row in read_rows(tmp_path / "run") if "loss" in row]
+    assert result.step == 20 and [row["step"] for row in rows] == [12, 16, 20]
 
 
 def test_shapes_that_match_no_vit_raise_one_sentence(tmp_path):

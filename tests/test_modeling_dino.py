@@ -220,6 +220,41 @@ def test_weight_normalized_linear_matches_the_definition(num_rows):
         assert torch.allclose(gradient, expected_gradient, atol=1e-5)
 
 
+@pytest.mark.parametrize("fix_norm", [True, False])
+def test_weight_normalized_linear_closed_form_gradient_passes_gradcheck(fix_norm):
+    """The few-rows path computes its gradient in closed form: checked against finite differences."""
+    torch.manual_seed(1)
+    layer = WeightNormalizedLinear(6, 9, fix_norm=fix_norm).double()
+    with torch.no_grad():
+        layer.weight_g.uniform_(0.5, 2.0)
+    inputs = torch.randn(4, 6, dtype=torch.float64, requires_grad=True)  # 4 rows < 6 inputs: the closed form
+    parameters = [layer.weight_v, *([layer.weight_g] if not fix_norm else [])]
+
+    def function(values, *weights):
+        state = dict(zip(("weight_v", "weight_g"), weights, strict=False))
+        return torch.func.functional_call(layer, state, (values,))
+
+    assert torch.autograd.gradcheck(function, (inputs, *parameters))
+
+
+def test_weight_normalized_linear_under_bf16_autocast_matches_the_float32_definition():
+    torch.manual_seed(2)
+    layer = WeightNormalizedLinear(32, 64)
+    inputs = torch.randn(5, 32, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        output = layer(inputs)
+    output.float().square().sum().backward()
+    reference_layer = WeightNormalizedLinear(32, 64)
+    reference_layer.load_state_dict(layer.state_dict())
+    reference_inputs = inputs.detach().clone().requires_grad_(True)
+    weight = reference_layer.weight_v * (reference_layer.weight_g / reference_layer.weight_v.norm(dim=1, keepdim=True))
+    torch.nn.functional.linear(reference_inputs, weight).square().sum().backward()
+    assert output.dtype == torch.bfloat16
+    for ours, expected in ((inputs.grad, reference_inputs.grad), (layer.weight_v.grad, reference_layer.weight_v.grad)):
+        assert ours.dtype == torch.float32
+        assert (ours - expected).norm() / expected.norm() < 0.02  # bf16 rounding, nothing more
+
+
 def test_update_teacher_accepts_a_tensor_momentum(model):
     with torch.no_grad():
         for parameter in model.student.parameters():

@@ -284,6 +284,19 @@ def test_each_step_decays_weights_by_the_schedule_and_never_biases_or_norms(data
     assert len(checked["decayed"]) >= 10
 
 
+@pytest.mark.parametrize("optimizer", ["sgd", "lars"])
+def test_the_sgd_and_lars_optimisers_train_with_the_schedules(optimizer, dataset, tiny_config_file, tmp_path):
+    """--optimizer sgd|lars (the official ResNet-50 recipes): the weights move and the rows are finite."""
+    result = train(tiny_args(dataset, tmp_path / "run", tiny_config_file, optimizer=optimizer, learning_rate=0.03,
+                             weight_decay=1e-4, weight_decay_end=1e-4, mixed_precision="no"))
+    inner = result.model  # the unwrapped model; the optimiser's type is recorded in training_args.json
+    assert json.loads((tmp_path / "run" / "training_args.json").read_text())["optimizer"] == optimizer
+    rows = [row for row in read_rows(tmp_path / "run") if "loss" in row]
+    assert rows and all(math.isfinite(row["loss"]) for row in rows)
+    assert rows[-1]["weight_decay"] == pytest.approx(1e-4)
+    fresh = DinoForPreTraining(tiny_dino_config())
+    assert not torch.equal(fresh.student.head.mlp[0].weight, inner.student.head.mlp[0].weight)
+
 # ------------------------------------------------------------------------------ time budget
 class StepClock:
     """A fake clock that advances by ``tick`` at each reading (the calibration reads it once a step)."""

@@ -18,6 +18,7 @@ import pytest
 import torch
 from image_datasets import write_parquet_dataset
 from safetensors.torch import load_file
+from tiny_models import tiny_family_config
 
 from dino_hf.checkpointing import list_checkpoints
 
@@ -110,6 +111,16 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bit_identical(dataset, tiny
     """One process, no loader workers: what the README promises (SIGKILL right after step 3's checkpoint)."""
     _assert_kill_and_resume_is_exact(
         [sys.executable], lambda output_dir: train_flags(dataset, output_dir, tiny_config_file), 3, tmp_path
+    )
+
+
+@pytest.mark.parametrize("model_type", ["dinov2_with_registers", "convnext"])
+def test_kill_and_resume_is_exact_for_other_backbone_families(model_type, dataset, tmp_path):
+    """The same promise for a DINOv2 with registers (native drop path, layer scale) and a ConvNeXt."""
+    config_dir = tmp_path / "config"
+    tiny_family_config(model_type).save_pretrained(config_dir)
+    _assert_kill_and_resume_is_exact(
+        [sys.executable], lambda output_dir: train_flags(dataset, output_dir, config_dir / "config.json"), 3, tmp_path
     )
 
 

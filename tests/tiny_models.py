@@ -16,7 +16,19 @@ from pathlib import Path
 import torch
 from PIL import Image
 from safetensors.torch import save_file
-from transformers import ViTConfig, ViTImageProcessor, ViTModel
+from transformers import (
+    ConvNextConfig,
+    DeiTConfig,
+    Dinov2Config,
+    Dinov2WithRegistersConfig,
+    DINOv3ConvNextConfig,
+    DINOv3ViTConfig,
+    PreTrainedConfig,
+    ResNetConfig,
+    ViTConfig,
+    ViTImageProcessor,
+    ViTModel,
+)
 
 from dino_hf.backbones import build_image_processor
 from dino_hf.configuration_dino import DinoConfig, dino_backbone_config
@@ -51,6 +63,37 @@ def tiny_dino_config(**overrides) -> DinoConfig:
         **overrides,
     }
     return DinoConfig(backbone_config=backbone, **settings)
+
+
+def tiny_backbone_config(model_type: str) -> PreTrainedConfig:
+    """A backbone config of each family dino_hf trains, small enough for CPU tests (hidden 32 / 2
+    layers / 2 heads / 32 px / patch 8 for the ViTs; widths 16 and 32 in 2 stages for the ConvNets,
+    which then take crops of at least 8 pixels)."""
+    vit = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "image_size": 32, "patch_size": 8}
+    convnet = {"hidden_sizes": [16, 32], "depths": [1, 1]}
+    builders = {
+        "vit": lambda: dino_backbone_config(**vit, intermediate_size=64),
+        "deit": lambda: DeiTConfig(**vit, intermediate_size=64, layer_norm_eps=1e-6),
+        "dinov2": lambda: Dinov2Config(**vit, mlp_ratio=2),
+        "dinov2_with_registers": lambda: Dinov2WithRegistersConfig(**vit, mlp_ratio=2, num_register_tokens=2),
+        "dinov3_vit": lambda: DINOv3ViTConfig(**vit, intermediate_size=64, num_register_tokens=2),
+        "convnext": lambda: ConvNextConfig(**convnet, num_stages=2, image_size=32),
+        "dinov3_convnext": lambda: DINOv3ConvNextConfig(**convnet, image_size=32),
+        "resnet": lambda: ResNetConfig(embedding_size=8, **convnet, layer_type="basic"),
+    }
+    return builders[model_type]()
+
+
+#: Every family of dino_hf.backbones, by model_type.
+FAMILY_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "convnext", "dinov3_convnext",
+                      "resnet")
+
+
+def tiny_family_config(model_type: str, **overrides) -> DinoConfig:
+    """:func:`tiny_dino_config`'s head and loss on :func:`tiny_backbone_config`'s backbone."""
+    settings = {"num_prototypes": 64, "head_hidden_size": 48, "head_bottleneck_size": 16, "drop_path_rate": 0.1,
+                **overrides}
+    return DinoConfig(backbone_config=tiny_backbone_config(model_type), **settings)
 
 
 def tiny_vit_config(**overrides) -> ViTConfig:

@@ -47,7 +47,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules in benchmarks/
 sys.path.insert(0, str(REPO_ROOT / "scripts"))  # scripts/demo_summary.py (data loading)
-from recording import record_result  # noqa: E402
+from recording import publish  # noqa: E402
 
 BENCHMARK = "quality_fashion_mnist"
 DEFAULT_CONFIG = REPO_ROOT / "scripts" / "configs" / "fashion_mnist_cpu.yaml"
@@ -320,11 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"Learning curve (teacher {args.k}-NN; * = in-training on {args.eval_max_samples} train/"
         f"{args.eval_max_samples} test images, minutes incl. evaluations): {curve_text}"
     )
-    command = "python benchmarks/quality_fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    if args.no_record:
-        print(json.dumps({"benchmark": BENCHMARK, **metrics, "notes": notes}))
-    else:
-        record_result(BENCHMARK, command.strip(), metrics, notes)
+    publish(BENCHMARK, "benchmarks/quality_fashion_mnist.py", argv, metrics, notes, record=not args.no_record)
     return metrics
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -107,6 +108,20 @@ def record_result(
     cells = [date, benchmark, record["versions"], f"`{command}`", metric_text, notes]
     row = "| " + " | ".join(str(cell).replace("|", "\\|").replace("\n", " ") for cell in cells) + " |\n"
     results_path.write_text(_insert_row(text, machine, row), encoding="utf-8")
+
+
+def publish(benchmark: str, script: str, argv: list[str] | None, metrics: dict, notes: str, record: bool) -> None:
+    """End of a benchmark: :func:`record_result` (``record``), else print the metrics and notes as one JSON line.
+
+    ``script`` is the benchmark's path from the repository root; ``argv`` its arguments (default
+    ``sys.argv[1:]``), which make the row's command.
+    """
+    arguments = argv if argv is not None else sys.argv[1:]
+    command = f"python {script} {' '.join(arguments)}".strip()
+    if record:
+        record_result(benchmark, command, metrics, notes)
+    else:
+        print(json.dumps({"benchmark": benchmark, **metrics, "notes": notes}))
 
 
 def write_metrics_json(metrics: dict, path: Path | None) -> None:

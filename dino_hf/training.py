@@ -312,6 +312,8 @@ def _plan_time_budget(run: _Run, seconds_per_step: float) -> None:
                                     elapsed_seconds=used, steps_done=run.step, seconds_per_step=seconds_per_step,
                                     evaluation_seconds=evaluation_seconds, continued=run.continued)
     run.schedules = build_schedules(run.args, run.plan)
+    if 0 < run.plan.freeze_backbone_steps <= run.step and run.args.copy_student_head_after_freeze:
+        run.unwrapped.copy_student_head_to_teacher()  # a budget so short that the warm-up ended in the calibration
     logger.info("Calibrated: %.3g s per step%s; %.1f of %.1f min used: planning %d steps in all.",
                 seconds_per_step, f", {evaluation_seconds:.1f} s per evaluation" if run.knn_monitor else "",
                 used / 60, run.plan.time_budget_seconds / 60, run.plan.total_steps)

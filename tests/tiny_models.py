@@ -165,16 +165,7 @@ def write_training_output(output_dir: Path, *, eval_results: bool = True, **arg_
     """A tiny training output directory with the layout dino_hf/run_output.py names (random weights)."""
     torch.manual_seed(0)
     backbone_dir = output_dir / "backbone"
-    config = ViTConfig(
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        intermediate_size=64,
-        image_size=32,
-        patch_size=8,
-        layer_norm_eps=1e-6,
-    )
-    ViTModel(config, add_pooling_layer=False).save_pretrained(backbone_dir)
+    ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(backbone_dir)
     ViTImageProcessor(
         image_mean=[0.485, 0.456, 0.406],
         image_std=[0.229, 0.224, 0.225],

@@ -422,3 +422,63 @@ def test_a_folder_without_write_permission_exits_2_in_one_sentence(dataset, tiny
                *train_flags(dataset, readonly / "run", tiny_config_file)]
     sentence = _one_sentence_error(run(command))
     assert f"permission denied on {readonly / 'run'}" in sentence.lower() and "--output_dir" in sentence
+
+
+# ------------------------------------------------------------------------------ trackers
+FAKE_WANDB = '''"""A stand-in for the wandb package (not installed here): records what accelerate's tracker asks of it."""
+import json
+import os
+
+
+def _record(entry):
+    with open(os.environ["FAKE_WANDB_RECORD"], "a") as handle:
+        handle.write(json.dumps(entry) + "\\n")
+
+
+class _Config(dict):
+    def update(self, values, allow_val_change=False):
+        super().update(values)
+
+
+config = _Config()
+
+
+class _Run:
+    def log(self, values, step=None, **kwargs):
+        _record({"log": step})
+
+    def finish(self):
+        _record({"finish": True})
+
+
+def init(**kwargs):
+    _record({"init": {key: value for key, value in kwargs.items() if isinstance(value, (str, int, bool))}})
+    return _Run()
+'''
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(dataset, tiny_config_file, tmp_path):
+    """The W&B run id is kept in the checkpoints: a resume after a SIGKILL reopens the same run."""
+    packages = tmp_path / "fake_packages"
+    (packages / "wandb").mkdir(parents=True)
+    (packages / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    (packages / "wandb-0.0.0.dist-info").mkdir()
+    (packages / "wandb-0.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: wandb\nVersion: 0.0.0\n")
+    record = tmp_path / "wandb_calls.jsonl"
+    env = {**environment(), "PYTHONPATH": f"{REPO}{os.pathsep}{packages}", "FAKE_WANDB_RECORD": str(record)}
+    flags = train_flags(dataset, tmp_path / "run", tiny_config_file, max_steps=4, checkpointing_steps=2,
+                        report_to="wandb")
+    killed = subprocess.run([sys.executable, str(WORKER), "--kill_after_checkpoint", "2", "--", *flags], env=env,
+                            cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    inits = [call["init"] for call in calls if "init" in call]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and len(inits[0]["id"]) == 8
+    assert all(init["resume"] == "allow" and init["project"] == "dino_hf" for init in inits)
+    steps = [call["log"] for call in calls if "log" in call]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 before the kill, 3-4 after the resume, in the same run
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_4" / "training_state.json").read_text())
+    assert state["tracker_run_id"] == inits[0]["id"]

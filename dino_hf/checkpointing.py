@@ -540,9 +540,6 @@ def _check_same_model(path: Path, model: torch.nn.Module) -> None:
 
 
 # ------------------------------------------------------------------------------------------ the run lock
-LOCK_NAME = ".dino_hf.lock"
-
-
 class RunLock:
     """An exclusive ``flock`` on ``output_dir/.dino_hf.lock``, held from `acquire` to `release`.
 
@@ -553,7 +550,7 @@ class RunLock:
 
     def __init__(self, output_dir: str | Path) -> None:
         self.output_dir = Path(output_dir)
-        self.path = self.output_dir / LOCK_NAME
+        self.path = RunFolder(output_dir).lock
         self._descriptor: int | None = None
 
     def acquire(self) -> None:

@@ -137,8 +137,10 @@ def build_model_config(args: DinoTrainingArguments) -> DinoConfig:
     if name in DinoConfig.preset_names():
         config = DinoConfig.from_preset(name)
     elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
+        _check_dino_config_file(os.path.join(name, "config.json"), name)
         config = DinoConfig.from_pretrained(name)
     elif os.path.isfile(name) and name.endswith(".json"):
+        _check_dino_config_file(name, name)
         config = DinoConfig.from_json_file(name)
     else:
         raise ValueError(
@@ -147,6 +149,23 @@ def build_model_config(args: DinoTrainingArguments) -> DinoConfig:
         )
     _apply_loss_settings(config, args)
     return config
+
+
+def _check_dino_config_file(path: str, flag_value: str) -> None:
+    """Refuse a config file of another model (e.g. a ResNet's): `DinoConfig` would silently ignore its
+    fields and build the default ViT-S/16."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            values = json.load(handle)
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise ValueError(f"--model_config {flag_value} could not be read as JSON ({type(error).__name__}).") from None
+    model_type = values.get("model_type") if isinstance(values, dict) else None
+    if model_type != DinoConfig.model_type:
+        raise ValueError(
+            f"--model_config {flag_value} holds a {model_type!r} config, not a DinoConfig: pass a preset "
+            f"({', '.join(DinoConfig.preset_names())}) or a folder written by DinoConfig.save_pretrained (start from a "
+            "backbone's weights with --model_name_or_path)."
+        )
 
 
 def _apply_loss_settings(config: DinoConfig, args: DinoTrainingArguments) -> None:
@@ -366,9 +385,23 @@ def training_device() -> torch.device:
     """The device accelerate will train on (its process state is created here, once per process).
 
     ``ACCELERATE_USE_CPU`` is read as `Accelerator` reads it: the shared state created here is the one
-    the accelerator then uses (created without it, two CPU processes would each train alone).
+    the accelerator then uses. Several processes launched on a machine without an accelerator
+    (``torchrun --nproc_per_node 2`` on a CPU-only machine) train on the CPU together: accelerate
+    1.15 without ``cpu=True`` would give each of them a state of its own, and they would run as
+    independent copies writing to one folder.
     """
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU")).device
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or _several_processes_without_accelerator()).device
+
+
+def _several_processes_without_accelerator() -> bool:
+    """A multi-process launch (``WORLD_SIZE`` > 1, as torchrun and accelerate launch set) with no GPU or
+    other accelerator to give each process."""
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) <= 1:
+        return False
+    accelerator_api = getattr(torch, "accelerator", None)
+    if accelerator_api is not None:
+        return not accelerator_api.is_available()
+    return not torch.cuda.is_available()
 
 
 def choose_precision(args: DinoTrainingArguments, device: torch.device) -> PrecisionChoice:

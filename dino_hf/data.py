@@ -34,6 +34,7 @@ import logging
 import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -46,12 +47,14 @@ from torch import Tensor
 from .augmentation import MultiCropAugmentation
 from .batched_augmentation import DeviceMultiCrop, letterbox
 from .decoding import BadImageError, decode_image
+from .errors import RunError
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "BatchStream",
     "DinoDataLoader",
+    "IgnoreStopSignals",
     "create_train_dataloader",
     "load_image_dataset",
     "mix_seeds",
@@ -166,6 +169,26 @@ def _check_image_column(dataset: Any, image_column: str, dataset_name: str) -> N
 # --------------------------------------------------------------------------------------------------
 # The worker-side stream
 # --------------------------------------------------------------------------------------------------
+class IgnoreStopSignals:
+    """A DataLoader ``worker_init_fn``: the worker ignores SIGTERM and SIGINT, then runs ``then``.
+
+    Schedulers (SLURM, ``timeout``, a terminal's Ctrl-C) signal the whole process group. A worker
+    killed by that signal makes the main process's DataLoader raise before the checkpoint the same
+    signal asked for is written; ignoring it leaves shutdown to the main process, which stops its
+    workers when the loader is done with (and a worker exits on its own when the main process dies).
+    A class rather than a closure, so that it pickles for the ``spawn`` start method.
+    """
+
+    def __init__(self, then: Callable[[int], None] | None = None) -> None:
+        self.then = then
+
+    def __call__(self, worker_id: int) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        if self.then is not None:
+            self.then(worker_id)
+
+
 def mix_seeds(*values: int) -> int:
     """A 63-bit seed mixing ``values`` (numpy SeedSequence)."""
     return int(np.random.SeedSequence([int(v) for v in values]).generate_state(2, dtype=np.uint64)[0] >> 1)
@@ -274,9 +297,11 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
         # datasets shuffles the shard order with np.random.default_rng(epoch) when epoch != 0; giving it
         # a positive mix of (seed, epoch) makes the shard order depend on both, reproducibly.
         source.set_epoch(mix_seeds(self.seed, self.epoch) % (2**31 - 1) + 1)
-        counters = {"role": role, "bad_images": 0, "last_error": "", "batches": 0, "finished": False}
+        counters = {"role": role, "bad_images": 0, "decoded_images": 0, "last_error": "", "batches": 0,
+                    "finished": False}
         if resume is not None:
-            counters.update(bad_images=resume["bad_images"], last_error=resume["last_error"], batches=resume["batches"])
+            counters.update(bad_images=resume["bad_images"], last_error=resume["last_error"], batches=resume["batches"],
+                            decoded_images=resume.get("decoded_images", 0))
         position = resume
         items: list[tuple[Tensor, Tensor | None]] = []
         for value, position in self._shuffled_values(source, role, resume):
@@ -286,6 +311,7 @@ class _MultiCropStream(torch.utils.data.IterableDataset):
                 counters["bad_images"] += 1
                 counters["last_error"] = str(error)
                 continue
+            counters["decoded_images"] += 1
             if self.working_size is not None:
                 items.append(letterbox(pixels, self.working_size))
             else:
@@ -360,6 +386,7 @@ class DinoDataLoader:
         self._bad_images_before_epoch = 0
         self._warned_bad_count = 0
         self._pending_resume = False
+        self._active_iterator: Any = None  # torch's iterator of the pass in progress (it owns the workers)
 
     @property
     def bad_image_count(self) -> int:
@@ -368,6 +395,11 @@ class DinoDataLoader:
     @property
     def num_roles(self) -> int:
         return max(1, self.num_workers)
+
+    def epoch_image_counts(self) -> tuple[int, int, str]:
+        """(images decoded, bad images skipped, the last bad image's error) in the current epoch so far."""
+        decoded = sum(state.get("decoded_images", 0) for state in self._role_states.values())
+        return decoded, self.bad_image_count - self._bad_images_before_epoch, self._last_error()
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch the next iteration streams (reseeds the shuffle and the augmentation).
@@ -403,8 +435,10 @@ class DinoDataLoader:
             prefetch_factor=self.prefetch_factor if self.num_workers > 0 else None,
             # worker base seeds from a private generator: the global torch generator is left alone
             generator=torch.Generator().manual_seed(mix_seeds(self._stream.seed, self.epoch)),
+            worker_init_fn=IgnoreStopSignals(),
         )
-        for item in loader:
+        self._active_iterator = iter(loader)
+        for item in self._active_iterator:
             state = item.pop(_STATE, None)
             if state is not None:
                 self._role_states[state["role"]] = state
@@ -422,6 +456,25 @@ class DinoDataLoader:
                 self._last_error(),
             )
             self._warned_bad_count = self.bad_image_count
+
+    def close(self) -> None:
+        """Stop the loader workers of the pass in progress, and wait for them.
+
+        Workers ignore SIGTERM (`IgnoreStopSignals`), so the ``terminate()`` with which torch and
+        multiprocessing end stragglers at exit does not end them: a worker that has not stopped when
+        asked is killed here instead, so that the process never waits for it at exit.
+        """
+        iterator, self._active_iterator = self._active_iterator, None
+        if iterator is None:
+            return
+        workers = list(getattr(iterator, "_workers", []))
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()  # the done event and a None per worker, then a bounded join
+        for worker in workers:
+            if worker.is_alive():
+                worker.kill()
+                worker.join(timeout=5)
 
     def _last_error(self) -> str:
         errors = [s["last_error"] for s in self._role_states.values() if s.get("last_error")]
@@ -662,15 +715,30 @@ class BatchStream:
             except StopIteration:
                 self._empty_epochs = self._empty_epochs + 1 if self._batches_this_epoch == 0 else 0
                 if self._empty_epochs >= 2:  # one empty pass is normal after resuming at an epoch's end
-                    raise ValueError(
-                        f"{self._flag} yielded no complete batch in a whole epoch: lower --per_device_train_batch_size."
-                    ) from None
+                    raise RunError(self._empty_epoch_message()) from None
                 self.epoch += 1
                 self.start()
         self._batches_this_epoch += 1
         self.micro_batches += 1
         self.wait_seconds += time.perf_counter() - started
         return batch if self.augment is None else self.augment(batch)
+
+    def close(self) -> None:
+        """Stop the loader's workers (at the end of training; `start` would begin a new pass)."""
+        if self._iterator is not None:
+            self._iterator.close()
+            self._iterator = None
+        self.loader.close()
+
+    def _empty_epoch_message(self) -> str:
+        decoded, bad, last_error = self.loader.epoch_image_counts()
+        if decoded == 0 and bad > 0:
+            return (f"{self._flag} yielded no readable image in a whole epoch: all {bad} images read were bad "
+                    f"(missing, undecodable, truncated or too small; last: {last_error}): check or replace the data.")
+        bad_text = f" and {bad} bad ones" if bad else ""
+        return (f"{self._flag} yielded no complete batch in a whole epoch ({decoded} readable images{bad_text}, split "
+                f"over {self.loader.num_roles} loader worker(s)): lower --per_device_train_batch_size "
+                f"({self.loader.batch_size}) or --dataloader_num_workers, or add images.")
 
     def state_dict(self) -> dict[str, Any]:
         state = {"epoch": self.epoch, "loader": self.loader.state_dict()}

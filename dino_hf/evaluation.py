@@ -31,7 +31,7 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .backbones import backbone_embedding, backbone_forward, load_image_processor
-from .data import load_image_dataset
+from .data import IgnoreStopSignals, load_image_dataset
 from .decoding import decode_image, to_pil_image
 from .visualization import attention_grid, attention_maps, save_attention_maps
 
@@ -157,8 +157,11 @@ def make_eval_dataloader(
     check_columns(dataset, [image_column, label_column], ["--image_column", "--label_column"])
     label_encoder = (label_encoder or LabelEncoder()).fit(dataset, label_column)
     collator = ImageClassificationCollator(processor, image_column, label_column, label_encoder)
+    # workers ignore a process group's SIGTERM/SIGINT: an evaluation during training must not die of the
+    # signal that asks the run for a checkpoint
     return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collator
+        dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers, collate_fn=collator,
+        worker_init_fn=IgnoreStopSignals() if num_workers > 0 else None,
     )
 
 

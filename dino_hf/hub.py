@@ -19,9 +19,11 @@ import json
 import logging
 from pathlib import Path
 
-from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, get_token
+from huggingface_hub import CommitOperationAdd, CommitOperationDelete, HfApi, ModelCard, constants, get_token
 from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError, RevisionNotFoundError
+from huggingface_hub.utils import HFValidationError, validate_repo_id
 
+from .errors import RunError
 from .model_card import render_card
 from .run_output import (
     RUN_RECORD_NAMES,
@@ -33,7 +35,14 @@ from .run_output import (
     strip_secret_fields,
 )
 
-__all__ = ["HubPushError", "MissingTokenError", "push_training_output", "resolve_token", "try_push_training_output"]
+__all__ = [
+    "HubPushError",
+    "MissingTokenError",
+    "check_push_target",
+    "push_training_output",
+    "resolve_token",
+    "try_push_training_output",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +238,46 @@ def push_training_output(
     return info.commit_url
 
 
+def check_push_target(repo_id: str | None, token: str | None = None) -> None:
+    """Check, before training, that ``--push_to_hub`` can push to ``repo_id`` at the end.
+
+    Offline checks first (a token exists, the id is well formed, the Hub is not disabled by
+    ``HF_HUB_OFFLINE``), then one ``whoami`` call: a token the Hub rejects is refused; a Hub that
+    cannot be reached now only warns (it may be back by the end of training).
+
+    Raises:
+        RunError: one sentence naming the flag or the variable to change.
+    """
+    try:
+        resolved_token = resolve_token(token)
+    except MissingTokenError:
+        raise RunError(
+            "--push_to_hub needs a Hugging Face token with write access: run `hf auth login` or set HF_TOKEN, or drop "
+            "--push_to_hub."
+        ) from None
+    try:
+        validate_repo_id(str(repo_id))
+    except HFValidationError as error:
+        raise RunError(
+            f"--hub_model_id {repo_id!r} is not a valid Hub repository id ({str(error).split(':')[0]}): pass user/name."
+        ) from None
+    if constants.HF_HUB_OFFLINE:
+        raise RunError("--push_to_hub cannot push while HF_HUB_OFFLINE is set: unset it or drop --push_to_hub.")
+    try:
+        HfApi(token=resolved_token).whoami()
+    except HfHubHTTPError as error:
+        status = error.response.status_code if error.response is not None else None
+        if status in (401, 403):
+            raise RunError(
+                f"--push_to_hub: the Hub rejected the Hugging Face token (HTTP {status}): log in again with `hf auth "
+                "login` or set HF_TOKEN to a valid token with write access."
+            ) from None
+        logger.warning("Could not check the Hugging Face token now (HTTP %s); the push at the end may fail.", status)
+    except Exception as error:  # noqa: BLE001 - an unreachable Hub now is not a reason to refuse training
+        logger.warning("Could not reach the Hub to check the token (%s); the push at the end may fail.",
+                       scrub_secrets(f"{type(error).__name__}: {error}", resolved_token))
+
+
 def try_push_training_output(
     model_dir: str | Path,
     repo_id: str,
@@ -238,11 +287,12 @@ def try_push_training_output(
     commit_message: str | None = None,
     token: str | None = None,
     include_training_model: bool = False,
+    retried: bool = True,
 ) -> bool:
     """:func:`push_training_output` for the training loop: never raises; on failure, warns and returns False.
 
-    Call it on the main process only; on False, try again at the next opportunity (next checkpoint
-    or the end of training). Returns True when the commit was made.
+    Call it on the main process only. ``retried`` says whether a later push will follow (the next
+    checkpoint's); the warning says so only then. Returns True when the commit was made.
     """
     try:
         push_training_output(
@@ -256,9 +306,10 @@ def try_push_training_output(
         )
     except Exception as error:  # noqa: BLE001 - a failed push must never stop training
         logger.warning(
-            "Push of %s to %s failed; training continues and the push will be retried: %s",
+            "Push of %s to %s failed%s: %s",
             model_dir,
             repo_id,
+            "; training continues and the next checkpoint's push tries again" if retried else "",
             scrub_secrets(str(error), token),
         )
         return False

@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -18,6 +19,7 @@ import torch
 from accelerate import Accelerator
 
 from .data import BatchStream
+from .errors import RunError, describe_os_error
 from .train_step import StepStatistics
 
 __all__ = ["CollapseMonitor", "MetricsAccumulator", "MetricsLog", "ThroughputWindow"]
@@ -84,32 +86,46 @@ class MetricsAccumulator:
 
 
 class MetricsLog:
-    """``output_dir/metrics.jsonl`` (main process) plus the accelerate trackers."""
+    """``output_dir/metrics.jsonl`` (main process) plus the accelerate trackers.
 
-    def __init__(self, path: Path, accelerator: Accelerator, resume_step: int | None) -> None:
+    Nothing is removed from the file until `start` is called, which the trainer does once the
+    checkpoint it resumes from has loaded: a resume that fails leaves every row in place.
+    """
+
+    def __init__(self, path: Path, accelerator: Accelerator) -> None:
         self.path = path
         self.accelerator = accelerator
-        if accelerator.is_main_process:
-            self._truncate(resume_step)
 
-    def _truncate(self, resume_step: int | None) -> None:
-        """Fresh run: empty the file. Resumed run: drop rows after the checkpoint's step."""
+    def start(self, resume_step: int | None) -> None:
+        """Fresh run: empty the file. Resumed run: drop the rows after the checkpoint's step (logged
+        by the run that was stopped after it). The file is replaced atomically."""
+        if not self.accelerator.is_main_process:
+            return
         kept: list[str] = []
         if resume_step is not None and self.path.is_file():
             for line in self.path.read_text(encoding="utf-8").splitlines():
-                with contextlib.suppress(json.JSONDecodeError, TypeError):
+                with contextlib.suppress(json.JSONDecodeError, TypeError, AttributeError):
                     if json.loads(line).get("step", math.inf) <= resume_step:
                         kept.append(line)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        temporary = self.path.with_name(f".{self.path.name}.tmp")
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            temporary.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+            os.replace(temporary, self.path)
+        except OSError as error:
+            raise RunError(describe_os_error(error, self.path, "writing the metrics", "")) from None
 
     def write(self, row: dict[str, Any]) -> None:
         """Append ``row`` (non-finite numbers become null, so that every line is strict JSON)."""
         row = {key: None if isinstance(value, float) and not math.isfinite(value) else value
                for key, value in row.items()}
         if self.accelerator.is_main_process:
-            with self.path.open("a", encoding="utf-8") as handle:
-                handle.write(json.dumps(row, allow_nan=False) + "\n")
+            try:
+                with self.path.open("a", encoding="utf-8") as handle:
+                    handle.write(json.dumps(row, allow_nan=False) + "\n")
+            except OSError as error:
+                raise RunError(describe_os_error(error, self.path, "writing the metrics",
+                                                 "the checkpoints written so far are kept")) from None
         numbers = {key: value for key, value in row.items()
                    if isinstance(value, (int, float)) and not isinstance(value, bool) and key != "step"}
         if self.accelerator.trackers:

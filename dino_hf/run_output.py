@@ -11,6 +11,7 @@
       eval_results.json      the final evaluation, when an evaluation set was given
       training_curves.png    loss, accuracy, entropies and learning rate against steps
       attention/step_N/      the teacher's attention on a few fixed evaluation images
+      .dino_hf.lock          the run lock (dino_hf.checkpointing.RunLock): host, pid and start of its holder
 
 This module is the one place that names those files (:class:`RunFolder`) and reads them back
 (:func:`read_json`, :func:`read_metrics`, :func:`read_training_output`); the trainer writes through
@@ -49,6 +50,7 @@ BACKBONE_DIRNAME = "backbone"
 EVAL_RESULTS_NAME = "eval_results.json"
 TRAINING_CURVES_NAME = "training_curves.png"
 ATTENTION_DIRNAME = "attention"
+LOCK_NAME = ".dino_hf.lock"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
@@ -90,6 +92,10 @@ class RunFolder:
     @property
     def training_curves(self) -> Path:
         return self.root / TRAINING_CURVES_NAME
+
+    @property
+    def lock(self) -> Path:
+        return self.root / LOCK_NAME
 
     @property
     def model_config(self) -> Path:

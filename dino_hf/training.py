@@ -13,10 +13,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
+import shlex
 import signal
 import sys
 import time
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
+from huggingface_hub import get_token
 from tqdm.auto import tqdm
 
 from .builders import (
@@ -44,24 +46,30 @@ from .builders import (
     training_device,
 )
 from .checkpointing import (
+    RunLock,
+    StopAgreement,
     StopSignals,
+    acquire_run_lock,
     checkpoint_path,
     checkpoint_step_of,
+    discard_folder,
     is_complete_checkpoint,
     list_checkpoints,
     load_checkpoint,
-    remove_stale_temporaries,
+    remove_leftovers,
     resolve_resume_checkpoint,
     restore_rng_state,
+    resume_command,
     save_checkpoint,
 )
 from .data import BatchStream
+from .errors import RunError, describe_os_error
 from .evaluation import KnnMonitor
-from .hardware import MachineSettings, describe_cpu
-from .hub import try_push_training_output
+from .hardware import MachineSettings, PrecisionChoice, describe_cpu
+from .hub import check_push_target, try_push_training_output
 from .metrics import CollapseMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
 from .modeling_dino import DinoForPreTraining
-from .run_output import PRETRAINING_PROGRESS_NAME, RunFolder, read_json
+from .run_output import PRETRAINING_PROGRESS_NAME, RunFolder, read_json, scrub_secrets, strip_secret_fields
 from .schedules import BudgetCalibration, DinoSchedules, ScheduleValues, StepPlan, plan_for_time_budget, plan_steps
 from .train_step import DinoTrainStep
 from .training_args import DinoTrainingArguments
@@ -113,6 +121,8 @@ class _Run:
     collapse: CollapseMonitor
     knn_monitor: KnnMonitor | None
     signals: StopSignals
+    stop: StopAgreement
+    lock: RunLock
     machine: MachineSettings
     clock: Callable[[], float]
     num_examples_per_process: int | None  # for re-planning after a time budget's calibration
@@ -123,6 +133,7 @@ class _Run:
     started: float = field(default_factory=time.perf_counter)
     budget_used_before: float = 0.0  # seconds of the time budget used before this process (resumed runs)
     loop_started: float | None = None  # clock() when this process's training loop began
+    tracker_run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # kept by checkpoints (W&B id)
 
     def budget_used(self) -> float:
         """Seconds of ``--max_train_minutes`` used so far, by this process and those before it."""
@@ -139,27 +150,49 @@ def train(args: DinoTrainingArguments, clock: Callable[[], float] = time.perf_co
 
     Raises:
         ValueError: bad input (one sentence naming the flag), before any training step.
+        RunError (a ValueError): an expected failure (another run holds the output folder, a full disk,
+            a damaged or incompatible checkpoint...), one sentence naming the path and the remedy.
         NonFiniteLossError: ``--max_consecutive_nonfinite_steps`` skipped steps in a row.
     """
     run = _set_up(args, clock)
-    with run.signals:
-        interrupted = _training_loop(run)
-    if interrupted is not None:
-        return interrupted
-    _finish(run)
+    try:
+        with run.signals:
+            interrupted = _training_loop(run)
+        if interrupted is not None:
+            return interrupted
+        _finish(run)
+    finally:
+        run.stream.close()  # before the interpreter's exit, which would wait for the loader workers
+        run.stop.close()
+        run.lock.release()
     return TrainingResult(model=run.unwrapped, step=run.step, output_dir=run.folder.root, last_metrics=run.last_row)
 
 
 def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
-    """Build every component (bad input fails here, before the output folder is touched), then
-    restore the checkpoint to resume from, if any."""
+    """Lock the output folder, build every component (bad input fails here, before anything in the
+    folder is changed), then restore the checkpoint to resume from, if any."""
     precision = choose_precision(args, training_device())
     accelerator = build_accelerator(args, precision.mixed_precision)
     _configure_logging(accelerator)
     if precision.warning and accelerator.is_main_process:
         logger.warning(precision.warning)
+    if args.push_to_hub and accelerator.is_main_process:
+        check_push_target(args.hub_model_id)  # before hours of training, not after
     folder = RunFolder(args.output_dir)
-    resume_path = resolve_resume_checkpoint(args)
+    # Before anything in the folder is read for resuming or deleted: no other run may prune, overwrite
+    # or append to it meanwhile.
+    lock = acquire_run_lock(folder.root, accelerator)
+    try:
+        return _build_run(args, clock, precision, accelerator, folder, lock)
+    except BaseException:
+        lock.release()
+        raise
+
+
+def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precision: PrecisionChoice, accelerator: Accelerator,
+               folder: RunFolder, lock: RunLock) -> _Run:
+    """`_set_up` once the output folder is locked."""
+    resume_path = resolve_resume_checkpoint(args, accelerator)
     set_seed(args.seed)
     model = build_model(args)
     loader = open_training_data(args, accelerator)
@@ -181,25 +214,29 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
 
     model, optimizer = prepare_model_and_optimizer(args, accelerator, model)
     unwrapped = accelerator.unwrap_model(model)
+    signals = StopSignals()
     run = _Run(
         args=args, accelerator=accelerator, model=model, unwrapped=unwrapped,
         step_fn=DinoTrainStep(accelerator, model, optimizer, args.gradient_accumulation_steps,
                               args.max_grad_norm, args.clip_mode),
         stream=BatchStream(loader, augment=augment), schedules=schedules, plan=plan, folder=folder,
-        metrics=MetricsLog(folder.metrics, accelerator, resume_step=checkpoint_step_of(resume_path)),
+        metrics=MetricsLog(folder.metrics, accelerator),
         accumulator=MetricsAccumulator(accelerator.device),
         collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps),
-        knn_monitor=knn_monitor, signals=StopSignals(), machine=machine, clock=clock,
-        num_examples_per_process=loader.num_examples, continued=continued,
+        knn_monitor=knn_monitor, signals=signals, stop=StopAgreement(signals, accelerator.num_processes),
+        lock=lock, machine=machine, clock=clock, num_examples_per_process=loader.num_examples, continued=continued,
     )
     rng_state = _restore(run, resume_path) if resume_path is not None else None
     if resume_path is None:
         run.stream.start()
         run.step = _imported_progress_step(run)
+    # only now that the checkpoint has loaded: the rows logged after it by the stopped run go
+    run.metrics.start(checkpoint_step_of(resume_path))
     _log_plan(run)
     _write_training_args(run)
     if args.report_to != "none":
-        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args, plan))
+        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args, run.plan),
+                                  init_kwargs=_tracker_init_kwargs(run, resumed=resume_path is not None))
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above shifts the random streams
     return run
@@ -221,10 +258,11 @@ def _imported_progress_step(run: _Run) -> int:
 
 def _restore(run: _Run, path: Path) -> dict[str, Any]:
     """Load a checkpoint into the run; returns the RNG state to apply just before training."""
-    state, process_state = load_checkpoint(run.accelerator, path, run.stream)
+    state, process_state = load_checkpoint(run.accelerator, path, run.stream, model=run.unwrapped)
     if "metrics" in process_state:
         run.accumulator.load_state_dict(process_state["metrics"])
     run.step = int(state["step"])
+    run.tracker_run_id = str(state.get("tracker_run_id") or run.tracker_run_id)
     run.last_good_checkpoint = path
     if run.args.max_train_minutes is not None and "plan" in state:
         # A time-budgeted run keeps the plan it calibrated (or calibrates again, with what is left of
@@ -263,10 +301,10 @@ def _training_loop(run: _Run) -> TrainingResult | None:
                     calibration = None
                     progress.total = run.plan.total_steps
                     progress.refresh()
-            # One process stops at once; several agree at the next logging step (their only sync).
-            stop_now = run.signals.received is not None and accelerator.num_processes == 1
+            # One process stops at once; several stop together one step after the signal.
+            stop_now = run.stop.should_stop()
             if run.step % args.logging_steps == 0 or run.step == run.plan.total_steps:
-                stop_now = _log_step(run, values, window.measure(), progress) or stop_now
+                _log_step(run, values, window.measure(), progress)
             if args.eval_steps and run.step % args.eval_steps == 0 and run.step < run.plan.total_steps:
                 _evaluate(run)
             if run.step % args.checkpointing_steps == 0 or stop_now:
@@ -321,9 +359,9 @@ def _plan_time_budget(run: _Run, seconds_per_step: float) -> None:
     _write_training_args(run)
 
 
-def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progress: tqdm) -> bool:
-    """Write one metrics row; check non-finite runs and collapse. Returns True when a stop signal
-    was received by any process (agreed here, the only place where processes synchronise)."""
+def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progress: tqdm) -> None:
+    """Write one metrics row; check non-finite runs and collapse (the one place where the loop reads
+    values back from the device)."""
     accelerator = run.accelerator
     row_values = run.accumulator.flush(accelerator)
     longest = row_values.pop("longest_nonfinite_run")
@@ -350,10 +388,6 @@ def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progr
     warning = run.collapse.update(run.step, row)
     if warning and accelerator.is_main_process:
         logger.warning(warning)
-    if accelerator.num_processes > 1:
-        flag = torch.tensor([1.0 if run.signals.received else 0.0], device=accelerator.device)
-        return bool(accelerator.reduce(flag, reduction="sum").item() > 0)
-    return run.signals.received is not None
 
 
 def _check_nonfinite(run: _Run, longest_run: int) -> None:
@@ -375,7 +409,8 @@ def _checkpoint(run: _Run, forced: bool) -> None:
         logger.warning("Not saving a checkpoint at step %d: the last %d steps were skipped as non-finite.",
                        run.step, current)
         return
-    training_state = {"epoch": run.stream.epoch, "plan": run.plan.to_dict(), "training_seconds": run.budget_used()}
+    training_state = {"epoch": run.stream.epoch, "plan": run.plan.to_dict(), "training_seconds": run.budget_used(),
+                      "tracker_run_id": run.tracker_run_id}
     path = save_checkpoint(run.accelerator, run.folder.root, run.step, run.stream,
                            training_state, run.args.checkpoints_total_limit,
                            process_extras={"metrics": run.accumulator.state_dict()})
@@ -386,9 +421,8 @@ def _checkpoint(run: _Run, forced: bool) -> None:
 
 
 def _interrupted(run: _Run) -> TrainingResult:
-    command = " ".join(sys.argv) if sys.argv and sys.argv[0] else "scripts/train.py ..."
-    if "--resume_from_checkpoint" not in command:
-        command += " --resume_from_checkpoint latest"
+    command = resume_command(sys.argv) if sys.argv and sys.argv[0] else "scripts/train.py ... --resume_from_checkpoint latest"
+    command = scrub_secrets(command, get_token())  # a token given as an argument value is not printed
     if run.accelerator.is_main_process:
         sys.stderr.write(
             f"Stopped by {run.signals.received} at step {run.step}; checkpoint saved to {run.last_good_checkpoint}. "
@@ -438,20 +472,33 @@ def _finish(run: _Run) -> None:
     if not is_complete_checkpoint(checkpoint_path(run.folder.root, run.step)):
         _checkpoint(run, forced=False)
     eval_metrics = _evaluate(run)
+    pushed = True
     if accelerator.is_main_process:
-        run.unwrapped.save_pretrained(run.folder.root)
-        run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
-        _write_training_args(run, final=True)
-        if eval_metrics:
-            run.folder.eval_results.write_text(
-                json.dumps({"step": run.step, **eval_metrics, "eval_dataset_name": run.args.eval_dataset_name,
-                            "eval_split": run.args.eval_split}, indent=2) + "\n")
+        try:
+            run.unwrapped.save_pretrained(run.folder.root)
+            run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
+            _write_training_args(run, final=True)
+            if eval_metrics:
+                run.folder.eval_results.write_text(
+                    json.dumps({"step": run.step, **eval_metrics, "eval_dataset_name": run.args.eval_dataset_name,
+                                "eval_split": run.args.eval_split}, indent=2) + "\n")
+        except Exception as error:  # noqa: BLE001 - safetensors and torch wrap the OS error in their own
+            raise RunError(describe_os_error(
+                error, run.folder.root, "writing the final model",
+                f"the final checkpoint {run.last_good_checkpoint} is complete: rerun with --resume_from_checkpoint "
+                "latest to write the model again")) from None
         _plot(run)
         if run.args.push_to_hub:
-            _push(run, f"End of training (step {run.step})")
+            pushed = _push(run, f"End of training (step {run.step})", final=True)
         logger.info("Wrote the model to %s and the teacher backbone to %s.", run.folder.root, run.folder.backbone)
     accelerator.wait_for_everyone()
     accelerator.end_training()
+    if not pushed:
+        # the last line the user sees: the model is safe on disk, the Hub does not have it
+        logger.warning(
+            "Training finished, but the final push to %s failed (see above) and will not be retried: push the run "
+            "with python scripts/push_to_hub.py --model_dir %s --repo_id %s.",
+            run.args.hub_model_id, shlex.quote(str(run.folder.root)), shlex.quote(str(run.args.hub_model_id)))
 
 
 def _plot(run: _Run) -> None:
@@ -469,9 +516,10 @@ def _export_and_push(run: _Run, message: str) -> None:
     run.accelerator.wait_for_everyone()
 
 
-def _push(run: _Run, message: str) -> None:
-    try_push_training_output(run.folder.root, run.args.hub_model_id, private=run.args.hub_private_repo,
-                             commit_message=message)
+def _push(run: _Run, message: str, final: bool = False) -> bool:
+    """Push the run to ``--hub_model_id``; False (after a warning) when it failed."""
+    return try_push_training_output(run.folder.root, run.args.hub_model_id, private=run.args.hub_private_repo,
+                                    commit_message=message, retried=not final)
 
 
 # ------------------------------------------------------------------------------- setup helpers
@@ -494,10 +542,13 @@ def _prepare_output_dir(args: DinoTrainingArguments, accelerator: Accelerator, f
             "latest to continue it or --overwrite_output_dir to start over."
         )
     if accelerator.is_main_process:
-        if args.overwrite_output_dir and folder.checkpoints.exists():
-            shutil.rmtree(folder.checkpoints)
-        output_dir.mkdir(parents=True, exist_ok=True)
-        remove_stale_temporaries(output_dir)
+        # this run holds the folder's lock: no live run's checkpoints or save in progress is deleted here
+        try:
+            remove_leftovers(output_dir)
+            if args.overwrite_output_dir:
+                discard_folder(folder.checkpoints)
+        except OSError as error:
+            raise RunError(describe_os_error(error, folder.checkpoints, "clearing the earlier checkpoints", "")) from None
     accelerator.wait_for_everyone()
 
 
@@ -564,7 +615,25 @@ def _write_training_args(run: _Run, final: bool = False) -> None:
         resolved["calibration_seconds"] = round(plan.calibration_seconds, 2)
     if final:
         resolved["train_runtime"] = round(time.perf_counter() - run.started, 1)
-    run.folder.training_args.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
+    # a token given as an argument value (or shaped like one) is not kept on disk
+    resolved = strip_secret_fields(resolved, get_token())
+    try:
+        run.folder.training_args.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
+    except OSError as error:
+        raise RunError(describe_os_error(error, run.folder.training_args, "writing the training arguments", "")) from None
+
+
+def _tracker_init_kwargs(run: _Run, resumed: bool) -> dict[str, dict[str, Any]]:
+    """What makes a resumed run continue its trackers' run instead of opening a new one.
+
+    Weights & Biases: the run id kept in the checkpoints (``resume="allow"`` creates it the first
+    time). TensorBoard: events after the checkpoint's step, logged by the run that was stopped after
+    it, are purged (as the rows of ``metrics.jsonl`` are).
+    """
+    kwargs: dict[str, dict[str, Any]] = {"wandb": {"id": run.tracker_run_id, "resume": "allow"}}
+    if resumed:
+        kwargs["tensorboard"] = {"purge_step": run.step + 1}
+    return kwargs
 
 
 def _tracker_config(args: DinoTrainingArguments, plan: StepPlan) -> dict[str, Any]:

@@ -482,7 +482,11 @@ class DinoTrainingArguments:
     )
     checkpoints_total_limit: int | None = field(
         default=2,
-        metadata=_help("Keep only the newest this many checkpoints (each holds model and optimiser state); unset keeps all."),
+        metadata=_help(
+            "Keep only the newest this many checkpoints (each holds model and optimiser state); 0 keeps all (as "
+            "does unset, in a config file). Keep at least 2 where disks or copies can fail: a damaged newest "
+            "checkpoint is skipped for the one before."
+        ),
     )
     resume_from_checkpoint: str | None = field(
         default=None,
@@ -575,7 +579,11 @@ class DinoTrainingArguments:
         # "auto" or a count; stored as written ("auto" / "3"), read through requested_num_workers.
         object.__setattr__(self, "dataloader_num_workers", _auto_or_count("dataloader_num_workers", self.dataloader_num_workers, 0))
         object.__setattr__(self, "torch_num_threads", _auto_or_count("torch_num_threads", self.torch_num_threads, 1))
-        for name in ("max_steps", "checkpoints_total_limit", "eval_steps", "eval_max_samples"):
+        _check(
+            self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 0,
+            f"--checkpoints_total_limit must be 0 (keep all) or more, not {self.checkpoints_total_limit}.",
+        )
+        for name in ("max_steps", "eval_steps", "eval_max_samples"):
             value = getattr(self, name)
             _check(value is None or value >= 1, f"--{name} must be a positive integer (or unset), not {value}.")
         for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps",

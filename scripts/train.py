@@ -7,8 +7,12 @@
     torchrun --nproc_per_node 8 scripts/train.py --config ... --resume_from_checkpoint latest
 
 Flags given on the command line override the values of ``--config``; ``--help`` explains each.
-Bad input exits with status 2 and one sentence on stderr (``--debug`` shows the traceback); a
-run stopped by SIGTERM/SIGINT saves a checkpoint and exits with 128 + the signal number.
+
+Exit statuses: 0 finished; 2 bad input or an expected failure (another run holds --output_dir, a
+full disk, no permission, a damaged or incompatible checkpoint...), with one sentence on stderr
+that names the path and the remedy (``--debug`` shows the traceback); 1 too many non-finite steps
+in a row; 128 + the signal number (143 for SIGTERM, 130 for SIGINT) when a signal stopped the run
+after saving a checkpoint at the current step.
 """
 
 from __future__ import annotations
@@ -34,10 +38,17 @@ def main(argv: list[str] | None = None) -> int:
 
         args = parse_training_args(argv, prog=PROG)
         result = train(args)
-    except ValueError as error:
+    except ValueError as error:  # bad input, and dino_hf.errors.RunError (expected failures)
         if debug:
             raise
         _report(str(error))
+        return 2
+    except OSError as error:  # one the library did not expect: still one sentence, naming the file
+        if debug:
+            raise
+        from dino_hf.errors import describe_os_error
+
+        _report(describe_os_error(error, error.filename or "a file", "training", "rerun with --debug for details"))
         return 2
     except NonFiniteLossError as error:
         if debug:
@@ -47,7 +58,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         if debug:
             raise
-        _report("interrupted (a second signal stops at once, without a checkpoint).")
+        # only outside the training loop (setting up, exporting): inside it SIGINT saves a checkpoint
+        _report("interrupted before training started or while exporting; rerun with --resume_from_checkpoint "
+                "latest to continue from the newest checkpoint.")
         return 130
     return result.exit_status
 

@@ -169,3 +169,17 @@ def test_bench_end_to_end_smoke(tmp_path):
     assert record["images_per_second_median"] > 0
     assert 0.0 <= record["data_wait_fraction_median"] <= 1.0
     assert "bench_end_to_end" in results_file.read_text()
+
+
+def test_checkpoint_benchmark_saves_verifies_and_records(tmp_path: Path) -> None:
+    results_file, json_file = tmp_path / "RESULTS.md", tmp_path / "metrics.json"
+    metrics = _load("bench_checkpoint").main(
+        ["--preset", "vit_tiny_patch16",
+         "--config_overrides", "backbone_config.num_hidden_layers=1,num_prototypes=64,head_hidden_size=64",
+         "--repeats", "1", "--output_dir", str(tmp_path), "--results_file", str(results_file),
+         "--json_output", str(json_file)]
+    )  # fmt: skip
+    assert json.loads(json_file.read_text()) == metrics
+    assert metrics["checkpoint_mb"] > 0 and metrics["save_seconds"] > metrics["full_sha256_seconds"] > 0
+    assert metrics["verify_cold_seconds"] > 0 and metrics["header_and_size_seconds"] > 0
+    assert len(_rows(results_file, "bench_checkpoint")) == 1

@@ -24,10 +24,12 @@ from PIL import Image
 from tiny_models import KNN_ACCURACY, TOKEN, tiny_dino_config, write_training_output
 from transformers import AutoImageProcessor, AutoModel
 
+from dino_hf.errors import RunError
 from dino_hf.hub import (
     LOGIN_HINT,
     HubPushError,
     MissingTokenError,
+    check_push_target,
     push_training_output,
     try_push_training_output,
 )
@@ -330,3 +332,60 @@ def test_push_errors_are_typed_and_scrubbed(in_process_endpoint, training_output
     monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no-token"))
     with pytest.raises(MissingTokenError, match="hf auth login"):
         push_training_output(training_output, f"{hub.user}/anything")
+
+
+# ------------------------------------------------------------------------------ --push_to_hub before and after training
+def test_the_push_target_is_checked_before_training(in_process_endpoint, monkeypatch, tmp_path, caplog):
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.delenv("HUGGING_FACE_HUB_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_tokens"))
+    with pytest.raises(RunError, match="--push_to_hub needs a Hugging Face token .*hf auth login"):
+        check_push_target("tester/model")
+    with pytest.raises(RunError, match="--hub_model_id 'no/such/repo' is not a valid Hub repository id"):
+        check_push_target("no/such/repo", token=TOKEN)
+    with pytest.raises(RunError, match=r"rejected the Hugging Face token \(HTTP 401\)") as error:
+        check_push_target("tester/model", token="hf_WrongTokenWrongToken0123")
+    assert "hf_WrongTokenWrongToken0123" not in str(error.value)
+    check_push_target("tester/model", token=TOKEN)  # a good token and id
+    # a Hub that cannot answer now only warns: it may be back by the end of training
+    in_process_endpoint.fail(503, routes="whoami")
+    caplog.set_level(logging.WARNING, logger="dino_hf")
+    check_push_target("tester/model", token=TOKEN)
+    assert any("may fail" in record.getMessage() for record in caplog.records)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    with pytest.raises(RunError, match="HF_HUB_OFFLINE"):
+        check_push_target("tester/model", token=TOKEN)
+
+
+def _train_flags(dataset: Path, config_file: Path, output_dir: Path) -> list[str]:
+    return ["--dataset_name", str(dataset), "--output_dir", str(output_dir), "--model_config", str(config_file),
+            "--global_crop_size", "32", "--local_crop_size", "16", "--num_local_crops", "2",
+            "--per_device_train_batch_size", "8", "--max_steps", "2", "--checkpointing_steps", "2",
+            "--dataloader_num_workers", "0", "--push_to_hub", "--hub_model_id", "tester/tiny-dino"]
+
+
+def test_push_to_hub_without_a_valid_token_is_refused_before_training(hub, dataset, tiny_config_file, tmp_path):
+    result = _run(["scripts/train.py", *_train_flags(dataset, tiny_config_file, tmp_path / "run")],
+                  _client_env(hub, tmp_path, token="hf_NotTheLoopbackToken0123456789"), timeout=180)
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert lines[-1].startswith("train.py: error: --push_to_hub: the Hub rejected the Hugging Face token")
+    assert "Traceback" not in result.stderr and "hf_NotTheLoopbackToken0123456789" not in result.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()  # nothing trained
+
+
+def test_a_failed_final_push_is_said_plainly_without_promising_a_retry(hub, dataset, tiny_config_file, tmp_path):
+    hub.fail(500, routes="commit")
+    try:
+        result = _run(["scripts/train.py", *_train_flags(dataset, tiny_config_file, tmp_path / "run")],
+                      _client_env(hub, tmp_path), timeout=180)
+    finally:
+        hub.clear_failures()
+    assert result.returncode == 0, result.stderr[-3000:]
+    warnings = [line for line in result.stderr.splitlines() if "WARNING" in line]
+    assert "will be retried" not in result.stderr and "tries again" not in result.stderr
+    assert "final push to tester/tiny-dino failed" in warnings[-1] and "will not be retried" in warnings[-1]
+    assert f"scripts/push_to_hub.py --model_dir {tmp_path / 'run'} --repo_id tester/tiny-dino" in warnings[-1]
+    assert TOKEN not in result.stderr
+    assert (tmp_path / "run" / "backbone" / "model.safetensors").is_file()  # the model is safe on disk

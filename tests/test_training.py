@@ -394,13 +394,89 @@ def test_bad_inputs_exit_2_with_one_sentence(dataset, tiny_config_file, tmp_path
         assert flag in lines[0] and "Traceback" not in err, (extra, err)
 
 
+def _assert_one_sentence(script, argv: list[str], capsys, expected: str) -> str:
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    status = script.main(argv)
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    error_lines = [line for line in lines if line.startswith("train.py: error:")]
+    assert status == 2, (argv, err)
+    assert len(error_lines) == 1 and error_lines[0] == lines[-1], (argv, err)
+    assert expected in error_lines[0] and "Traceback" not in err, (argv, err)
+    return error_lines[0]
+
+
+def test_expected_failures_exit_2_with_one_sentence(dataset, tiny_config_file, tmp_path, capsys, monkeypatch):
+    """Defects 4 and 8 of issue 14, through scripts/train.py: each exits 2 with one sentence that names
+    the path or flag and the remedy, and no traceback."""
+    import huggingface_hub
+    from image_datasets import write_parquet_dataset
+    from transformers import ResNetConfig
+
+    script = _load_script()
+    output_dir = tmp_path / "out"
+    base = ["--dataset_name", str(dataset), "--output_dir", str(output_dir), "--model_config", str(tiny_config_file),
+            "--global_crop_size", "32", "--local_crop_size", "16", "--num_local_crops", "2",
+            "--dataloader_num_workers", "0", "--max_steps", "2", "--checkpointing_steps", "2",
+            "--per_device_train_batch_size", "2"]
+    a_file = tmp_path / "a_file"
+    a_file.write_text("not a folder")
+    _assert_one_sentence(script, [*base, "--output_dir", str(a_file)], capsys, f"{a_file} (or a folder above it) is a "
+                         "file, not a folder; pass a folder as --output_dir")
+    ResNetConfig().save_pretrained(tmp_path / "resnet")
+    _assert_one_sentence(script, [*base, "--model_config", str(tmp_path / "resnet")], capsys,
+                         "holds a 'resnet' config, not a DinoConfig")
+    corrupt = write_parquet_dataset(tmp_path / "corrupt", num_images=0, num_shards=1, corrupt=True)
+    _assert_one_sentence(script, [*base, "--dataset_name", str(corrupt)], capsys,
+                         "yielded no readable image in a whole epoch: all")
+    _assert_one_sentence(script, [*base, "--checkpoints_total_limit", "-1"], capsys, "--checkpoints_total_limit")
+    monkeypatch.delenv("HF_TOKEN", raising=False)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_TOKEN_PATH", str(tmp_path / "no_token"))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_STORED_TOKENS_PATH", str(tmp_path / "no_tokens"))
+    _assert_one_sentence(script, [*base, "--push_to_hub", "--hub_model_id", "someone/model"], capsys,
+                         "--push_to_hub needs a Hugging Face token")
+    monkeypatch.setenv("HF_TOKEN", "hf_SomeTokenSomeToken0123456789")
+    sentence = _assert_one_sentence(script, [*base, "--push_to_hub", "--hub_model_id", "not a/valid/id"], capsys,
+                                    "--hub_model_id 'not a/valid/id' is not a valid Hub repository id")
+    assert "hf_SomeToken" not in sentence
+    monkeypatch.delenv("HF_TOKEN")
+    assert not (output_dir / "checkpoints").exists()  # none of these trained
+
+    # a run to resume from, then resumes that cannot work
+    assert script.main(base) == 0
+    capsys.readouterr()
+    checkpoint = output_dir / "checkpoints" / "step_2"
+    _assert_one_sentence(script, [*base, "--resume_from_checkpoint", "latest",
+                                  "--config_overrides", "backbone_config.intermediate_size=96"], capsys,
+                         "holds another model (")
+    state = (checkpoint / "training_state.json").read_text()
+    (checkpoint / "training_state.json").write_text(state[: len(state) // 2])
+    _assert_one_sentence(script, [*base, "--resume_from_checkpoint", str(checkpoint)], capsys,
+                         f"--resume_from_checkpoint {checkpoint} is damaged (training_state.json has")
+    _assert_one_sentence(script, [*base, "--resume_from_checkpoint", "latest"], capsys,
+                         "is damaged (the oldest, step_2, because training_state.json has")
+
+
+def test_no_token_is_kept_in_training_args_json(dataset, tiny_config_file, tmp_path, monkeypatch):
+    token = "hf_PassedAsAnArgumentValue0123456789"
+    monkeypatch.setenv("HF_TOKEN", "not-hf-shaped-but-secret-token")
+    train(tiny_args(dataset, tmp_path / "run", tiny_config_file, max_steps=2,
+                    tracker_project_name=f"{token} not-hf-shaped-but-secret-token"))
+    text = (tmp_path / "run" / "training_args.json").read_text()
+    assert token not in text and "not-hf-shaped-but-secret-token" not in text
+    assert json.loads(text)["tracker_project_name"] == "hf_*** ***"
+
+
 # ------------------------------------------------------------------------------ extras
 def test_in_training_evaluation_plot_and_push(dataset, tiny_config_file, tmp_path, monkeypatch):
     import dino_hf.training
 
-    pushes = []
+    pushes, checked = [], []
     monkeypatch.setattr(dino_hf.training, "try_push_training_output",
                         lambda model_dir, repo_id, **kwargs: pushes.append((Path(model_dir), repo_id)) or True)
+    monkeypatch.setattr(dino_hf.training, "check_push_target", checked.append)  # Hub checks: tests/test_hub.py
     output_dir = tmp_path / "run"
     train(tiny_args(dataset, output_dir, tiny_config_file, eval_dataset_name=str(dataset), eval_split="train",
                     eval_steps=2, eval_max_samples=16, push_to_hub=True, hub_model_id="someone/tiny-dino",
@@ -416,7 +492,7 @@ def test_in_training_evaluation_plot_and_push(dataset, tiny_config_file, tmp_pat
         assert (output_dir / "attention" / f"step_{step}" / "image0-grid.png").is_file()
         assert (output_dir / "attention" / f"step_{step}" / "image0-head0.png").is_file()
     # one push per checkpoint (steps 2 and 4) and one at the end, each with the exported backbone
-    assert pushes == [(output_dir, "someone/tiny-dino")] * 3
+    assert pushes == [(output_dir, "someone/tiny-dino")] * 3 and checked == ["someone/tiny-dino"]
     assert (output_dir / "backbone" / "config.json").is_file()
 
 

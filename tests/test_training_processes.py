@@ -1,13 +1,19 @@
-"""Training in real processes: two CPU processes through accelerate, SIGKILL and resume, SIGTERM/SIGINT.
+"""Training in real processes: two CPU processes through accelerate and torchrun, SIGKILL and resume,
+SIGTERM/SIGINT to the process and to its whole process group, two runs on one output folder, and a
+full disk (a real tmpfs mounted for the test).
 
 Each test starts scripts/train.py (or tests/training_worker.py, which instruments it) in
-subprocesses, on the tiny model and a 64-image parquet dataset, with --dataloader_num_workers 0.
+subprocesses, on the tiny model and a 64-image parquet dataset, with --dataloader_num_workers 0
+unless it says otherwise.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -20,7 +26,7 @@ from image_datasets import write_parquet_dataset
 from safetensors.torch import load_file
 from tiny_models import tiny_family_config
 
-from dino_hf.checkpointing import list_checkpoints
+from dino_hf.checkpointing import list_checkpoints, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"
@@ -205,3 +211,285 @@ def test_fp16_on_cpu_is_refused_without_a_traceback(dataset, tiny_config_file, t
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "--mixed_precision bf16" in lines[0] and "Traceback" not in result.stderr
+
+
+# ------------------------------------------------------------------------------ the whole process group
+def start_in_new_group(command: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start ``command`` as the leader of a new session and process group (as ``setsid`` does), as a
+    scheduler's job is: ``os.killpg(process.pid, ...)`` then signals it with all its children."""
+    return subprocess.Popen(command, env=env or environment(), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for_files(paths: list[Path], process: subprocess.Popen, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while not all(path.exists() for path in paths):
+        if process.poll() is not None:
+            raise AssertionError(f"exited with {process.returncode} first: {process.communicate()[1][-3000:]}")
+        assert time.monotonic() < deadline, f"no {paths} after {timeout} s"
+        time.sleep(0.1)
+
+
+def kill_group(process: subprocess.Popen) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGKILL)
+    process.communicate()
+
+
+def _assert_group_sigterm_then_resume_is_exact(launcher: list[str], num_processes: int, flags_for, tmp_path: Path,
+                                               pause_step: int, stop_step: int) -> None:
+    """The uninterrupted run, then the same run paused at ``pause_step`` and sent SIGTERM through its
+    whole process group (launcher, training processes, loader workers): it must save ``stop_step``,
+    print a resume command that shlex splits back into its arguments, exit 143 (128 + SIGTERM) when
+    not under a launcher, and resume to weights and metrics identical to the uninterrupted run."""
+    reference, resumed, pause = tmp_path / "reference", tmp_path / "resumed", tmp_path / "pause"
+    result = run([*launcher, str(TRAIN), *flags_for(reference)], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+
+    worker_args = [str(WORKER), "--pause_at_step", str(pause_step), "--pause_file", str(pause), "--"]
+    process = start_in_new_group([*launcher, *worker_args, *flags_for(resumed)])
+    try:
+        wait_for_files([Path(f"{pause}.{rank}") for rank in range(num_processes)], process)
+        os.killpg(process.pid, signal.SIGTERM)  # kill -TERM -- -PGID
+        _, stderr = process.communicate(timeout=180)
+    finally:
+        kill_group(process)
+    if not launcher[1:]:  # python itself: the documented status
+        assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+    # no traceback from a training process (torchrun prints one of its own, for its SignalException)
+    assert "DataLoader worker" not in stderr and "]: Traceback" not in stderr, stderr[-3000:]
+    assert "Traceback" not in stderr.split("Stopped by")[0], stderr[-3000:]
+    assert f"Stopped by SIGTERM at step {stop_step}; checkpoint saved to" in stderr, stderr[-3000:]
+    checkpoints = list_checkpoints(resumed)
+    assert [path.name for path in checkpoints] == [f"step_{stop_step}"]
+    assert verify_checkpoint(checkpoints[0]) is None
+    printed = stderr.split("torchrun) and: ", 1)[1].splitlines()[0]
+    assert shlex.split(printed) == [*worker_args, *flags_for(resumed), "--resume_from_checkpoint", "latest"]
+
+    result = run([*launcher, str(TRAIN), *flags_for(resumed), "--resume_from_checkpoint", "latest"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected, actual = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    for name in expected:
+        assert torch.equal(expected[name], actual[name]), name
+    timing = {"images_per_second", "data_wait_fraction", "elapsed_seconds"}
+    strip = [{key: value for key, value in row.items() if key not in timing} for row in rows(reference)]
+    assert [{key: value for key, value in row.items() if key not in timing} for row in rows(resumed)] == strip
+
+
+def test_a_process_group_sigterm_with_loader_workers_saves_the_current_step_and_resumes_exactly(
+    dataset, tiny_config_file, tmp_path
+):
+    """setsid python train.py --dataloader_num_workers 2, then kill -TERM -- -PGID: the workers ignore
+    the signal, the main process finishes the step in progress, saves it and exits 143. The tracker
+    project name has a space and a ';' to show the printed command is quoted."""
+    _assert_group_sigterm_then_resume_is_exact(
+        [sys.executable], 1,
+        lambda output_dir: train_flags(dataset, output_dir, tiny_config_file, dataloader_num_workers=2, max_steps=12,
+                                       checkpointing_steps=100, tracker_project_name="dino run; echo pwned"),
+        tmp_path, pause_step=5, stop_step=6,
+    )
+
+
+def test_a_process_group_sigterm_without_workers_resumes_bit_exact(dataset, tiny_config_file, tmp_path):
+    _assert_group_sigterm_then_resume_is_exact(
+        [sys.executable], 1,
+        lambda output_dir: train_flags(dataset, output_dir, tiny_config_file, max_steps=8, checkpointing_steps=100),
+        tmp_path, pause_step=3, stop_step=4,
+    )
+
+
+@pytest.mark.slow
+def test_a_process_group_sigterm_of_torchrun_with_two_processes_and_workers(dataset, tiny_config_file, tmp_path):
+    """torchrun forwards the SIGTERM it got to its workers (a second one each, ignored); both processes
+    stop together one step after the signal (their agreement is one step late) and save that step."""
+    launcher = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2"]
+    _assert_group_sigterm_then_resume_is_exact(
+        launcher, 2,
+        lambda output_dir: train_flags(dataset, output_dir, tiny_config_file, dataloader_num_workers=2, max_steps=8,
+                                       checkpointing_steps=100, logging_steps=1),
+        tmp_path, pause_step=3, stop_step=5,
+    )
+
+
+def test_torchrun_on_a_machine_without_gpu_trains_as_two_real_processes(dataset, tiny_config_file, tmp_path):
+    """No ACCELERATE_USE_CPU: the two processes still train together (one run, global batch 8)."""
+    env = {key: value for key, value in environment().items() if key != "ACCELERATE_USE_CPU"}
+    command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(TRAIN),
+               *train_flags(dataset, tmp_path / "run", tiny_config_file, max_steps=2, checkpointing_steps=2)]
+    result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    training_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
+    assert training_args["num_processes"] == 2 and training_args["global_batch_size"] == 8
+    assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2]
+
+
+# ------------------------------------------------------------------------------ one run per output folder
+def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_untouched(dataset, tiny_config_file,
+                                                                                   tmp_path):
+    output_dir, pause = tmp_path / "run", tmp_path / "pause"
+    flags = train_flags(dataset, output_dir, tiny_config_file, max_steps=6, checkpointing_steps=2)
+    first = start_in_new_group([sys.executable, str(WORKER), "--pause_at_step", "3", "--pause_file", str(pause), "--",
+                                *flags])
+    try:
+        wait_for_files([Path(f"{pause}.0")], first)
+        for second_flags in (["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"], []):
+            second = run([sys.executable, str(TRAIN), *flags, *second_flags])
+            lines = [line for line in second.stderr.splitlines() if line.strip() and "error:" in line]
+            assert second.returncode == 2, second.stderr[-3000:]
+            assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+            assert f"is in use by another run (host {os.uname().nodename}, pid {first.pid}," in lines[0]
+        Path(f"{pause}.0").unlink()  # let the first run go on
+        _, stderr = first.communicate(timeout=180)
+    finally:
+        kill_group(first)
+    assert first.returncode == 0, stderr[-3000:]
+    assert [row["step"] for row in rows(output_dir)] == [1, 2, 3, 4, 5, 6]  # every step once
+    assert [path.name for path in list_checkpoints(output_dir)] == ["step_2", "step_4", "step_6"]
+    assert all(verify_checkpoint(path) is None for path in list_checkpoints(output_dir))
+    assert (output_dir / "model.safetensors").is_file()
+
+
+def test_the_lock_of_a_killed_run_is_taken_over_by_the_resumed_run(dataset, tiny_config_file, tmp_path):
+    output_dir, pause = tmp_path / "run", tmp_path / "pause"
+    flags = train_flags(dataset, output_dir, tiny_config_file, max_steps=4, checkpointing_steps=2)
+    first = start_in_new_group([sys.executable, str(WORKER), "--pause_at_step", "3", "--pause_file", str(pause), "--",
+                                *flags])
+    try:
+        wait_for_files([Path(f"{pause}.0")], first)
+    finally:
+        kill_group(first)  # SIGKILL: no chance to release anything
+    assert str(first.pid) in (output_dir / ".dino_hf.lock").read_text()
+    resumed = run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"])
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"pid {first.pid}" in resumed.stderr and "no longer running" in resumed.stderr
+    assert [row["step"] for row in rows(output_dir)] == [1, 2, 3, 4]
+
+
+# ------------------------------------------------------------------------------ a full disk
+@contextlib.contextmanager
+def small_tmpfs(mount_point: Path, size_kib: int):
+    """A real tmpfs of ``size_kib`` KiB at ``mount_point`` (needs root; the test is skipped without it)."""
+    mount_point.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size_kib}k", "tmpfs", str(mount_point)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here ({mounted.stderr.strip()}); run as root to test a full disk")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", "-l", str(mount_point)], capture_output=True)
+
+
+def _one_sentence_error(result: subprocess.CompletedProcess) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    return lines[0]
+
+
+def test_a_full_disk_exits_2_saying_no_space_and_keeps_the_earlier_checkpoints(dataset, tiny_config_file, tmp_path):
+    """A 1 MiB tmpfs holds the first checkpoint (~0.6 MB) but not a second: the second save is refused
+    before anything is written (its size is known from the first); the first stays loadable and the
+    run resumes from it once there is space."""
+    with small_tmpfs(tmp_path / "disk", 1024) as disk:
+        output_dir = disk / "run"
+        flags = train_flags(dataset, output_dir, tiny_config_file, max_steps=6, checkpointing_steps=2,
+                            checkpoints_total_limit=0)
+        sentence = _one_sentence_error(run([sys.executable, str(TRAIN), *flags]))
+        assert "no space left" in sentence.lower() and "step 4" in sentence and "step_2" in sentence
+        assert [path.name for path in (output_dir / "checkpoints").iterdir()] == ["step_2"]
+        assert verify_checkpoint(output_dir / "checkpoints" / "step_2") is None
+        kept_rows = rows(output_dir)
+        assert [row["step"] for row in kept_rows] == [1, 2, 3, 4]
+        # more space (the remedy the sentence gives), then resume: from step 2, to the end
+        subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
+        resumed = run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"])
+        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert "Resumed from" in resumed.stderr and "step_2 at step 2" in resumed.stderr
+        assert [row["step"] for row in rows(output_dir)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_disk_that_fills_during_the_first_save_exits_2_saying_no_space(dataset, tiny_config_file, tmp_path):
+    """A 320 KiB tmpfs fills while the first checkpoint is written (torch reports it as "unexpected
+    pos", without an errno): one sentence saying no space, and the partial save removed."""
+    with small_tmpfs(tmp_path / "disk", 320) as disk:
+        output_dir = disk / "run"
+        flags = train_flags(dataset, output_dir, tiny_config_file, max_steps=4, checkpointing_steps=2)
+        sentence = _one_sentence_error(run([sys.executable, str(TRAIN), *flags]))
+        assert "writing the checkpoint of step 2 failed: no space left" in sentence.lower()
+        assert list((output_dir / "checkpoints").iterdir()) == []  # the partial save is gone, its space freed
+
+
+def test_a_folder_without_write_permission_exits_2_in_one_sentence(dataset, tiny_config_file, tmp_path):
+    """Root writes anywhere: the run is started without the capabilities that let it (setpriv), on a
+    folder whose mode forbids writing."""
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv, to start the run without the right to ignore file permissions")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o555)
+    command = ["setpriv", "--bounding-set=-dac_override,-dac_read_search", sys.executable, str(TRAIN),
+               *train_flags(dataset, readonly / "run", tiny_config_file)]
+    sentence = _one_sentence_error(run(command))
+    assert f"permission denied on {readonly / 'run'}" in sentence.lower() and "--output_dir" in sentence
+
+
+# ------------------------------------------------------------------------------ trackers
+FAKE_WANDB = '''"""A stand-in for the wandb package (not installed here): records what accelerate's tracker asks of it."""
+import json
+import os
+
+
+def _record(entry):
+    with open(os.environ["FAKE_WANDB_RECORD"], "a") as handle:
+        handle.write(json.dumps(entry) + "\\n")
+
+
+class _Config(dict):
+    def update(self, values, allow_val_change=False):
+        super().update(values)
+
+
+config = _Config()
+
+
+class _Run:
+    def log(self, values, step=None, **kwargs):
+        _record({"log": step})
+
+    def finish(self):
+        _record({"finish": True})
+
+
+def init(**kwargs):
+    _record({"init": {key: value for key, value in kwargs.items() if isinstance(value, (str, int, bool))}})
+    return _Run()
+'''
+
+
+def test_a_resumed_run_continues_the_same_wandb_run(dataset, tiny_config_file, tmp_path):
+    """The W&B run id is kept in the checkpoints: a resume after a SIGKILL reopens the same run."""
+    packages = tmp_path / "fake_packages"
+    (packages / "wandb").mkdir(parents=True)
+    (packages / "wandb" / "__init__.py").write_text(FAKE_WANDB)
+    (packages / "wandb-0.0.0.dist-info").mkdir()
+    (packages / "wandb-0.0.0.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: wandb\nVersion: 0.0.0\n")
+    record = tmp_path / "wandb_calls.jsonl"
+    env = {**environment(), "PYTHONPATH": f"{REPO}{os.pathsep}{packages}", "FAKE_WANDB_RECORD": str(record)}
+    flags = train_flags(dataset, tmp_path / "run", tiny_config_file, max_steps=4, checkpointing_steps=2,
+                        report_to="wandb")
+    killed = subprocess.run([sys.executable, str(WORKER), "--kill_after_checkpoint", "2", "--", *flags], env=env,
+                            cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    resumed = subprocess.run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"], env=env,
+                             cwd=REPO, capture_output=True, text=True, timeout=180)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    calls = [json.loads(line) for line in record.read_text().splitlines()]
+    inits = [call["init"] for call in calls if "init" in call]
+    assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and len(inits[0]["id"]) == 8
+    assert all(init["resume"] == "allow" and init["project"] == "dino_hf" for init in inits)
+    steps = [call["log"] for call in calls if "log" in call]
+    assert steps == [1, 2, 3, 4]  # steps 1-2 before the kill, 3-4 after the resume, in the same run
+    state = json.loads((tmp_path / "run" / "checkpoints" / "step_4" / "training_state.json").read_text())
+    assert state["tracker_run_id"] == inits[0]["id"]

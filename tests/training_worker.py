@@ -7,6 +7,10 @@
   ``DIR/teacher_rank{r}.pt`` (its teacher's state dict at the end).
 - ``--kill_after_checkpoint STEP``: the process SIGKILLs itself right after the checkpoint of
   optimiser step STEP is complete (a crash with no chance to clean up).
+- ``--pause_at_step STEP --pause_file PATH``: after logging optimiser step STEP, each process writes
+  ``PATH.{rank}`` (its pid) and waits until it receives a stop signal or the file is deleted (at most
+  120 s): a test can then signal a run at a known step, or start a second run while the first one
+  is alive.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import json
 import os
 import signal
 import sys
+import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -43,6 +48,8 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--record", default=None)
     parser.add_argument("--kill_after_checkpoint", type=int, default=None)
+    parser.add_argument("--pause_at_step", type=int, default=None)
+    parser.add_argument("--pause_file", default=None)
     own, train_argv = parser.parse_known_args()
     train_argv = [arg for arg in train_argv if arg != "--"]
 
@@ -67,6 +74,20 @@ def main() -> None:
             return path
 
         training.save_checkpoint = save_then_die
+
+    if own.pause_at_step is not None:
+        log_step = training._log_step
+
+        def log_then_pause(run, *args, **kwargs):
+            log_step(run, *args, **kwargs)
+            if run.step == own.pause_at_step:
+                marker = Path(f"{own.pause_file}.{run.accelerator.process_index}")
+                marker.write_text(str(os.getpid()))
+                deadline = time.monotonic() + 120
+                while marker.exists() and run.signals.received is None and time.monotonic() < deadline:
+                    time.sleep(0.05)
+
+        training._log_step = log_then_pause
 
     result = training.train(parse_training_args(train_argv))
     if own.record:

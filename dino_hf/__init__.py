@@ -1,7 +1,11 @@
 """dino_hf: self-supervised DINO pre-training of vision backbones on the Hugging Face stack.
 
-Public names are imported lazily so that ``import dino_hf`` stays cheap (a data-loader worker or
-a command-line ``--help`` does not pay for importing transformers).
+``import dino_hf`` registers ``DinoConfig`` and ``DinoForPreTraining`` with ``transformers``'
+``AutoConfig``, ``AutoModel`` and ``AutoModelForPreTraining``, so that a run folder or a pushed
+``DinoForPreTraining`` loads with the auto classes. transformers has no lazy registration (its auto
+mappings hold classes), so this imports torch and the model code: about 2 s on a CPU machine,
+against a few milliseconds before (measured with ``python -X importtime -c "import dino_hf"``).
+The other public names are still imported on first use.
 """
 
 from __future__ import annotations
@@ -46,6 +50,10 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from .modeling_dino import DinoForPreTraining, DinoForPreTrainingOutput, DinoHead
     from .schedules import DinoSchedules
     from .training_args import DinoTrainingArguments
+
+
+# The registration (AutoConfig, AutoModel, AutoModelForPreTraining) runs at the end of modeling_dino.
+importlib.import_module(".modeling_dino", __name__)
 
 
 def __getattr__(name: str) -> Any:

@@ -355,8 +355,9 @@ def _bad_input_cases(webdataset: Path) -> list[tuple[list[str], str]]:
     if not torch.cuda.is_available():
         cases.append((["--mixed_precision", "fp16"], "--mixed_precision bf16"))
         cases.append((["--augmentation_device", "cuda"], "--augmentation_device loader or cpu"))
-    if importlib.util.find_spec("tensorboard") is None:
-        cases.append((["--report_to", "tensorboard"], "--report_to"))
+    cases.append((["--report_to", "nosuch_tracker"], "--report_to"))
+    if importlib.util.find_spec("mlflow") is None:  # named but not installed: what to install
+        cases.append((["--report_to", "mlflow"], "dino_hf[mlflow]"))
     cases = [(extra + ["--max_steps", "2"], flag) for extra, flag in cases]
     # a stream of unknown length (webdataset shards) and no --max_steps
     cases.append((["--dataset_name", str(webdataset), "--image_column", "png"], "--max_steps"))

@@ -236,7 +236,8 @@ class GradientSpikeMonitor:
 
     "Usual" is the running median of the windows' mean gradient norms (``grad_norm``) over the last
     ``history`` logging steps: a median, so that an earlier spike does not raise the bar. A window
-    whose ``grad_norm_max`` exceeds ``factor`` times that median warns (once per episode: the next
+    whose ``grad_norm_max`` exceeds ``factor`` times that median, and ``max_grad_norm`` (below it
+    clipping had nothing to cut: a jump from a tiny norm is harmless), warns (once per episode: the next
     warning needs a window without a spike in between), after ``min_history`` windows have been seen.
     A spike often precedes a divergence (non-finite steps) by some hundreds of steps.
 
@@ -264,7 +265,9 @@ class GradientSpikeMonitor:
         message = None
         if self.factor > 0 and peak is not None and math.isfinite(peak) and len(self.history) >= self.min_history:
             median = statistics.median(self.history)
-            spike = median > 0 and peak > self.factor * median
+            # below the clipping threshold no gradient was even clipped: a jump from a tiny norm (a
+            # collapsed run's) is no danger
+            spike = median > 0 and peak > self.factor * median and peak > self.max_grad_norm
             if spike and not self._in_spike:
                 message = self._message(step, peak, median)
             self._in_spike = spike

@@ -15,7 +15,8 @@ from collections.abc import Callable
 
 from ..progress import configure_output
 
-__all__ = ["CommandParser", "configure_output", "first_line", "is_main_process", "run_command", "wants_debug"]
+__all__ = ["CommandParser", "configure_output", "first_line", "is_main_process", "report_error", "run_command",
+           "wants_debug"]
 
 #: Errors that mean "the input was wrong": one sentence, exit status 2, nothing written.
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)

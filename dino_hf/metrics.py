@@ -87,8 +87,12 @@ class MetricsAccumulator:
                 "current_run": self.current_run.cpu(), "longest_run": self.longest_run.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sums"].shape != self.sums.shape:
+            # a checkpoint written before the loss reported its present statistics: the window it was
+            # in starts again from zero (its first logged row averages fewer steps)
+            return
         self.sums = state["sums"].to(self.device)
-        self.grad_norm_max = state["grad_norm_max"].to(self.device)
+        self.grad_norm_max = state.get("grad_norm_max", torch.zeros(())).to(self.device)
         self.finite_steps = state["finite_steps"].to(self.device)
         self.steps = int(state["steps"])
         self.current_run = state["current_run"].to(self.device)
@@ -137,7 +141,8 @@ class CollapseMonitor:
 
     Uniform collapse: the teacher's per-sample entropy stays near ln(K) (so does the loss): the
     teacher is too flat for the student to learn anything. One-hot collapse: the entropy of the
-    batch-mean teacher distribution stays near 0 (every image goes to the same prototype). The
+    batch-mean teacher distribution stays below 0.1 ln(K), i.e. fewer than K ** 0.1 prototypes are in
+    effective use (nearly every image goes to the same prototype). The
     warning names the flags to change with values computed from this run's K, temperatures and
     momenta (not generic ones).
 
@@ -167,8 +172,9 @@ class CollapseMonitor:
         """Return a warning sentence when a collapse has lasted ``patience_steps``, else None."""
         conditions = {
             "uniform": (row.get("teacher_entropy") or 0.0) > 0.9 * self.log_k,
+            # fewer than K ** 0.1 prototypes in effective use (exp of the entropy): 2 of 1024, 3 of 65536
             "one-hot": (row.get("teacher_mean_entropy") if row.get("teacher_mean_entropy") is not None else math.inf)
-            < 0.1,
+            < 0.1 * self.log_k,
         }
         message = None
         for kind, holds in conditions.items():
@@ -202,7 +208,8 @@ class CollapseMonitor:
             return remedies
         # One prototype takes every image: soften the teacher, centre faster, step more gently.
         softer = _round_significant(min(1.5 * temperature, 0.9 * self.student_temperature))
-        faster_center = round(1.0 - 2.0 * (1.0 - self.center_momentum), 3)
+        # twice as fast a center, and at least the official 0.9 (1 turns centering off)
+        faster_center = round(min(1.0 - 2.0 * (1.0 - self.center_momentum), 0.9), 3)
         remedies = []
         if softer > temperature:
             remedies.append(f"--teacher_temperature {softer} (now {temperature:g}; below the student's "
@@ -219,7 +226,8 @@ class CollapseMonitor:
                       f"{self.log_k:.2f}, and the loss at {row.get('loss', float('nan')):.2f}")
         else:
             detail = (f"the entropy of the mean teacher distribution has stayed at {row['teacher_mean_entropy']:.3f} "
-                      "nats (every image goes to the same prototype)")
+                      f"nats (about {math.exp(row['teacher_mean_entropy']):.1f} of K = {self.num_prototypes} prototypes "
+                      "in effective use)")
         return (f"Training looks collapsed ({kind}) for {steps} steps: {detail}. Remedies for this run: "
                 + "; ".join(self.remedies(kind, row)) + ".")
 

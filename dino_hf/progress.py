@@ -112,7 +112,7 @@ class TrainingProgress:
 def configure_output(main_process: bool) -> None:
     """Logging, warnings and library progress bars of a run or a command, on one process.
 
-    dino_hf's messages at INFO on the main process (WARNING elsewhere), libraries' at WARNING;
+    dino_hf's messages at INFO on the main process (errors only elsewhere), libraries' at WARNING;
     Python warnings through logging, on the main process only (the other ranks would repeat each
     one); ``datasets`` and ``transformers`` progress bars off unless asked for
     (``HF_DATASETS_DISABLE_PROGRESS_BARS=0`` in the environment), ``huggingface_hub``'s off outside a
@@ -120,7 +120,8 @@ def configure_output(main_process: bool) -> None:
     """
     logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
                         level=logging.WARNING)
-    logging.getLogger("dino_hf").setLevel(logging.INFO if main_process else logging.WARNING)
+    # The other processes hold the same data plan and model, so their warnings repeat the main one's.
+    logging.getLogger("dino_hf").setLevel(logging.INFO if main_process else logging.ERROR)
     logging.captureWarnings(True)  # Python warnings through logging: the same format, once each
     warnings.simplefilter("default" if main_process else "ignore")
     if not main_process:  # the other ranks would repeat every library warning

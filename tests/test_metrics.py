@@ -79,3 +79,15 @@ def test_gradient_spike_stays_quiet_on_a_healthy_run(dataset, tiny_config_file, 
     assert "Gradient-norm spike" not in caplog.text
     monitor = GradientSpikeMonitor(factor=10, min_history=3)  # and directly, with a shorter history
     assert not any(monitor.update(row["step"], row) for row in rows)
+
+
+def test_one_hot_collapse_counts_the_prototypes_in_use():
+    """Below 0.1 ln(K) nats of batch-mean entropy (fewer than K ** 0.1 prototypes in effective use), after
+    the patience; a run without centering (center momentum 1) is told to centre again."""
+    monitor = CollapseMonitor(num_prototypes=1024, patience_steps=100, center_momentum=1.0)
+    few = {"loss": 0.5, "teacher_entropy": 0.2, "teacher_mean_entropy": 0.58}  # 1.8 prototypes of 1024
+    assert monitor.update(100, few) is None
+    message = monitor.update(200, few)
+    assert "one-hot" in message and "about 1.8 of K = 1024 prototypes" in message
+    assert "--center_momentum 0.9 (now 1" in message
+    assert CollapseMonitor(num_prototypes=1024, patience_steps=0).update(0, {"teacher_mean_entropy": 0.8}) is None

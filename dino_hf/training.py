@@ -515,14 +515,17 @@ def _log_plan(run: _Run) -> None:
     for line in lines:
         logger.info(line)
     if plan.calibrated and accelerator.is_main_process:
-        for warning in _plan_warnings(plan):
+        for warning in _plan_warnings(plan, args.min_learning_rate):
             logger.warning(warning)
 
 
-def _plan_warnings(plan: StepPlan) -> list[str]:
+def _plan_warnings(plan: StepPlan, min_learning_rate: float) -> list[str]:
     """Sentences for schedules that cover the whole run (a run that never leaves its warm-up, or
-    whose prototypes never train), each naming the flags that set them."""
+    whose prototypes never train) or run backwards, each naming the flags that set them."""
     messages = []
+    if min_learning_rate > plan.learning_rate:
+        messages.append(f"--min_learning_rate {min_learning_rate:g} exceeds the peak learning rate {plan.learning_rate:.3g} "
+                        "(--learning_rate x global batch / 256): the cosine decay rises instead; lower --min_learning_rate.")
     for steps, what, flags in (
         (plan.warmup_steps, "the learning-rate warm-up", "--warmup_steps/--warmup_epochs"),
         (plan.freeze_last_layer_steps, "the frozen last layer", "--freeze_last_layer_steps/--freeze_last_layer_epochs"),

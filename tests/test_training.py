@@ -434,8 +434,9 @@ def test_plan_warnings_resume_replan_evaluation_flags_and_portable_output_files(
     evaluation = dict(eval_dataset_name=str(dataset), eval_split="train", eval_max_samples=16, eval_k=[1, 3],
                       eval_linear_probe=True)
     with caplog.at_level(logging.WARNING, logger="dino_hf"):
-        train(tiny_args(dataset, output_dir, tiny_config_file, warmup_steps=4, **evaluation))
+        train(tiny_args(dataset, output_dir, tiny_config_file, warmup_steps=4, min_learning_rate=1e-3, **evaluation))
     assert "The learning-rate warm-up lasts 4 steps and the run 4: it covers the whole run" in caplog.text
+    assert "--min_learning_rate 0.001 exceeds the peak learning rate" in caplog.text
     assert "frozen last layer" not in caplog.text  # 1 of 4 steps
     results = json.loads((output_dir / "eval_results.json").read_text())
     assert {"knn_top1_k1", "knn_top1_k3", "linear_probe_top1"} <= set(results)

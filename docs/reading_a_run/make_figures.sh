@@ -30,5 +30,8 @@ K = json.loads((run / "training_args.json").read_text()).get("config_overrides",
 K = int(K.split("num_prototypes=")[1].split(",")[0])
 plot_training_curves(run / "metrics.jsonl", Path("docs/reading_a_run") / f"{name}.png", num_prototypes=K,
                      title=" ".join([name.replace("_", " ") + (":" if sys.argv[3:] else ""), *sys.argv[3:]]))
+from PIL import Image  # a palette PNG: a third of the size, for the repository
+png = Path("docs/reading_a_run") / f"{name}.png"
+Image.open(png).convert("RGB").quantize(64).save(png, optimize=True)
 PY
 done

@@ -3,9 +3,11 @@
 ``import dino_hf`` registers ``DinoConfig`` and ``DinoForPreTraining`` with ``transformers``'
 ``AutoConfig``, ``AutoModel`` and ``AutoModelForPreTraining``, so that a run folder or a pushed
 ``DinoForPreTraining`` loads with the auto classes. transformers has no lazy registration (its auto
-mappings hold classes), so this imports torch and the model code: about 2 s on a CPU machine,
-against a few milliseconds before (measured with ``python -X importtime -c "import dino_hf"``).
-The other public names are still imported on first use.
+mappings hold classes, and even ``PreTrainedConfig`` imports torch), so this imports torch and the
+model code: 5-7 s on a busy 2-core machine, against 5 ms before (``python -X importtime -c
+"import dino_hf"``). A post-import hook on transformers' auto module would defer it, but fires inside
+transformers' own imports (``modeling_utils`` half-initialised): not worth the fragility. The other
+public names are still imported on first use.
 """
 
 from __future__ import annotations

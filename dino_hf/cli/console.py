@@ -19,7 +19,7 @@ __all__ = ["CommandParser", "configure_output", "first_line", "is_main_process",
            "wants_debug"]
 
 #: Errors that mean "the input was wrong": one sentence, exit status 2, nothing written.
-BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError, KeyError)
+BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
 
 
 class CommandParser(argparse.ArgumentParser):

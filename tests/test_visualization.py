@@ -82,7 +82,8 @@ def test_visualize_attention_script(tmp_path, tiny_backbone, capsys, import_scri
     assert visualize_attention.main([*argv, "--image_size", "40"]) == 0
     assert len(list((output_dir / "picture").glob("*.png"))) == 7
     # shorter side 40 -> 50x40, cropped to multiples of the patch (8) -> 48x40, enlarged 6x for display
-    assert Image.open(output_dir / "picture" / "head1-mask.png").size == (48 * 6, 40 * 6)
+    with Image.open(output_dir / "picture" / "head1-mask.png") as mask:
+        assert mask.size == (48 * 6, 40 * 6)
     assert (output_dir / "picture" / "mean.png").exists()
     for bad_argv, needle in [
         (["--model", str(tiny_backbone), "--image", str(tmp_path / "none.png")], "none.png"),

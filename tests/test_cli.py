@@ -108,3 +108,18 @@ def test_every_command_says_bad_input_in_one_sentence_with_status_2(tmp_path, ca
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert lines[-1].startswith(f"{command.PROG}: error: ") and "Traceback" not in "\n".join(lines), lines
         assert missing in lines[-1] or "--" in lines[-1], lines
+
+
+def test_push_exports_the_chosen_network_of_a_dino_folder(finished_run, tmp_path, capsys):
+    from dino_hf.modeling_dino import DinoForPreTraining
+
+    dino_folder = tmp_path / "dino"
+    DinoForPreTraining.from_pretrained(finished_run).save_pretrained(dino_folder)  # no backbone/ inside
+    for folder, which in ((dino_folder, "teacher"), (finished_run, "student")):
+        assert push.main(["--output_dir", str(folder), "--hub_model_id", "me/x", "--which", which, "--dry_run"]) == 0
+        listing = capsys.readouterr().out
+        weights = next(line for line in listing.splitlines() if line.startswith("model.safetensors  <-  "))
+        assert "dino_hf_push_" in weights  # exported on the fly into a temporary folder
+        assert "ViT, width 32" in listing
+    assert push.main(["--output_dir", str(finished_run), "--hub_model_id", "me/x", "--dry_run"]) == 0
+    assert f"model.safetensors  <-  {finished_run / 'backbone' / 'model.safetensors'}" in capsys.readouterr().out

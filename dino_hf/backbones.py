@@ -19,10 +19,12 @@ The module also loads any exported or Hub backbone for evaluation (:func:`load_b
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import inspect
 import json
 import logging
+import os
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -58,6 +60,7 @@ __all__ = [
     "family_of",
     "load_backbone",
     "load_image_processor",
+    "resolve_backbone_source",
     "save_backbone",
 ]
 
@@ -281,11 +284,64 @@ def image_processor_dict(model_name_or_path: str | Path) -> dict[str, Any] | Non
 # --------------------------------------------------------------------------------------------------
 # Loading any backbone, and running it
 # --------------------------------------------------------------------------------------------------
+#: Which network of a DINO model a tool uses: the teacher (the official evaluation's choice) or the student.
+NETWORKS = ("teacher", "student")
+#: ``model_type`` of a ``DinoForPreTraining`` config (``dino_hf.configuration_dino.DinoConfig``).
+DINO_MODEL_TYPE = "dino_hf"
+
+
+def resolve_backbone_source(model_name_or_path: str | Path, which: str = "teacher",
+                            revision: str | None = None) -> tuple[str, bool]:
+    """Where a tool finds the backbone it was pointed at: ``(path or Hub id, is a DinoForPreTraining)``.
+
+    - an exported backbone folder or Hub id: itself (the teacher; ``which="student"`` is refused);
+    - a training run's ``--output_dir``: its exported ``backbone/`` for the teacher, the full
+      ``DinoForPreTraining`` at its root for the student;
+    - a ``DinoForPreTraining`` folder or Hub id (``config.json`` of model type ``dino_hf``): itself.
+
+    Raises:
+        ValueError: unknown ``which``; a student asked of an exported backbone; a run folder without a
+            model yet. OSError from transformers for a path or id that holds no model.
+    """
+    if which not in NETWORKS:
+        raise ValueError(f"--which must be teacher or student, not {which!r}.")
+    path = Path(os.path.expanduser(str(model_name_or_path)))
+    if path.is_dir():
+        exported = path / "backbone"
+        model_type = _local_model_type(path)
+        if which == "teacher" and (exported / "config.json").is_file():
+            return str(exported), False
+        if model_type == DINO_MODEL_TYPE:
+            return str(path), True
+        if model_type is None:
+            hint = " (a run still training has no model until it ends)" if (path / "checkpoints").is_dir() else ""
+            raise ValueError(f"{model_name_or_path} holds no config.json{hint}: pass an exported backbone, a finished "
+                             "run's --output_dir or a DinoForPreTraining folder.")
+        is_dino = False
+    else:
+        is_dino = AutoConfig.from_pretrained(str(model_name_or_path), revision=revision).model_type == DINO_MODEL_TYPE
+    if which == "student" and not is_dino:
+        raise ValueError(f"{model_name_or_path} is an exported backbone (the teacher only): --which student needs a "
+                         "run's --output_dir or a DinoForPreTraining folder.")
+    return str(model_name_or_path), is_dino
+
+
+def _local_model_type(folder: Path) -> str | None:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        return None
+    try:
+        return str(json.loads(config_file.read_text(encoding="utf-8")).get("model_type", ""))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise ValueError(f"{config_file} is not valid JSON.") from None
+
+
 def load_backbone(
     model_name_or_path: str | Path,
     *,
     attn_implementation: str | None = None,
     revision: str | None = None,
+    which: str = "teacher",
 ) -> nn.Module:
     """Load a backbone with ``transformers.AutoModel`` (in eval mode).
 
@@ -293,12 +349,23 @@ def load_backbone(
     no randomly initialised pooler is created; the DINO embedding is the CLS token anyway.
 
     Args:
-        model_name_or_path: a folder written by ``save_backbone`` / ``save_pretrained`` or a Hub id.
+        model_name_or_path: a folder written by ``save_backbone`` / ``save_pretrained``, a Hub id, a
+            training run's ``--output_dir`` or a ``DinoForPreTraining`` folder
+            (:func:`resolve_backbone_source`).
         attn_implementation: e.g. ``"eager"`` to be able to return attention weights.
         revision: Hub revision (branch, tag or commit).
+        which: ``"teacher"`` or ``"student"`` network of a DINO model.
     Raises:
         OSError / ValueError from transformers when the path or id does not hold a model.
     """
+    model_name_or_path, is_dino = resolve_backbone_source(model_name_or_path, which, revision)
+    if is_dino:
+        from .modeling_dino import DinoForPreTraining
+
+        backbone = getattr(DinoForPreTraining.from_pretrained(model_name_or_path, revision=revision), which).backbone
+        if attn_implementation is not None:
+            backbone.set_attn_implementation(attn_implementation)
+        return backbone.eval()
     config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
     kwargs: dict[str, Any] = {"revision": revision}
     if attn_implementation is not None:
@@ -359,6 +426,9 @@ def load_image_processor(
     if image_processor is not None:
         processor = _processor_from_dict(image_processor)
     elif model_name_or_path is not None:
+        # a run folder's exported backbone/ holds the processor; a DinoForPreTraining folder has none
+        with contextlib.suppress(ValueError, OSError):
+            model_name_or_path = resolve_backbone_source(model_name_or_path, revision=revision)[0]
         try:
             processor = AutoImageProcessor.from_pretrained(model_name_or_path, revision=revision)
         except (OSError, ValueError, KeyError) as error:

@@ -17,13 +17,7 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import (
-    DistributedDataParallelKwargs,
-    broadcast_object_list,
-    is_tensorboard_available,
-    is_wandb_available,
-    parse_flag_from_env,
-)
+from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env
 from transformers import AutoConfig, PreTrainedConfig
 
 from .augmentation import MultiCropAugmentation
@@ -43,6 +37,7 @@ from .hardware import (
 from .modeling_dino import DinoForPreTraining
 from .optimizers import build_optimizer_for_groups
 from .schedules import DinoSchedules, StepPlan
+from .trackers import resolve_report_to
 from .training_args import DinoTrainingArguments
 
 __all__ = [
@@ -133,7 +128,7 @@ def _convert_override(raw_value: str, current: Any, key: str, flag: str) -> Any:
 
 def build_model_config(args: DinoTrainingArguments) -> DinoConfig:
     """`DinoConfig` from ``--model_config`` (preset name, folder or JSON) plus overrides."""
-    name = args.model_config
+    name = os.path.expanduser(args.model_config)
     if name in DinoConfig.preset_names():
         config = DinoConfig.from_preset(name)
     elif os.path.isdir(name) and os.path.isfile(os.path.join(name, "config.json")):
@@ -170,7 +165,14 @@ def _check_dino_config_file(path: str, flag_value: str) -> None:
 
 def _apply_loss_settings(config: DinoConfig, args: DinoTrainingArguments) -> None:
     """``--config_overrides`` then ``--student_temperature`` / ``--center_momentum`` into ``config``."""
+    backbone = config.backbone_config
+    width = getattr(backbone, "hidden_size", None)
+    follows_width = width is not None and getattr(backbone, "pooler_output_size", None) == width
     apply_config_overrides(config, args.config_overrides)
+    if follows_width and "pooler_output_size" not in (args.config_overrides or ""):
+        # ViTConfig sets pooler_output_size to hidden_size when it is built; a width override must
+        # carry it along, or an exported backbone describes a pooler of the preset's width.
+        backbone.pooler_output_size = backbone.hidden_size
     if args.student_temperature is not None:
         config.student_temperature = args.student_temperature
     if args.center_momentum is not None:
@@ -373,12 +375,9 @@ def open_training_data(args: DinoTrainingArguments, accelerator: Accelerator) ->
         ) from None
 
 
-def _trackers(report_to: str) -> list[str] | None:
-    names = {"none": [], "tensorboard": ["tensorboard"], "wandb": ["wandb"], "all": ["tensorboard", "wandb"]}[report_to]
-    for name, available in (("tensorboard", is_tensorboard_available), ("wandb", is_wandb_available)):
-        if name in names and not available():
-            raise ValueError(f"--report_to {report_to} needs the {name} package (pip install {name}), or pass --report_to none.")
-    return names or None
+def _trackers(report_to: list[str]) -> list[str] | None:
+    """``--report_to`` as accelerate's ``log_with``: every named tracker, ``all`` the installed ones."""
+    return resolve_report_to(report_to) or None
 
 
 def training_device() -> torch.device:
@@ -528,9 +527,11 @@ def build_knn_monitor(
         train_split=args.eval_train_split,
         test_split=args.eval_split,
         image_column=args.image_column,
-        label_column=args.eval_label_column,
+        label_column=args.label_column,
         max_train_samples=args.eval_max_samples,
         max_test_samples=args.eval_max_samples,
+        k=tuple(args.eval_k),
+        linear_probe=args.eval_linear_probe,
         num_workers=num_workers,
         streaming=args.streaming and not is_local,
         seed=args.seed,

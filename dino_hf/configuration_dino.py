@@ -70,6 +70,15 @@ def dino_backbone_config(**overrides) -> ViTConfig:
     return ViTConfig(**settings)
 
 
+def preset_backbone_settings(name: str) -> dict | None:
+    """The backbone fields of preset ``name`` (with DINO's defaults and ``intermediate_size``), or None."""
+    if name not in _BACKBONE_PRESETS:
+        return None
+    settings = {**DINO_BACKBONE_DEFAULTS, **_BACKBONE_PRESETS[name]}
+    settings.setdefault("intermediate_size", 4 * settings["hidden_size"])
+    return settings
+
+
 @strict
 class DinoConfig(PreTrainedConfig):
     r"""
@@ -193,4 +202,4 @@ class DinoConfig(PreTrainedConfig):
         return cls(backbone_config=backbone, **kwargs)
 
 
-__all__ = ["DinoConfig", "dino_backbone_config", "DINO_BACKBONE_DEFAULTS"]
+__all__ = ["DinoConfig", "dino_backbone_config", "preset_backbone_settings", "DINO_BACKBONE_DEFAULTS"]

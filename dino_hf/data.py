@@ -56,7 +56,9 @@ __all__ = [
     "DinoDataLoader",
     "IgnoreStopSignals",
     "create_train_dataloader",
+    "detect_image_column",
     "load_image_dataset",
+    "looks_like_local_path",
     "mix_seeds",
 ]
 
@@ -78,13 +80,63 @@ def _builder_for_file(path: str) -> str | None:
     return None
 
 
-def _looks_like_local_path(name: str) -> bool:
-    """A Hub id is ``name`` or ``owner/name``; anything else with path syntax is meant to be local."""
+#: Top folders that, in this project, always mean local data (the Makefile's DATA_DIR, the recipes'
+#: ``data/fashion_mnist``): a missing ``data/x`` is a dataset not prepared yet, not a Hub id.
+_LOCAL_TOP_FOLDERS = ("data",)
+#: What to run when a dataset the project prepares itself is missing.
+PREPARE_HINT = (
+    "for Fashion-MNIST run `make demo` or `python scripts/prepare_fashion_mnist.py --output_dir data/fashion_mnist`"
+)
+
+
+def looks_like_local_path(name: str) -> bool:
+    """Whether ``name`` is meant as a local path rather than a Hub id (``name`` or ``owner/name``).
+
+    Path syntax (``/``, ``./``, ``../``, ``~``, more than one ``/``, a file suffix, a glob) is local, and
+    so is ``owner/name`` whose ``owner`` is an existing local folder or one of :data:`_LOCAL_TOP_FOLDERS`:
+    such a path is never sent to the Hub, whose retries would take half a minute to say it is not there.
+    """
+    first = name.split("/", 1)[0]
     return (
         name.startswith(("/", "./", "../", "~"))
         or name.rstrip("/").count("/") > 1
         or _builder_for_file(name) is not None
         or "*" in name
+        or ("/" in name.rstrip("/") and (os.path.isdir(first) or first in _LOCAL_TOP_FOLDERS))
+    )
+
+
+def detect_image_column(dataset: Any, image_column: str | None, dataset_name: str = "the dataset") -> str:
+    """The image column: ``image_column`` when given (checked), else ``image``, ``img``, or the first
+    column of the ``datasets.Image`` type, as the ``transformers`` example scripts look for it.
+
+    A streamed dataset whose columns are unknown before reading keeps ``image_column`` or ``"image"``.
+
+    Raises:
+        ValueError: the given column is missing, or no column looks like images (the sentence lists them).
+    """
+    from datasets import Image as ImageFeature
+
+    features = getattr(dataset, "features", None) or {}
+    columns = getattr(dataset, "column_names", None) or list(features)
+    if image_column is not None:
+        if columns and image_column not in columns:
+            raise ValueError(
+                f"Image column {image_column!r} is not in dataset {dataset_name!r}, whose columns are "
+                f"{', '.join(repr(c) for c in columns)}; pass one of them with --image_column."
+            )
+        return image_column
+    if not columns:
+        return "image"
+    for candidate in ("image", "img"):
+        if candidate in columns:
+            return candidate
+    for column in columns:
+        if isinstance(features.get(column), ImageFeature):
+            return column
+    raise ValueError(
+        f"Dataset {dataset_name!r} has no column 'image', 'img' or of the Image type (its columns are "
+        f"{', '.join(repr(c) for c in columns)}); pass the one that holds the images with --image_column."
     )
 
 
@@ -116,8 +168,11 @@ def load_image_dataset(
         builder = _builder_for_file(expanded)
         if builder in ("parquet", "webdataset") and (os.path.isfile(expanded) or "*" in expanded):
             return datasets.load_dataset(builder, data_files={split: expanded}, split=split, streaming=streaming)
-        if _looks_like_local_path(dataset_name) and not os.path.exists(expanded):
-            raise FileNotFoundError(expanded)
+        if looks_like_local_path(dataset_name) and not os.path.exists(expanded):
+            raise ValueError(
+                f"--dataset_name {dataset_name} does not exist (a local path, so it is not looked up on the Hub); "
+                f"{PREPARE_HINT}, or pass an existing folder, parquet/webdataset files or a Hub dataset id."
+            )
         return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
     except ConnectionError as error:
         raise ValueError(
@@ -153,17 +208,6 @@ def _count_local_examples(dataset_name: str, dataset_config_name: str | None, sp
     except Exception:  # noqa: BLE001 - a count is a nicety; never fail loading for it
         return None
     return None
-
-
-def _check_image_column(dataset: Any, image_column: str, dataset_name: str) -> None:
-    columns = dataset.column_names
-    if columns is None and dataset.features is not None:
-        columns = list(dataset.features)
-    if columns is not None and image_column not in columns:
-        raise ValueError(
-            f"Image column {image_column!r} is not in dataset {dataset_name!r}, whose columns are "
-            f"{', '.join(repr(c) for c in columns)}; pass one of them with --image_column."
-        )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -543,7 +587,7 @@ def create_train_dataloader(
     batch_size: int,
     dataset_config_name: str | None = None,
     split: str = "train",
-    image_column: str = "image",
+    image_column: str | None = None,
     streaming: bool = True,
     num_workers: int | Callable[[int | None], int] = 0,
     shuffle_buffer_size: int = 10_000,
@@ -597,7 +641,7 @@ def create_train_dataloader(
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
     dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
-    _check_image_column(dataset, image_column, dataset_name)
+    image_column = detect_image_column(dataset, image_column, dataset_name)
     dataset = dataset.select_columns([image_column])
     if isinstance(dataset.features.get(image_column) if dataset.features else None, ImageFeature):
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # we decode, and catch errors

@@ -31,8 +31,9 @@ from PIL import Image
 from torch import Tensor, nn
 
 from .backbones import backbone_embedding, backbone_forward, load_image_processor
-from .data import IgnoreStopSignals, load_image_dataset
+from .data import IgnoreStopSignals, detect_image_column, load_image_dataset
 from .decoding import decode_image, to_pil_image
+from .progress import progress_bar
 from .visualization import attention_grid, attention_maps, save_attention_maps
 
 logger = logging.getLogger(__name__)
@@ -188,6 +189,7 @@ def extract_features(
     accelerator: Any | None = None,
     *,
     normalize: bool = True,
+    description: str | None = "features",
 ) -> tuple[Tensor, Tensor]:
     """CLS features of every image a loader yields.
 
@@ -202,6 +204,7 @@ def extract_features(
             full on every process.
         accelerator: optional ``accelerate.Accelerator``: device, autocast and gathering.
         normalize: L2-normalise the features (the official k-NN protocol).
+        description: label of the progress bar (on a terminal, main process; ``None``: no bar).
     Returns:
         ``features`` (N, D) float32 and ``labels`` (N,) int64, on the compute device.
     """
@@ -231,8 +234,15 @@ def extract_features(
     backbone.eval()
     features_list: list[Tensor] = []
     labels_list: list[Tensor] = []
+    main_process = accelerator is None or accelerator.is_local_main_process
     try:
-        for batch in images_loader:
+        total = len(images_loader) if hasattr(images_loader, "__len__") else None
+    except TypeError:  # a DataLoader over an IterableDataset of unknown length
+        total = None
+    batches = progress_bar(images_loader, total=total, desc=description or "", unit="batch",
+                           enabled=description is not None and main_process)
+    try:
+        for batch in batches:
             pixel_values, labels = _split_batch(batch)
             pixel_values = pixel_values.to(device, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
@@ -451,7 +461,8 @@ class KnnMonitor:
         dataset_config_name: Hub configuration name.
         train_split: split whose features are the k-NN memory.
         test_split: split that is classified.
-        image_column, label_column: column names.
+        image_column, label_column: column names (``image_column`` None: found by
+            :func:`dino_hf.data.detect_image_column`).
         max_train_samples, max_test_samples: seeded random subsets (None: all).
         image_size: evaluation resolution; default the backbone's ``config.image_size``.
         k: numbers of neighbours; each gives a metric ``knn_top1_k{k}``.
@@ -473,7 +484,7 @@ class KnnMonitor:
         dataset_config_name: str | None = None,
         train_split: str = "train",
         test_split: str = "test",
-        image_column: str = "image",
+        image_column: str | None = None,
         label_column: str = "label",
         max_train_samples: int | None = None,
         max_test_samples: int | None = None,
@@ -506,7 +517,8 @@ class KnnMonitor:
             ("test", test_split, max_test_samples),
         ):
             dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
-            check_columns(dataset, [image_column, label_column], ["--image_column", "--eval_label_column"])
+            self.image_column = image_column = detect_image_column(dataset, image_column, dataset_name)
+            check_columns(dataset, [image_column, label_column], ["--image_column", "--label_column"])
             self.datasets[name] = limit_examples(dataset, max_samples, seed)
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._uncacheable: set[str] = set()
@@ -562,7 +574,8 @@ class KnnMonitor:
     def features(self, backbone: nn.Module, accelerator: Any | None = None) -> dict[str, tuple[Tensor, Tensor]]:
         """``{"train": (features (N, D), labels (N,)), "test": (...)}`` of ``backbone``."""
         return {
-            name: extract_features(backbone, self._loader(name, backbone, accelerator), accelerator)
+            name: extract_features(backbone, self._loader(name, backbone, accelerator), accelerator,
+                                   description=f"k-NN features ({name})")
             for name in ("train", "test")
         }
 

@@ -166,6 +166,7 @@ def push_training_output(
     token: str | None = None,
     include_training_model: bool = False,
     license: str | None = None,
+    backbone_dir: str | Path | None = None,
 ) -> str:
     """Push a training output directory to the Hub as a plain ``transformers`` ViT model; return the commit URL.
 
@@ -185,6 +186,7 @@ def push_training_output(
         token: a Hub token; default ``HF_TOKEN`` or the cached ``hf auth login``.
         include_training_model: also push ``model_dir/config.json`` + ``model.safetensors``.
         license: license id for the card metadata (see :func:`render_model_card`).
+        backbone_dir: the backbone folder to push instead of ``model_dir/backbone``.
 
     Raises:
         MissingTokenError: no token anywhere (message: how to log in).
@@ -193,7 +195,7 @@ def push_training_output(
         FileNotFoundError, ValueError: the directory does not hold a pushable backbone.
     """
     resolved_token = resolve_token(token)
-    run = read_training_output(model_dir, include_training_model=include_training_model)
+    run = read_training_output(model_dir, include_training_model=include_training_model, backbone_dir=backbone_dir)
     api = HfApi(token=resolved_token)
     target = repo_id
     try:

@@ -73,6 +73,7 @@ def _cross_entropy_sum(
     teacher_probabilities: Tensor,
     student_temperature: float,
     gradient: Tensor | None,
+    student_entropy: Tensor | None = None,
 ) -> Tensor:
     """Sum over pairs and batch of ``<q_t, -log p_s>`` (s != t), optionally with its gradient.
 
@@ -83,6 +84,9 @@ def _cross_entropy_sum(
         gradient: ``None``, or an ``(S, B, K)`` buffer in the compute dtype that receives
             ``-(c_s * softmax(s_s / tau_s) - W_s)``, the negated gradient of the returned sum
             with respect to the *scaled* logits ``s_s / tau_s``.
+        student_entropy: ``None``, or a 0-dim buffer in the compute dtype to which the summed
+            entropy ``-<p_s, log p_s>`` of every student row (``S * B`` of them) is added, from the
+            chunk already in the cache (one extra dot product per chunk, no extra pass).
 
     Returns:
         0-dim tensor in the compute dtype: the unnormalised sum (divide by ``P * B``).
@@ -121,12 +125,21 @@ def _cross_entropy_sum(
                 own = teacher_probabilities[crop, rows]
                 total += torch.dot(own.reshape(-1), log_p.reshape(-1))
             if gradient is None:
+                if student_entropy is not None:  # z is free again: it receives p = exp(log p)
+                    student_entropy -= torch.dot(torch.exp(log_p, out=z).reshape(-1), log_p.reshape(-1))
                 continue
+            if student_entropy is not None:
+                # H(p) = logsumexp(z) - <p, z> (rows of p sum to 1); logsumexp(z) = z - log p in any
+                # column, and <p, z> is taken below once log_p holds p, before z is overwritten.
+                student_entropy += (z[:, 0] - log_p[:, 0]).sum()
             mass = total_mass[rows]
             if is_teacher_view:
                 mass = mass - crop_mass[crop, rows]
             # -(c * softmax(z) - W) = W - c * softmax(z), with W = Q (- q_t for the same view)
-            torch.addcmul(weights, log_p.exp_(), mass, value=-1.0, out=z)
+            probabilities = log_p.exp_()
+            if student_entropy is not None:
+                student_entropy -= torch.dot(probabilities.reshape(-1), z.reshape(-1))
+            torch.addcmul(weights, probabilities, mass, value=-1.0, out=z)
             if is_teacher_view:
                 z.sub_(own)
     return total
@@ -146,22 +159,26 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         teacher_probabilities: Tensor,
         student_temperature: float,
         normaliser: float,
-    ) -> Tensor:
-        """``(S, B, K)`` logits, ``(G, B, K)`` constant probabilities -> 0-dim mean loss."""
+    ) -> tuple[Tensor, Tensor]:
+        """``(S, B, K)`` logits, ``(G, B, K)`` constant probabilities -> 0-dim mean loss and the
+        0-dim mean student entropy (a statistic: not differentiable)."""
         dtype = teacher_probabilities.dtype
         gradient = torch.empty(student_logits.shape, dtype=dtype, device=student_logits.device)
+        entropy = torch.zeros((), dtype=dtype, device=student_logits.device)
         total = _cross_entropy_sum(
-            student_logits, teacher_probabilities, student_temperature, gradient
+            student_logits, teacher_probabilities, student_temperature, gradient, entropy
         )
         ctx.gradient = gradient  # -(d total / d z); consumed by the first backward call
         ctx.student_temperature = student_temperature
         ctx.normaliser = normaliser
         ctx.save_for_backward(student_logits, teacher_probabilities)
-        return total / normaliser
+        entropy /= student_logits.shape[0] * student_logits.shape[1]
+        ctx.mark_non_differentiable(entropy)
+        return total / normaliser, entropy
 
     @staticmethod
     @once_differentiable
-    def backward(ctx: Any, grad_output: Tensor) -> tuple[Tensor, None, None, None]:
+    def backward(ctx: Any, grad_output: Tensor, _grad_entropy: Tensor | None = None) -> tuple[Tensor, None, None, None]:
         """Gradient with respect to the student logits only (the teacher is a constant)."""
         gradient = ctx.gradient
         ctx.gradient = None
@@ -183,24 +200,46 @@ class _MultiCropCrossEntropy(torch.autograd.Function):
         return gradient.to(student_logits.dtype), None, None, None
 
 
+#: The statistics :meth:`DinoLoss.forward` reports next to the loss (``DinoLossOutput.statistics``),
+#: all 0-dim, detached, in nats:
+#:
+#: - ``teacher_entropy``: mean entropy of the per-sample teacher distributions ``q_t``; near 0 means
+#:   the teacher is one-hot per image, near ln(K) that it is uniform (uniform collapse);
+#: - ``teacher_mean_entropy``: entropy of the batch-mean teacher distribution; near 0 means every
+#:   image goes to the same prototype (one-hot collapse);
+#: - ``student_entropy``: mean entropy of the student distributions ``p_s`` over all its crops;
+#: - ``teacher_student_kl``: mean ``KL(q_t || p_s)`` over the same (t, s != t) pairs as the loss,
+#:   which is ``loss - teacher_entropy`` (``H(q, p) = H(q) + KL(q || p)``, and every teacher crop
+#:   takes part in ``S - 1`` pairs, so the pairs' mean ``H(q_t)`` is ``teacher_entropy``): what the
+#:   student can still learn. A loss that falls only because the teacher sharpens leaves it flat.
+#:
+#: Loss terms added later (iBOT, KoLeo) add their names here and to the dict.
+LOSS_STATISTICS = ("teacher_entropy", "teacher_mean_entropy", "student_entropy", "teacher_student_kl")
+
+
 @dataclass
 class DinoLossOutput:
-    """What :meth:`DinoLoss.forward` returns with ``return_statistics=True`` (all 0-dim but the mean).
+    """What :meth:`DinoLoss.forward` returns with ``return_statistics=True``.
 
     Attributes:
-        loss: the DINO cross-entropy, float32 (float64 for float64 logits).
-        teacher_entropy: mean entropy (nats) of the per-sample teacher distributions; near 0 for many
-            steps means one-hot collapse.
-        teacher_mean_entropy: entropy (nats) of the batch-mean teacher distribution; near ln(K)
-            together with ``teacher_entropy`` near ln(K) means uniform collapse.
+        loss: the DINO cross-entropy, 0-dim float32 (float64 for float64 logits).
         teacher_logits_mean: ``(1, K)``, this process's batch mean of the teacher logits: what the
             centre EMA consumes (:meth:`DinoLoss.update_center`, e.g. averaged over accumulation steps).
+        statistics: ``{name: 0-dim tensor}`` for every name of :data:`LOSS_STATISTICS`, computed from
+            the same teacher softmax and student log-softmax as the loss.
     """
 
     loss: Tensor
-    teacher_entropy: Tensor
-    teacher_mean_entropy: Tensor
     teacher_logits_mean: Tensor
+    statistics: dict[str, Tensor]
+
+    @property
+    def teacher_entropy(self) -> Tensor:
+        return self.statistics["teacher_entropy"]
+
+    @property
+    def teacher_mean_entropy(self) -> Tensor:
+        return self.statistics["teacher_mean_entropy"]
 
 
 class DinoLoss(nn.Module):
@@ -295,7 +334,10 @@ class DinoLoss(nn.Module):
         # One teacher softmax serves the loss and the statistics; it uses the center *before* this
         # step's update, as the official code does.
         teacher_probabilities = self.teacher_probabilities(teacher_logits, teacher_temperature)
-        loss = self.cross_entropy(student_logits, teacher_probabilities)
+        if return_statistics:
+            loss, student_entropy = self.cross_entropy(student_logits, teacher_probabilities, return_student_entropy=True)
+        else:
+            loss = self.cross_entropy(student_logits, teacher_probabilities)
         teacher_logits_mean = self.teacher_logits_mean(teacher_logits)
         if update_center is None:
             update_center = self.training
@@ -304,17 +346,28 @@ class DinoLoss(nn.Module):
         if not return_statistics:
             return loss
         teacher_entropy, teacher_mean_entropy = self.teacher_statistics(teacher_probabilities)
-        return DinoLossOutput(loss, teacher_entropy, teacher_mean_entropy, teacher_logits_mean)
+        statistics = {
+            "teacher_entropy": teacher_entropy,
+            "teacher_mean_entropy": teacher_mean_entropy,
+            "student_entropy": student_entropy,
+            "teacher_student_kl": loss.detach() - teacher_entropy,
+        }
+        return DinoLossOutput(loss, teacher_logits_mean, statistics)
 
-    def cross_entropy(self, student_logits: Tensor, teacher_probabilities: Tensor) -> Tensor:
+    def cross_entropy(
+        self, student_logits: Tensor, teacher_probabilities: Tensor, return_student_entropy: bool = False
+    ) -> Tensor | tuple[Tensor, Tensor]:
         """The loss from precomputed teacher probabilities (e.g. those of :meth:`teacher_probabilities`).
 
         Args:
             student_logits: ``(num_crops, B, K)``.
             teacher_probabilities: ``(num_global_crops, B, K)``, treated as constants.
+            return_student_entropy: also return the mean entropy of the ``num_crops * B`` student
+                distributions (0-dim, detached), computed in the same pass.
 
         Returns:
-            0-dim mean over the ``num_global_crops * (num_crops - 1)`` pairs and the batch.
+            0-dim mean over the ``num_global_crops * (num_crops - 1)`` pairs and the batch (and the
+            student entropy).
         """
         self._check_logits(
             student_logits, teacher_probabilities, teacher_name="teacher_probabilities"
@@ -325,13 +378,18 @@ class DinoLoss(nn.Module):
         with _full_precision(student_logits.device):
             teacher_probabilities = teacher_probabilities.detach().to(dtype).contiguous()
             if torch.is_grad_enabled() and student_logits.requires_grad:
-                return _MultiCropCrossEntropy.apply(
+                loss, entropy = _MultiCropCrossEntropy.apply(
                     student_logits, teacher_probabilities, self.student_temperature, normaliser
                 )
-            total = _cross_entropy_sum(
-                student_logits.detach(), teacher_probabilities, self.student_temperature, None
-            )
-            return total / normaliser
+            else:
+                entropy = torch.zeros((), dtype=dtype, device=student_logits.device) if return_student_entropy else None
+                total = _cross_entropy_sum(
+                    student_logits.detach(), teacher_probabilities, self.student_temperature, None, entropy
+                )
+                loss = total / normaliser
+                if entropy is not None:
+                    entropy /= num_crops * batch_size
+        return (loss, entropy) if return_student_entropy else loss
 
     @torch.no_grad()
     def teacher_probabilities(

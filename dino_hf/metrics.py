@@ -11,6 +11,7 @@ import contextlib
 import json
 import math
 import os
+import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -20,18 +21,22 @@ from accelerate import Accelerator
 
 from .data import BatchStream
 from .errors import RunError, describe_os_error
+from .loss import LOSS_STATISTICS
 from .train_step import StepStatistics
 
-__all__ = ["CollapseMonitor", "MetricsAccumulator", "MetricsLog", "ThroughputWindow"]
+__all__ = ["CollapseMonitor", "GradientSpikeMonitor", "MetricsAccumulator", "MetricsLog", "ThroughputWindow"]
 
 
 class MetricsAccumulator:
     """Sums step statistics on the device between logging steps; `flush` is the one host sync.
 
-    Also tracks, on the device, the current and longest runs of consecutive skipped steps.
+    Averages the loss, the gradient norm and every statistic the loss reports
+    (:data:`dino_hf.loss.LOSS_STATISTICS`); keeps the largest gradient norm of the window
+    (``grad_norm_max``: a spike averaged over a logging window would hide); tracks the current and
+    longest runs of consecutive skipped steps.
     """
 
-    _KEYS = ("loss", "teacher_entropy", "teacher_mean_entropy", "grad_norm")
+    KEYS = ("loss", "grad_norm", *LOSS_STATISTICS)
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -39,30 +44,39 @@ class MetricsAccumulator:
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(len(self._KEYS), device=self.device)
+        self.sums = torch.zeros(len(self.KEYS), device=self.device)
         self.finite_steps = torch.zeros((), device=self.device)
+        self.grad_norm_max = torch.zeros((), device=self.device)
         self.steps = 0
         self.longest_run = self.current_run.clone()
 
     def add(self, statistics: StepStatistics) -> None:
-        values = torch.stack([getattr(statistics, key).float() for key in self._KEYS])
+        nan = torch.full((), float("nan"), device=self.device)
+        values = torch.stack([
+            statistics.loss.float(), statistics.grad_norm.float(),
+            *(statistics.loss_statistics.get(name, nan).float() for name in LOSS_STATISTICS),
+        ])
         finite = statistics.finite
         self.sums += torch.where(finite & torch.isfinite(values), values, torch.zeros_like(values))
         self.finite_steps += finite.float()
+        grad_norm = statistics.grad_norm.float()
+        self.grad_norm_max = torch.maximum(self.grad_norm_max, torch.where(finite, grad_norm, torch.zeros_like(grad_norm)))
         self.steps += 1
         self.current_run = torch.where(finite, torch.zeros_like(self.current_run), self.current_run + 1)
         self.longest_run = torch.maximum(self.longest_run, self.current_run)
 
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
         """Means since the last flush over steps and processes; resets the sums."""
-        packed = torch.cat([self.sums, self.finite_steps.reshape(1)])
+        packed = torch.cat([self.sums, self.grad_norm_max.reshape(1), self.finite_steps.reshape(1)])
         packed = accelerator.reduce(packed, reduction="sum") if accelerator.num_processes > 1 else packed
         values = packed.tolist()
         processes = accelerator.num_processes
         finite_steps = values[-1] / processes
         row: dict[str, float] = {}
-        for index, key in enumerate(self._KEYS):
+        for index, key in enumerate(self.KEYS):
             row[key] = values[index] / max(values[-1], 1.0) if finite_steps > 0 else float("nan")
+        # the gradient norm is taken after the all-reduce, so every process holds the same maximum
+        row["grad_norm_max"] = values[-2] / processes if finite_steps > 0 else float("nan")
         row["nonfinite_steps"] = round(self.steps - finite_steps)
         row["longest_nonfinite_run"] = int(self.longest_run.item())
         self._reset()
@@ -71,10 +85,16 @@ class MetricsAccumulator:
     def state_dict(self) -> dict[str, Any]:
         """The sums since the last logging step (so that a resumed run logs the same rows)."""
         return {"sums": self.sums.cpu(), "finite_steps": self.finite_steps.cpu(), "steps": self.steps,
+                "grad_norm_max": self.grad_norm_max.cpu(),
                 "current_run": self.current_run.cpu(), "longest_run": self.longest_run.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sums"].shape != self.sums.shape:
+            # a checkpoint written before the loss reported its present statistics: the window it was
+            # in starts again from zero (its first logged row averages fewer steps)
+            return
         self.sums = state["sums"].to(self.device)
+        self.grad_norm_max = state.get("grad_norm_max", torch.zeros(())).to(self.device)
         self.finite_steps = state["finite_steps"].to(self.device)
         self.steps = int(state["steps"])
         self.current_run = state["current_run"].to(self.device)
@@ -135,22 +155,42 @@ class MetricsLog:
 class CollapseMonitor:
     """Warns once per episode when the logged statistics show a collapse for ``patience_steps``.
 
-    Uniform collapse: the teacher's per-sample entropy stays near ln(K) (so does the loss).
-    One-hot collapse: the entropy of the batch-mean teacher distribution stays near 0 (every image
-    goes to the same prototype).
+    Uniform collapse: the teacher's per-sample entropy stays near ln(K) (so does the loss): the
+    teacher is too flat for the student to learn anything. One-hot collapse: the entropy of the
+    batch-mean teacher distribution stays below 0.1 ln(K), i.e. fewer than K ** 0.1 prototypes are in
+    effective use (nearly every image goes to the same prototype). The
+    warning names the flags to change with values computed from this run's K, temperatures and
+    momenta (not generic ones).
+
+    Args:
+        num_prototypes: K.
+        patience_steps: steps a condition must hold before the warning.
+        teacher_temperature, student_temperature, teacher_momentum, center_momentum, learning_rate:
+            this run's settings (per 256 images for the learning rate), from which the remedies are
+            computed.
     """
 
-    def __init__(self, num_prototypes: int, patience_steps: int) -> None:
+    def __init__(self, num_prototypes: int, patience_steps: int, *, teacher_temperature: float = 0.04,
+                 student_temperature: float = 0.1, teacher_momentum: float = 0.996, center_momentum: float = 0.9,
+                 learning_rate: float = 5e-4) -> None:
+        self.num_prototypes = num_prototypes
         self.log_k = math.log(num_prototypes)
         self.patience_steps = patience_steps
+        self.teacher_temperature = teacher_temperature
+        self.student_temperature = student_temperature
+        self.teacher_momentum = teacher_momentum
+        self.center_momentum = center_momentum
+        self.learning_rate = learning_rate
         self._since: dict[str, int] = {}
         self._warned: set[str] = set()
 
     def update(self, step: int, row: dict[str, float]) -> str | None:
         """Return a warning sentence when a collapse has lasted ``patience_steps``, else None."""
         conditions = {
-            "uniform": row.get("teacher_entropy", 0.0) > 0.9 * self.log_k,
-            "one-hot": row.get("teacher_mean_entropy", math.inf) < 0.1,
+            "uniform": (row.get("teacher_entropy") or 0.0) > 0.9 * self.log_k,
+            # fewer than K ** 0.1 prototypes in effective use (exp of the entropy): 2 of 1024, 3 of 65536
+            "one-hot": (row.get("teacher_mean_entropy") if row.get("teacher_mean_entropy") is not None else math.inf)
+            < 0.1 * self.log_k,
         }
         message = None
         for kind, holds in conditions.items():
@@ -164,16 +204,109 @@ class CollapseMonitor:
                 message = self._message(kind, step - start, row)
         return message
 
+    def remedies(self, kind: str, row: dict[str, float] | None = None) -> list[str]:
+        """The flag changes that address a ``"uniform"`` or ``"one-hot"`` collapse of this run."""
+        row = row or {}
+        temperature = row.get("teacher_temperature") or self.teacher_temperature
+        if kind == "uniform":
+            # A flat teacher: sharpen it (lower temperature, from the first step), give it fewer
+            # prototypes to spread over, and let it follow the student sooner (lower EMA momentum).
+            sharper = _round_significant(0.75 * temperature)
+            remedies = [f"--teacher_temperature {sharper} --warmup_teacher_temperature {sharper} "
+                        f"(now {temperature:g}: a sharper teacher from the first step)"]
+            if self.num_prototypes > 256:
+                fewer = max(256, min(4096, self.num_prototypes // 4))
+                remedies.append(f"--config_overrides num_prototypes={fewer} (now K = {self.num_prototypes})")
+            if self.teacher_momentum > 0.99:
+                faster = round(1.0 - 2.5 * (1.0 - self.teacher_momentum), 4)
+                remedies.append(f"--teacher_momentum {faster:g} (now {self.teacher_momentum:g}: a teacher that "
+                                "follows the student sooner)")
+            return remedies
+        # One prototype takes every image: soften the teacher, centre faster, step more gently.
+        softer = _round_significant(min(1.5 * temperature, 0.9 * self.student_temperature))
+        # twice as fast a center, and at least the official 0.9 (1 turns centering off)
+        faster_center = round(min(1.0 - 2.0 * (1.0 - self.center_momentum), 0.9), 3)
+        remedies = []
+        if softer > temperature:
+            remedies.append(f"--teacher_temperature {softer} (now {temperature:g}; below the student's "
+                            f"{self.student_temperature:g})")
+        remedies.append(f"--center_momentum {faster_center:g} (now {self.center_momentum:g}: the center "
+                        "follows the dominant prototype sooner)")
+        remedies.append(f"--learning_rate {_round_significant(self.learning_rate / 2)} (now {self.learning_rate:g})")
+        remedies.append("stronger augmentations (views that differ more)")
+        return remedies
+
     def _message(self, kind: str, steps: int, row: dict[str, float]) -> str:
         if kind == "uniform":
             detail = (f"the teacher entropy has stayed at {row['teacher_entropy']:.2f} nats, near ln(K) = "
                       f"{self.log_k:.2f}, and the loss at {row.get('loss', float('nan')):.2f}")
         else:
             detail = (f"the entropy of the mean teacher distribution has stayed at {row['teacher_mean_entropy']:.3f} "
-                      "nats (every image goes to the same prototype)")
-        return (f"Training looks collapsed ({kind}) for {steps} steps: {detail}. Usual remedies: a lower "
-                "--teacher_temperature / --warmup_teacher_temperature, fewer prototypes "
-                "(--config_overrides num_prototypes=4096), a lower --teacher_momentum, or checking the augmentations.")
+                      f"nats (about {math.exp(row['teacher_mean_entropy']):.1f} of K = {self.num_prototypes} prototypes "
+                      "in effective use)")
+        return (f"Training looks collapsed ({kind}) for {steps} steps: {detail}. Remedies for this run: "
+                + "; ".join(self.remedies(kind, row)) + ".")
+
+
+def _round_significant(value: float, digits: int = 2) -> float:
+    """``value`` rounded to ``digits`` significant digits (0.0225 -> 0.022), for suggested flag values."""
+    if value == 0 or not math.isfinite(value):
+        return value
+    return round(value, digits - 1 - math.floor(math.log10(abs(value))))
+
+
+class GradientSpikeMonitor:
+    """Warns when a logging window's largest gradient norm is far above the run's usual norm.
+
+    "Usual" is the running median of the windows' mean gradient norms (``grad_norm``) over the last
+    ``history`` logging steps: a median, so that an earlier spike does not raise the bar. A window
+    whose ``grad_norm_max`` exceeds ``factor`` times that median, and ``max_grad_norm`` (below it
+    clipping had nothing to cut: a jump from a tiny norm is harmless), warns (once per episode: the next
+    warning needs a window without a spike in between), after ``min_history`` windows have been seen.
+    A spike often precedes a divergence (non-finite steps) by some hundreds of steps.
+
+    Args:
+        factor: how many times the median counts as a spike; 0 disables the monitor.
+        history: logging windows in the running median.
+        min_history: windows seen before any warning (the first steps' norms are not yet typical).
+        max_grad_norm, learning_rate, warmup_steps: this run's settings, for the remedies.
+    """
+
+    def __init__(self, factor: float = 10.0, history: int = 50, min_history: int = 5, *,
+                 max_grad_norm: float = 3.0, learning_rate: float = 5e-4, warmup_steps: int = 0) -> None:
+        self.factor = factor
+        self.history: list[float] = []
+        self.history_size = history
+        self.min_history = min_history
+        self.max_grad_norm = max_grad_norm
+        self.learning_rate = learning_rate
+        self.warmup_steps = warmup_steps
+        self._in_spike = False
+
+    def update(self, step: int, row: dict[str, float]) -> str | None:
+        """Return a warning sentence when this row's ``grad_norm_max`` is a spike, else None."""
+        peak, mean = row.get("grad_norm_max"), row.get("grad_norm")
+        message = None
+        if self.factor > 0 and peak is not None and math.isfinite(peak) and len(self.history) >= self.min_history:
+            median = statistics.median(self.history)
+            # below the clipping threshold no gradient was even clipped: a jump from a tiny norm (a
+            # collapsed run's) is no danger
+            spike = median > 0 and peak > self.factor * median and peak > self.max_grad_norm
+            if spike and not self._in_spike:
+                message = self._message(step, peak, median)
+            self._in_spike = spike
+        if mean is not None and math.isfinite(mean):
+            self.history = (self.history + [mean])[-self.history_size:]
+        return message
+
+    def _message(self, step: int, peak: float, median: float) -> str:
+        clip = (f"a lower --max_grad_norm ({_round_significant(self.max_grad_norm / 3)}, now {self.max_grad_norm:g})"
+                if self.max_grad_norm > 0 else "gradient clipping (--max_grad_norm 3.0, now off)")
+        return (f"Gradient-norm spike by step {step}: {peak:.3g}, {peak / median:.0f} times the running median "
+                f"{median:.3g} of the last {len(self.history)} logging windows. If it recurs or the loss jumps: "
+                f"{clip}, a lower --learning_rate ({_round_significant(self.learning_rate / 2)}, now "
+                f"{self.learning_rate:g}), a longer warm-up (--warmup_steps {max(2 * self.warmup_steps, 100)}, "
+                f"now {self.warmup_steps}), or --mixed_precision no.")
 
 
 class ThroughputWindow:

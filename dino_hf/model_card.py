@@ -9,6 +9,7 @@ import torch.
 
 from __future__ import annotations
 
+import importlib.resources
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,8 +27,9 @@ from .run_output import (
 
 __all__ = ["CARD_TAGS", "DEFAULT_LICENSE", "MODEL_CARD_TEMPLATE", "render_card", "render_model_card"]
 
-MODEL_CARD_TEMPLATE = Path(__file__).resolve().parent.parent / "model_cards" / "dino_backbone.md"
-"""Jinja template of the model card (rendered with ``huggingface_hub.ModelCard.from_template``)."""
+MODEL_CARD_TEMPLATE = importlib.resources.files("dino_hf") / "model_cards" / "dino_backbone.md"
+"""Jinja template of the model card, shipped inside the package (rendered with
+``huggingface_hub.ModelCard.from_template``)."""
 
 CARD_TAGS = ["dino", "self-supervised", "vision", "dino_hf"]
 DEFAULT_LICENSE = "apache-2.0"
@@ -156,9 +158,9 @@ def _evaluation(run: TrainingOutput) -> dict[str, Any]:
 def _eval_results_metadata(evaluation: dict[str, Any]) -> list[EvalResult]:
     """``model-index`` entries for this model's own accuracies (baselines stay in the card body)."""
     dataset = evaluation["dataset"]
-    if not dataset:
-        return []
-    dataset_id = dataset if _looks_like_hub_id(dataset) else Path(str(dataset)).name or str(dataset)
+    if not _looks_like_hub_id(dataset):
+        return []  # model-index names Hub datasets only; a local set is named in the card's prose
+    dataset_id = dataset
     results = []
     for metric in evaluation["metrics"]:
         if metric.subject != "this model":
@@ -180,11 +182,41 @@ def _eval_results_metadata(evaluation: dict[str, Any]) -> list[EvalResult]:
     return results
 
 
+def _local_name(name: Any) -> str | None:
+    """How the card names a dataset or model: a Hub id as it is, a local path by its last folder only
+    (no path of the training machine leaves it)."""
+    if not isinstance(name, str) or not name:
+        return None
+    return name if _looks_like_hub_id(name) else Path(name.rstrip("/\\")).name or name
+
+
+#: Backbone config fields that make an architecture, for comparing a run's backbone with its preset.
+_ARCHITECTURE_FIELDS = ("hidden_size", "num_hidden_layers", "num_attention_heads", "intermediate_size", "patch_size")
+
+
+def _preset_row(run: TrainingOutput) -> tuple[str, str] | None:
+    """The "Preset" row: the preset's name when the backbone is that preset, else what changed."""
+    name = run.training_args.get("model_config")
+    if not name:
+        return None
+    from .configuration_dino import preset_backbone_settings
+
+    preset = preset_backbone_settings(name)
+    if preset is None:  # a config folder or file: the rows below describe the architecture
+        return None
+    changed = [key for key in _ARCHITECTURE_FIELDS
+               if run.backbone_config.get(key) is not None and run.backbone_config.get(key) != preset.get(key)]
+    if not changed:
+        return ("Preset", f"`{name}`")
+    return ("Architecture", f"custom: `{name}` with {', '.join(changed)} changed (see Backbone)")
+
+
 def _architecture_rows(run: TrainingOutput) -> list[tuple[str, str]]:
     config = run.backbone_config
     rows = []
-    if run.training_args.get("model_config"):
-        rows.append(("Preset / config", f"`{run.training_args['model_config']}`"))
+    preset_row = _preset_row(run)
+    if preset_row is not None:
+        rows.append(preset_row)
     shape = [
         (key, config.get(key))
         for key in (
@@ -248,9 +280,9 @@ def _training_rows(run: TrainingOutput) -> list[tuple[str, str]]:
     if dataset:
         extra = ", ".join(f"{k} `{args[k]}`" for k in ("dataset_config_name", "train_split") if args.get(k))
         source = "Hub dataset" if _looks_like_hub_id(dataset) else "local dataset"
-        add("Data", f"{source} `{dataset}`" + (f" ({extra})" if extra else ""))
+        add("Data", f"{source} `{_local_name(dataset)}`" + (f" ({extra})" if extra else ""))
     if args.get("model_name_or_path"):
-        add("Initialised from", f"`{args['model_name_or_path']}`")
+        add("Initialised from", f"`{_local_name(args['model_name_or_path'])}`")
     if args.get("global_crop_size") is not None:
         scale = f", scale {tuple(args['global_crop_scale'])}" if args.get("global_crop_scale") else ""
         add("Global crops", f"2 x {args['global_crop_size']} px{scale}")
@@ -341,6 +373,7 @@ def render_model_card(
     license: str | None = None,
     include_training_model: bool = False,
     template_path: str | Path | None = None,
+    backbone_dir: str | Path | None = None,
 ) -> ModelCard:
     """Render the model card of a training output directory for ``repo_id``.
 
@@ -361,7 +394,7 @@ def render_model_card(
         datasets (Hub ids only), base_model (when started from a Hub checkpoint) and model-index
         (when evaluated).
     """
-    run = read_training_output(model_dir, include_training_model=include_training_model)
+    run = read_training_output(model_dir, include_training_model=include_training_model, backbone_dir=backbone_dir)
     return render_card(run, repo_id, license=license, template_path=template_path)
 
 
@@ -379,6 +412,8 @@ def render_card(
     started_from = args.get("model_name_or_path")
     base_model = started_from if _looks_like_hub_id(started_from) else None
     datasets = [dataset] if _looks_like_hub_id(dataset) else []  # training data only
+    dataset_is_hub = _looks_like_hub_id(dataset)
+    dataset, started_from = _local_name(dataset), _local_name(started_from)
     eval_results = _eval_results_metadata(evaluation)
 
     card_data = ModelCardData(
@@ -393,33 +428,32 @@ def render_card(
     )
     template = Path(template_path) if template_path is not None else MODEL_CARD_TEMPLATE
     if not template.is_file():
-        raise FileNotFoundError(
-            f"Model card template {template} not found; dino_hf must be installed from a "
-            "source checkout (pip install -e .) so that model_cards/ is present."
-        )
+        raise FileNotFoundError(f"Model card template {template} not found (pass an existing template_path).")
     metrics = evaluation["metrics"]
-    return ModelCard.from_template(
-        card_data,
-        template_path=str(template),
-        repo_id=repo_id,
-        model_name=model_name,
-        base_model=base_model,
-        started_from=started_from,
-        dataset=dataset,
-        dataset_is_hub=_looks_like_hub_id(dataset),
-        architecture_rows=_architecture_rows(run),
-        training_rows=_training_rows(run),
-        results=[m for m in metrics if m.subject == "this model"],
-        baselines=[m for m in metrics if m.subject != "this model"],
-        has_knn=any(m.key.startswith("knn") or "_knn" in m.key for m in metrics),
-        results_origin=evaluation["origin"],
-        eval_dataset=evaluation["dataset"],
-        eval_test_split=evaluation["test_split"],
-        eval_train_split=evaluation["train_split"],
-        eval_num_samples=evaluation["num_samples"],
-        eval_max_samples=evaluation["extra"],
-        image_size=run.backbone_config.get("image_size"),
-        has_training_model=f"{TRAINING_MODEL_SUBFOLDER}/config.json" in run.files,
-        training_model_subfolder=TRAINING_MODEL_SUBFOLDER,
-        has_curves=TRAINING_CURVES_NAME in run.files,
-    )
+    with importlib.resources.as_file(template) as template_file:
+        card = ModelCard.from_template(
+            card_data,
+            template_path=str(template_file),
+            repo_id=repo_id,
+            model_name=model_name,
+            base_model=base_model,
+            started_from=started_from,
+            dataset=dataset,
+            dataset_is_hub=dataset_is_hub,
+            architecture_rows=_architecture_rows(run),
+            training_rows=_training_rows(run),
+            results=[m for m in metrics if m.subject == "this model"],
+            baselines=[m for m in metrics if m.subject != "this model"],
+            has_knn=any(m.key.startswith("knn") or "_knn" in m.key for m in metrics),
+            results_origin=evaluation["origin"],
+            eval_dataset=_local_name(evaluation["dataset"]),
+            eval_test_split=evaluation["test_split"],
+            eval_train_split=evaluation["train_split"],
+            eval_num_samples=evaluation["num_samples"],
+            eval_max_samples=evaluation["extra"],
+            image_size=run.backbone_config.get("image_size"),
+            has_training_model=f"{TRAINING_MODEL_SUBFOLDER}/config.json" in run.files,
+            training_model_subfolder=TRAINING_MODEL_SUBFOLDER,
+            has_curves=TRAINING_CURVES_NAME in run.files,
+        )
+    return card

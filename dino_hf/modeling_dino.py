@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
-from transformers import AutoConfig, AutoModel, PreTrainedModel
+from transformers import AutoConfig, AutoModel, AutoModelForPreTraining, PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
 
@@ -44,6 +44,8 @@ class DinoForPreTrainingOutput(ModelOutput):
             Near ln(K) together with ``teacher_entropy`` near ln(K) means uniform collapse.
         teacher_logits_mean: ``(1, num_prototypes)``, this process's batch mean of the teacher logits;
             what the center EMA consumes (see ``DinoLoss.update_center`` for gradient accumulation).
+        loss_statistics: ``{name: 0-dim tensor}``, every statistic of ``dino_hf.loss.LOSS_STATISTICS``
+            (the two teacher entropies above, the student entropy, the teacher-student KL...).
     """
 
     loss: torch.FloatTensor | None = None
@@ -52,6 +54,7 @@ class DinoForPreTrainingOutput(ModelOutput):
     teacher_entropy: torch.FloatTensor | None = None
     teacher_mean_entropy: torch.FloatTensor | None = None
     teacher_logits_mean: torch.FloatTensor | None = None
+    loss_statistics: dict[str, torch.Tensor] | None = None
 
 
 def initialize_head_module(module: nn.Module, initialization: ModuleType = nn.init) -> None:
@@ -400,6 +403,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
             teacher_entropy=losses.teacher_entropy,
             teacher_mean_entropy=losses.teacher_mean_entropy,
             teacher_logits_mean=losses.teacher_logits_mean,
+            loss_statistics=losses.statistics,
         )
         return output if return_dict else output.to_tuple()
 
@@ -562,6 +566,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
 
 AutoConfig.register(DinoConfig.model_type, DinoConfig, exist_ok=True)
 AutoModel.register(DinoConfig, DinoForPreTraining, exist_ok=True)
+AutoModelForPreTraining.register(DinoConfig, DinoForPreTraining, exist_ok=True)
 
 __all__ = [
     "DinoForPreTraining",

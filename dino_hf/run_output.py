@@ -23,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 import struct
 from dataclasses import dataclass
@@ -34,6 +35,8 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "RunFolder",
     "TrainingOutput",
+    "portable_path",
+    "portable_paths",
     "read_json",
     "read_metrics",
     "read_training_output",
@@ -206,8 +209,12 @@ class TrainingOutput:
 TRAINING_MODEL_SUBFOLDER = "training_model"
 
 
-def read_training_output(model_dir: str | Path, *, include_training_model: bool = False) -> TrainingOutput:
+def read_training_output(model_dir: str | Path, *, include_training_model: bool = False,
+                         backbone_dir: str | Path | None = None) -> TrainingOutput:
     """Find what to share in a training output folder (or in a bare exported backbone folder).
+
+    ``backbone_dir`` replaces the run's ``backbone/`` (e.g. the student exported from a
+    ``DinoForPreTraining`` folder into a temporary folder).
 
     Raises:
         FileNotFoundError: no backbone or a missing file; the message says what to pass.
@@ -217,9 +224,9 @@ def read_training_output(model_dir: str | Path, *, include_training_model: bool 
     model_dir = folder.root
     if not model_dir.is_dir():
         raise FileNotFoundError(
-            f"--model_dir {model_dir} is not a directory; pass the --output_dir of a dino_hf training run."
+            f"--output_dir {model_dir} is not a directory; pass the --output_dir of a dino_hf training run."
         )
-    backbone_dir = folder.backbone
+    backbone_dir = Path(backbone_dir) if backbone_dir is not None else folder.backbone
     if not backbone_dir.is_dir():
         if read_json(folder.model_config).get("model_type") == "vit":
             # an exported backbone on its own (e.g. a converted official checkpoint)
@@ -227,7 +234,7 @@ def read_training_output(model_dir: str | Path, *, include_training_model: bool 
         else:
             raise FileNotFoundError(
                 f"{model_dir} has no {BACKBONE_DIRNAME}/ folder; pass the --output_dir of a finished dino_hf "
-                "training run (or a folder written by DinoForPreTraining.save_backbone) as --model_dir."
+                "training run, a DinoForPreTraining folder or a folder written by DinoForPreTraining.save_backbone."
             )
     for name in (CONFIG_NAME, PROCESSOR_CONFIG_NAME):
         if not (backbone_dir / name).is_file():
@@ -266,6 +273,40 @@ def read_training_output(model_dir: str | Path, *, include_training_model: bool 
         backbone_config=read_json(backbone_dir / CONFIG_NAME),
         dino_config=read_json(folder.model_config) if backbone_dir != model_dir else {},
     )
+
+
+# --------------------------------------------------------------------------------------------------
+# Paths in the files a run writes
+# --------------------------------------------------------------------------------------------------
+def portable_path(path: str) -> str:
+    """An absolute path as a relative one: relative to the working directory when it lies below it,
+    else ``~/...`` below the home folder, else relative to the working directory with ``..``.
+
+    The files of a run (``training_args.json``, ``eval_results.json``, the card) are shared; an absolute
+    path names the training machine's layout (and often its user), and a path relative to where the
+    run was started still replays with ``--config training_args.json`` from there.
+    """
+    if not os.path.isabs(path):
+        return path
+    try:
+        relative = os.path.relpath(path, os.getcwd())
+    except ValueError:  # another drive (Windows): no relative form exists
+        return Path(path).name
+    home = os.path.expanduser("~")
+    if relative.startswith("..") and home not in ("", "/") and path.startswith(home.rstrip(os.sep) + os.sep):
+        return "~/" + os.path.relpath(path, home)
+    return relative
+
+
+def portable_paths(value: Any) -> Any:
+    """Copy of a JSON value with every absolute path string made :func:`portable_path`."""
+    if isinstance(value, dict):
+        return {key: portable_paths(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [portable_paths(item) for item in value]
+    if isinstance(value, str) and os.path.isabs(value):
+        return portable_path(value)
+    return value
 
 
 # --------------------------------------------------------------------------------------------------

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from accelerate import Accelerator
@@ -29,10 +29,10 @@ class StepStatistics:
     """Device tensors (0-dim) of one optimiser step; nothing here has been read by the host."""
 
     loss: Tensor  # mean over micro-steps of this process's loss
-    teacher_entropy: Tensor
-    teacher_mean_entropy: Tensor
     grad_norm: Tensor  # global L2 norm of the (all-reduced, unscaled) gradients before clipping
     finite: Tensor  # bool: the step was applied (identical on every process)
+    # mean over micro-steps of each statistic the loss reports (dino_hf.loss.LOSS_STATISTICS)
+    loss_statistics: dict[str, Tensor] = field(default_factory=dict)
 
 
 class DinoTrainStep:
@@ -88,15 +88,19 @@ class DinoTrainStep:
         self._update_center(center_sum * scale, finite)
         return StepStatistics(
             loss=loss_sum * scale,
-            teacher_entropy=statistics_sum[0] * scale,
-            teacher_mean_entropy=statistics_sum[1] * scale,
             grad_norm=grad_norm,
             finite=finite,
+            loss_statistics={name: value * scale for name, value in statistics_sum.items()},
         )
 
     def _accumulate_gradients(self, next_batch: Callable[[], dict[str, Tensor | None]],
-                              teacher_temperature: float, freeze_backbone: bool) -> tuple[Tensor, Tensor, Tensor]:
-        """Forward/backward of every micro-step; gradients are all-reduced on the last one only."""
+                              teacher_temperature: float,
+                              freeze_backbone: bool) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        """Forward/backward of every micro-step; gradients are all-reduced on the last one only.
+
+        Returns the sums over micro-steps of the loss, of each loss statistic and of the batch-mean
+        teacher logits.
+        """
         device = self.accelerator.device
         loss_sum = statistics_sum = center_sum = None
         for index in range(self.gradient_accumulation_steps):
@@ -114,10 +118,11 @@ class DinoTrainStep:
                 # when its gradient happens to be finite: scale the backward pass by NaN (else by 1).
                 poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
                 self.accelerator.backward(loss * poison / self.gradient_accumulation_steps)
-            statistics = torch.stack([output.teacher_entropy.float(), output.teacher_mean_entropy.float()])
+            statistics = {name: value.detach().float() for name, value in (output.loss_statistics or {}).items()}
             detached = loss.detach().float()
             loss_sum = detached if loss_sum is None else loss_sum + detached
-            statistics_sum = statistics if statistics_sum is None else statistics_sum + statistics
+            statistics_sum = statistics if statistics_sum is None else {
+                name: statistics_sum[name] + value for name, value in statistics.items()}
             mean = output.teacher_logits_mean.float()
             center_sum = mean if center_sum is None else center_sum + mean
         return loss_sum, statistics_sum, center_sum

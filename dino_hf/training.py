@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import shlex
 import signal
@@ -23,13 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 from huggingface_hub import get_token
-from tqdm.auto import tqdm
 
 from .builders import (
     build_accelerator,
@@ -67,10 +65,19 @@ from .errors import RunError, describe_os_error
 from .evaluation import KnnMonitor
 from .hardware import MachineSettings, PrecisionChoice, describe_cpu
 from .hub import check_push_target, try_push_training_output
-from .metrics import CollapseMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
+from .metrics import CollapseMonitor, GradientSpikeMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
 from .modeling_dino import DinoForPreTraining
-from .run_output import PRETRAINING_PROGRESS_NAME, RunFolder, read_json, scrub_secrets, strip_secret_fields
+from .progress import TrainingProgress, configure_output
+from .run_output import (
+    PRETRAINING_PROGRESS_NAME,
+    RunFolder,
+    portable_paths,
+    read_json,
+    scrub_secrets,
+    strip_secret_fields,
+)
 from .schedules import BudgetCalibration, DinoSchedules, ScheduleValues, StepPlan, plan_for_time_budget, plan_steps
+from .trackers import log_images
 from .train_step import DinoTrainStep
 from .training_args import DinoTrainingArguments
 from .visualization import plot_training_curves
@@ -119,6 +126,7 @@ class _Run:
     metrics: MetricsLog
     accumulator: MetricsAccumulator
     collapse: CollapseMonitor
+    spikes: GradientSpikeMonitor
     knn_monitor: KnnMonitor | None
     signals: StopSignals
     stop: StopAgreement
@@ -134,6 +142,7 @@ class _Run:
     budget_used_before: float = 0.0  # seconds of the time budget used before this process (resumed runs)
     loop_started: float | None = None  # clock() when this process's training loop began
     tracker_run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # kept by checkpoints (W&B id)
+    progress: TrainingProgress | None = None  # while the loop runs
 
     def budget_used(self) -> float:
         """Seconds of ``--max_train_minutes`` used so far, by this process and those before it."""
@@ -173,7 +182,7 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
     folder is changed), then restore the checkpoint to resume from, if any."""
     precision = choose_precision(args, training_device())
     accelerator = build_accelerator(args, precision.mixed_precision)
-    _configure_logging(accelerator)
+    configure_output(accelerator.is_main_process)
     if precision.warning and accelerator.is_main_process:
         logger.warning(precision.warning)
     if args.push_to_hub and accelerator.is_main_process:
@@ -222,7 +231,13 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
         stream=BatchStream(loader, augment=augment), schedules=schedules, plan=plan, folder=folder,
         metrics=MetricsLog(folder.metrics, accelerator),
         accumulator=MetricsAccumulator(accelerator.device),
-        collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps),
+        collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps,
+                                 teacher_temperature=args.teacher_temperature,
+                                 student_temperature=unwrapped.config.student_temperature,
+                                 teacher_momentum=args.teacher_momentum, center_momentum=unwrapped.config.center_momentum,
+                                 learning_rate=args.learning_rate),
+        spikes=GradientSpikeMonitor(args.grad_norm_spike_factor, max_grad_norm=args.max_grad_norm,
+                                    learning_rate=args.learning_rate, warmup_steps=plan.warmup_steps),
         knn_monitor=knn_monitor, signals=signals, stop=StopAgreement(signals, accelerator.num_processes),
         lock=lock, machine=machine, clock=clock, num_examples_per_process=loader.num_examples, continued=continued,
     )
@@ -234,7 +249,7 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     run.metrics.start(checkpoint_step_of(resume_path))
     _log_plan(run)
     _write_training_args(run)
-    if args.report_to != "none":
+    if accelerator.log_with:
         accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args, run.plan),
                                   init_kwargs=_tracker_init_kwargs(run, resumed=resume_path is not None))
     if rng_state is not None:
@@ -272,15 +287,28 @@ def _restore(run: _Run, path: Path) -> dict[str, Any]:
         if saved.calibrated:
             run.plan = saved
             run.schedules = build_schedules(run.args, saved)
+    elif "plan" in state:
+        _warn_if_replanned(run, StepPlan.from_dict(state["plan"]))
     logger.info("Resumed from %s at step %d.", path, run.step)
     return process_state["rng"]
+
+
+def _warn_if_replanned(run: _Run, saved: StepPlan) -> None:
+    """Warn when a resumed run plans another length than the checkpoint's (e.g. --max_steps changed):
+    every step-indexed schedule is then stretched or squeezed from the resumed step on."""
+    if run.accelerator.is_main_process and saved.total_steps != run.plan.total_steps:
+        logger.warning(
+            "The checkpoint was planned for %d steps and this run plans %d (--max_steps, --num_train_epochs or the "
+            "data changed): the learning-rate, weight-decay, momentum and temperature schedules are re-planned, so "
+            "they jump at step %d. Resume with the original length to continue the same run.",
+            saved.total_steps, run.plan.total_steps, run.step)
 
 
 def _training_loop(run: _Run) -> TrainingResult | None:
     """Optimiser steps until the plan's total; returns a result only when stopped by a signal."""
     args, accelerator = run.args, run.accelerator
-    progress = tqdm(total=run.plan.total_steps, initial=run.step, disable=not accelerator.is_local_main_process,
-                    desc="DINO", unit="step", dynamic_ncols=True)
+    progress = run.progress = TrainingProgress(run.plan.total_steps, initial=run.step,
+                                               enabled=accelerator.is_local_main_process)
     window = ThroughputWindow(run.stream, args.per_device_train_batch_size * accelerator.num_processes)
     calibration = _start_calibration(run)
     first_step = run.step
@@ -299,12 +327,11 @@ def _training_loop(run: _Run) -> TrainingResult | None:
                 if seconds_per_step is not None:
                     _plan_time_budget(run, seconds_per_step)
                     calibration = None
-                    progress.total = run.plan.total_steps
-                    progress.refresh()
+                    progress.set_total(run.plan.total_steps)
             # One process stops at once; several stop together one step after the signal.
             stop_now = run.stop.should_stop()
             if run.step % args.logging_steps == 0 or run.step == run.plan.total_steps:
-                _log_step(run, values, window.measure(), progress)
+                _log_step(run, values, window.measure())
             if args.eval_steps and run.step % args.eval_steps == 0 and run.step < run.plan.total_steps:
                 _evaluate(run)
             if run.step % args.checkpointing_steps == 0 or stop_now:
@@ -359,16 +386,16 @@ def _plan_time_budget(run: _Run, seconds_per_step: float) -> None:
     _write_training_args(run)
 
 
-def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progress: tqdm) -> None:
-    """Write one metrics row; check non-finite runs and collapse (the one place where the loop reads
-    values back from the device)."""
+def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float]) -> None:
+    """Write one metrics row; check non-finite runs, collapse and gradient spikes (the one place where
+    the loop reads values back from the device)."""
     accelerator = run.accelerator
     row_values = run.accumulator.flush(accelerator)
     longest = row_values.pop("longest_nonfinite_run")
     row: dict[str, Any] = {
         "step": run.step,
         "epoch": round(run.step / run.plan.steps_per_epoch, 4),
-        **{key: row_values[key] for key in ("loss", "teacher_entropy", "teacher_mean_entropy", "grad_norm")},
+        **{key: row_values[key] for key in (*MetricsAccumulator.KEYS, "grad_norm_max")},
         "learning_rate": values.learning_rate,
         "weight_decay": values.weight_decay,
         "teacher_momentum": values.teacher_momentum,
@@ -380,14 +407,17 @@ def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progr
     }
     run.metrics.write(row)
     run.last_row = row
-    progress.set_postfix(loss=f"{row['loss']:.4f}", lr=f"{values.learning_rate:.2e}", refresh=False)
+    if run.progress is not None:
+        loss = row["loss"] if math.isfinite(row["loss"]) else None
+        run.progress.log_step(loss, values.learning_rate, row["images_per_second"])
     if row["nonfinite_steps"]:
         logger.warning("%d of the last optimiser steps had a non-finite loss or gradient and were skipped.",
                        row["nonfinite_steps"])
     _check_nonfinite(run, longest)
-    warning = run.collapse.update(run.step, row)
-    if warning and accelerator.is_main_process:
-        logger.warning(warning)
+    for monitor in (run.collapse, run.spikes):
+        warning = monitor.update(run.step, row)
+        if warning and accelerator.is_main_process:
+            logger.warning(warning)
 
 
 def _check_nonfinite(run: _Run, longest_run: int) -> None:
@@ -458,12 +488,7 @@ def _save_attention_snapshot(run: _Run) -> None:
     except Exception as error:  # noqa: BLE001 - visualisation must not stop training
         logger.warning("Could not draw attention maps at step %d: %s", run.step, error)
         return
-    for tracker in run.accelerator.trackers:
-        if hasattr(tracker, "log_images"):
-            try:
-                tracker.log_images({"attention": [np.asarray(grid) for grid in grids]}, step=run.step)
-            except Exception as error:  # noqa: BLE001 - a tracker hiccup must not stop training
-                logger.warning("Could not send attention maps to %s: %s", tracker.name, error)
+    log_images(run.accelerator.trackers, "attention", grids, run.step)
 
 
 def _finish(run: _Run) -> None:
@@ -479,9 +504,9 @@ def _finish(run: _Run) -> None:
             run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
             _write_training_args(run, final=True)
             if eval_metrics:
-                run.folder.eval_results.write_text(
-                    json.dumps({"step": run.step, **eval_metrics, "eval_dataset_name": run.args.eval_dataset_name,
-                                "eval_split": run.args.eval_split}, indent=2) + "\n")
+                results = {"step": run.step, **eval_metrics, "eval_dataset_name": run.args.eval_dataset_name,
+                           "eval_split": run.args.eval_split, "eval_train_split": run.args.eval_train_split}
+                run.folder.eval_results.write_text(json.dumps(portable_paths(results), indent=2) + "\n")
         except Exception as error:  # noqa: BLE001 - safetensors and torch wrap the OS error in their own
             raise RunError(describe_os_error(
                 error, run.folder.root, "writing the final model",
@@ -503,7 +528,7 @@ def _finish(run: _Run) -> None:
 
 def _plot(run: _Run) -> None:
     try:
-        plot_training_curves(run.folder.metrics, run.folder.training_curves)
+        plot_training_curves(run.folder.metrics, run.folder.training_curves, run.unwrapped.config.num_prototypes)
     except Exception as error:  # noqa: BLE001 - a plot must never fail a finished run
         logger.warning("Could not plot the training curves: %s", error)
 
@@ -523,15 +548,6 @@ def _push(run: _Run, message: str, final: bool = False) -> bool:
 
 
 # ------------------------------------------------------------------------------- setup helpers
-def _configure_logging(accelerator: Accelerator) -> None:
-    """dino_hf's messages at INFO on the main process (WARNING elsewhere); libraries at WARNING."""
-    logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
-                        level=logging.WARNING)
-    logging.getLogger("dino_hf").setLevel(logging.INFO if accelerator.is_main_process else logging.WARNING)
-    transformers.utils.logging.set_verbosity_warning()
-    transformers.utils.logging.disable_progress_bar()
-
-
 def _prepare_output_dir(args: DinoTrainingArguments, accelerator: Accelerator, folder: RunFolder, resuming: bool) -> None:
     """Refuse to start afresh over an earlier run's checkpoints unless told to overwrite them."""
     output_dir = folder.root
@@ -581,6 +597,28 @@ def _log_plan(run: _Run) -> None:
     ]
     for line in lines:
         logger.info(line)
+    if plan.calibrated and accelerator.is_main_process:
+        for warning in _plan_warnings(plan, args.min_learning_rate):
+            logger.warning(warning)
+
+
+def _plan_warnings(plan: StepPlan, min_learning_rate: float) -> list[str]:
+    """Sentences for schedules that cover the whole run (a run that never leaves its warm-up, or
+    whose prototypes never train) or run backwards, each naming the flags that set them."""
+    messages = []
+    if min_learning_rate > plan.learning_rate:
+        messages.append(f"--min_learning_rate {min_learning_rate:g} exceeds the peak learning rate {plan.learning_rate:.3g} "
+                        "(--learning_rate x global batch / 256): the cosine decay rises instead; lower --min_learning_rate.")
+    for steps, what, flags in (
+        (plan.warmup_steps, "the learning-rate warm-up", "--warmup_steps/--warmup_epochs"),
+        (plan.freeze_last_layer_steps, "the frozen last layer", "--freeze_last_layer_steps/--freeze_last_layer_epochs"),
+        (plan.warmup_teacher_temperature_steps, "the teacher-temperature warm-up",
+         "--warmup_teacher_temperature_steps/--warmup_teacher_temperature_epochs"),
+    ):
+        if steps >= plan.total_steps:
+            messages.append(f"{what[0].upper()}{what[1:]} lasts {steps} steps and the run {plan.total_steps}: it covers "
+                            f"the whole run; lower {flags} (epochs count {plan.steps_per_epoch:g} steps here).")
+    return messages
 
 
 def _write_training_args(run: _Run, final: bool = False) -> None:
@@ -618,7 +656,7 @@ def _write_training_args(run: _Run, final: bool = False) -> None:
     # a token given as an argument value (or shaped like one) is not kept on disk
     resolved = strip_secret_fields(resolved, get_token())
     try:
-        run.folder.training_args.write_text(json.dumps(resolved, indent=2) + "\n", encoding="utf-8")
+        run.folder.training_args.write_text(json.dumps(portable_paths(resolved), indent=2) + "\n", encoding="utf-8")
     except OSError as error:
         raise RunError(describe_os_error(error, run.folder.training_args, "writing the training arguments", "")) from None
 
@@ -637,6 +675,6 @@ def _tracker_init_kwargs(run: _Run, resumed: bool) -> dict[str, dict[str, Any]]:
 
 
 def _tracker_config(args: DinoTrainingArguments, plan: StepPlan) -> dict[str, Any]:
-    values = {**args.to_dict(), **{f"plan_{key}": value for key, value in plan.to_dict().items()}}
+    values = portable_paths({**args.to_dict(), **{f"plan_{key}": value for key, value in plan.to_dict().items()}})
     return {key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
             for key, value in values.items()}

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import importlib.resources
 import json
 import math
 import os
@@ -32,12 +33,15 @@ from .schedules import (
     OFFICIAL_WEIGHT_DECAY,
     OFFICIAL_WEIGHT_DECAY_END,
 )
+from .trackers import parse_report_to
 
 __all__ = [
     "RUN_FACT_KEYS",
     "DinoTrainingArguments",
     "build_argument_parser",
     "load_config_file",
+    "resolve_config_path",
+    "shipped_recipes",
     "parse_training_args",
 ]
 
@@ -78,8 +82,9 @@ class DinoTrainingArguments:
     config: str | None = field(
         default=None,
         metadata=_help(
-            "YAML or JSON file with any of these arguments (keys are the flag names without '--'); "
-            "flags given on the command line override the file."
+            "YAML or JSON file with any of these arguments (keys are the flag names without '--'), or "
+            "the name of a recipe shipped with dino_hf (fashion_mnist_cpu, vit_small_patch16_100ep, "
+            "vit_small_patch16_boost, vit_base_patch16); flags given on the command line override it."
         ),
     )
 
@@ -95,8 +100,12 @@ class DinoTrainingArguments:
         default=None, metadata=_help("Configuration (subset) name of a Hub dataset, if it has several.")
     )
     train_split: str = field(default="train", metadata=_help("Dataset split to train on."))
-    image_column: str = field(
-        default="image", metadata=_help("Column that holds the images (PIL images or encoded bytes).")
+    image_column: str | None = field(
+        default=None,
+        metadata=_help(
+            "Column that holds the images (PIL images or encoded bytes); unset finds it: 'image', "
+            "'img', else the first column of the Image type."
+        ),
     )
     streaming: bool = field(
         default=True,
@@ -438,6 +447,13 @@ class DinoTrainingArguments:
             "update); the run stops after this many in a row, keeping the last good checkpoint."
         ),
     )
+    grad_norm_spike_factor: float = field(
+        default=10.0,
+        metadata=_help(
+            "Warn when a logging window's largest gradient norm exceeds this many times the running "
+            "median of the logged gradient norms (spikes often precede a divergence); 0 disables."
+        ),
+    )
     collapse_warning_steps: int = field(
         default=500,
         metadata=_help(
@@ -502,9 +518,13 @@ class DinoTrainingArguments:
             "it is the only place the loop waits for it."
         ),
     )
-    report_to: Literal["none", "tensorboard", "wandb", "all"] = field(
-        default="none",
-        metadata=_help("Trackers besides output_dir/metrics.jsonl: tensorboard, wandb, all or none."),
+    report_to: list[str] = field(
+        default_factory=lambda: ["none"],
+        metadata=_help(
+            "Trackers besides output_dir/metrics.jsonl: any accelerate tracker (tensorboard, wandb, "
+            "trackio, mlflow, comet_ml, aim, clearml, dvclive, swanlab; several allowed), all (every "
+            "installed one) or none. TensorBoard logs go to output_dir/TRACKER_PROJECT_NAME."
+        ),
     )
     tracker_project_name: str = field(
         default="dino_hf", metadata=_help("Project name under which trackers record the run.")
@@ -525,7 +545,11 @@ class DinoTrainingArguments:
     eval_train_split: str = field(
         default="train", metadata=_help("Split of --eval_dataset_name whose features are the k-NN memory bank.")
     )
-    eval_label_column: str = field(default="label", metadata=_help("Column holding the integer labels."))
+    label_column: str = field(
+        default="label",
+        metadata=_help("Column of --eval_dataset_name holding the class labels (integers or strings).",
+                       aliases=["--eval_label_column"]),
+    )
     eval_steps: int | None = field(
         default=None,
         metadata=_help("Evaluate every this many optimiser steps; unset evaluates once at the end."),
@@ -535,6 +559,20 @@ class DinoTrainingArguments:
         metadata=_help(
             "Use at most this many images of each evaluation split, so that a periodic evaluation "
             "stays cheap; unset uses all."
+        ),
+    )
+    eval_k: list[int] = field(
+        default_factory=lambda: [20],
+        metadata=_help(
+            "Numbers of neighbours of the weighted k-NN evaluation (one metric knn_top1_kK each; they "
+            "share one neighbour search). 20 is DINO's headline figure; the paper also reports 10, 100, 200."
+        ),
+    )
+    eval_linear_probe: bool = field(
+        default=False,
+        metadata=_help(
+            "Also fit a logistic-regression probe on the frozen teacher features at each evaluation "
+            "(metric linear_probe_top1; seconds for 10k images, more for large feature sets)."
         ),
     )
 
@@ -559,7 +597,6 @@ class DinoTrainingArguments:
         for name, allowed in (
             ("clip_mode", ("per_parameter", "global")),
             ("mixed_precision", ("auto", "no", "bf16", "fp16")),
-            ("report_to", ("none", "tensorboard", "wandb", "all")),
             ("hub_strategy", ("end", "checkpoint")),
             ("augmentation_device", ("loader", "cpu", "cuda")),
             ("optimizer", ("adamw", "sgd", "lars")),
@@ -567,6 +604,10 @@ class DinoTrainingArguments:
             value = getattr(self, name)
             _check(value in allowed, f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
 
+        object.__setattr__(self, "report_to", parse_report_to(self.report_to) or ["none"])
+        _check(bool(self.eval_k) and min(self.eval_k) >= 1, f"--eval_k must be positive integers, not {self.eval_k}.")
+        _check(math.isfinite(self.grad_norm_spike_factor) and self.grad_norm_spike_factor >= 0,
+               f"--grad_norm_spike_factor must be 0 or more, not {self.grad_norm_spike_factor}.")
         _check(bool(self.dataset_name), "--dataset_name is required: pass a Hub dataset id or a local path.")
         _check(bool(self.output_dir), "--output_dir is required: pass the folder where the run is written.")
 
@@ -728,14 +769,53 @@ def build_argument_parser(prog: str | None = None) -> HfArgumentParser:
     )
 
 
+def shipped_recipes() -> dict[str, Any]:
+    """``{name: resource}`` of the recipes shipped inside the package (``dino_hf/recipes/*.yaml``)."""
+    folder = importlib.resources.files("dino_hf") / "recipes"
+    return {entry.name.rsplit(".", 1)[0]: entry for entry in folder.iterdir() if entry.name.endswith(".yaml")}
+
+
+def resolve_config_path(path: str) -> str:
+    """``--config`` as a readable file: the path itself, else the shipped recipe of that name
+    (``fashion_mnist_cpu`` or ``fashion_mnist_cpu.yaml``).
+
+    Raises:
+        ValueError: neither a file nor a shipped recipe (the sentence lists the recipes).
+    """
+    if os.path.isfile(os.path.expanduser(path)):
+        return os.path.expanduser(path)
+    recipes = shipped_recipes()
+    name = os.path.basename(path)
+    name = name[: -len(".yaml")] if name.endswith(".yaml") else name
+    # a bare name, or the old scripts/configs/NAME.yaml path from outside a source checkout
+    if name in recipes and (path in (name, f"{name}.yaml") or os.path.dirname(path).endswith("configs")):
+        return str(recipes[name])
+    raise ValueError(
+        f"--config {path} is neither a YAML/JSON file nor a shipped recipe ({', '.join(sorted(recipes))})."
+    )
+
+
+def _actions_by_name(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
+    """Every flag's action under its field name and under each alias (``--eval_label_column``...)."""
+    actions: dict[str, argparse.Action] = {}
+    for action in parser._actions:
+        if not action.option_strings:
+            continue
+        actions[action.dest] = action
+        for option in action.option_strings:
+            if option.startswith("--"):
+                actions.setdefault(option[2:], action)
+    return actions
+
+
 def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, Any]:
-    """Read a YAML/JSON config file into argument values, converted with the flags' own types.
+    """Read a YAML/JSON config file (or a shipped recipe, by name) into argument values, converted
+    with the flags' own types. Old spellings of a flag (its aliases) are accepted as keys.
 
     Raises:
         ValueError: one sentence naming the file and the offending key.
     """
-    if not os.path.isfile(path):
-        raise ValueError(f"--config {path} does not exist: pass a YAML or JSON file.")
+    path = resolve_config_path(path)
     try:
         with open(path, encoding="utf-8") as handle:
             values = json.load(handle) if path.endswith(".json") else yaml.safe_load(handle)
@@ -746,7 +826,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of argument names to values.")  # noqa: TRY004
 
-    actions = {action.dest: action for action in parser._actions if action.option_strings}
+    actions = _actions_by_name(parser)
     converted: dict[str, Any] = {}
     for key, value in values.items():
         if key in RUN_FACT_KEYS or key == "config":
@@ -754,7 +834,7 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
         action = actions.get(key)
         if action is None or key == "help":
             raise ValueError(f"--config {path}: '{key}' is not a training argument (see --help).")
-        converted[key] = _convert_config_value(path, key, value, action)
+        converted[action.dest] = _convert_config_value(path, key, value, action)
     return converted
 
 

@@ -5,7 +5,8 @@
 - :func:`threshold_attention`: the DINO-paper masks (the smallest set of patches holding 60 % of the
   attention mass, official ``visualize_attention.py --threshold 0.6``);
 - overlays, grids and :func:`save_attention_maps` for PNG files and trackers;
-- :func:`plot_training_curves`: loss, accuracy, entropies and learning rate of a ``metrics.jsonl``.
+- :func:`plot_training_curves`: loss, KL, entropies, gradient norm, accuracy and learning rate of a
+  ``metrics.jsonl``.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageDraw, ImageFont
 from torch import Tensor, nn
 
 from .backbones import backbone_forward, config_patch_size
@@ -138,11 +139,41 @@ def _display_image(image: Image.Image, min_display_size: int) -> Image.Image:
     return image
 
 
+def _font(size: int) -> ImageFont.ImageFont:
+    """Pillow's bundled font at ``size`` px (no system font needed)."""
+    return ImageFont.load_default(size=size)
+
+
+def _colour_bar(width: int, height: int, font: ImageFont.ImageFont) -> Image.Image:
+    """A horizontal legend of the heat-map colours: "low" ... "high" attention (each map is scaled to
+    its own range), ``width`` x ``height`` px on white."""
+    bar = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(bar)
+    low, high = "low attention", "high attention (each map scaled to its own range)"
+    margin = 8
+    low_width = int(draw.textlength(low, font=font))
+    high_width = int(draw.textlength(high, font=font))
+    ramp_width = max(16, width - low_width - high_width - 4 * margin)
+    ramp_height = max(4, height // 2)
+    ramp = _colorize(np.tile(np.linspace(0.0, 1.0, ramp_width, dtype=np.float32), (ramp_height, 1)))
+    left = margin + low_width + margin
+    top = (height - ramp_height) // 2
+    bar.paste(Image.fromarray(ramp), (left, top))
+    text_top = (height - font.size) // 2 if hasattr(font, "size") else top
+    draw.text((margin, text_top), low, fill="black", font=font)
+    draw.text((left + ramp_width + margin, text_top), high, fill="black", font=font)
+    return bar
+
+
 def attention_grid(
     image: Image.Image, attentions: Tensor, mass: float = 0.6, min_display_size: int = 224
 ) -> Image.Image:
-    """One picture of an image's attention: top row the image, each head's map and the mean map over
-    it; bottom row the thresholded maps (keeping ``mass`` of the attention).
+    """One titled picture of an image's attention.
+
+    Columns: the image, each head's map and the mean map over heads (titled "image", "head 0"...,
+    "mean of heads"); rows: the maps as heat maps over the image, then the thresholded maps (the
+    patches holding ``mass`` of the attention, the rest darkened), each row labelled; below, a colour
+    bar of the heat-map scale.
 
     Args:
         image: the input image (any size; enlarged for display up to ``min_display_size``).
@@ -153,11 +184,26 @@ def attention_grid(
     maps = [*attentions, attentions.mean(dim=0)]
     tops = [image] + [attention_overlay(image, attention) for attention in maps]
     bottoms = [image] + [mask_overlay(image, threshold_attention(attention, mass)) for attention in maps]
+    titles = ["image", *(f"head {index}" for index in range(len(attentions))), "mean of heads"]
+    row_labels = ["attention", f"top {mass:.0%} of mass"]
     width, height = image.size
-    grid = Image.new("RGB", (width * len(tops), height * 2), "white")
-    for column, (top, bottom) in enumerate(zip(tops, bottoms, strict=True)):
-        grid.paste(top, (column * width, 0))
-        grid.paste(bottom, (column * width, height))
+    font = _font(max(12, min(20, width // 12)))
+    title_height = font.size + 10
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    label_width = max(int(probe.textlength(label, font=font)) for label in row_labels) + 16
+    bar_height = font.size + 14
+    grid_width = label_width + width * len(tops)
+    grid = Image.new("RGB", (grid_width, title_height + 2 * height + bar_height), "white")
+    draw = ImageDraw.Draw(grid)
+    for column, (top, bottom, title) in enumerate(zip(tops, bottoms, titles, strict=True)):
+        left = label_width + column * width
+        grid.paste(top, (left, title_height))
+        grid.paste(bottom, (left, title_height + height))
+        text_width = draw.textlength(title, font=font)
+        draw.text((left + (width - text_width) / 2, 4), title, fill="black", font=font)
+    for row, label in enumerate(row_labels):
+        draw.text((8, title_height + row * height + (height - font.size) / 2), label, fill="black", font=font)
+    grid.paste(_colour_bar(grid_width, bar_height, font), (0, title_height + 2 * height))
     return grid
 
 
@@ -212,10 +258,14 @@ def _series(rows: list[dict[str, Any]], key: str) -> tuple[list[float], list[flo
     return steps, values
 
 
-def plot_training_curves(metrics_jsonl_path: str | Path, output_png: str | Path) -> None:
-    """Plot loss, k-NN accuracy, teacher entropy and learning rate against steps into one PNG.
+def plot_training_curves(metrics_jsonl_path: str | Path, output_png: str | Path, num_prototypes: int | None = None,
+                         title: str | None = None) -> None:
+    """Plot what reading a run needs against steps into one PNG (six panels).
 
-    Panels with no data say so; every ``knn_*`` / ``linear_probe_*`` metric is drawn. Needs
+    Loss; teacher-student KL (what the student can still learn); the teacher's per-sample and
+    batch-mean entropies and the student's; the gradient norm (window mean and maximum, log scale);
+    every ``knn_*`` / ``linear_probe_*`` accuracy; the learning rate. With ``num_prototypes`` a dashed
+    line marks ln(K), where a uniformly collapsed run sits. Panels with no data say so. Needs
     matplotlib (a warning is logged and nothing is written without it).
     """
     try:
@@ -227,16 +277,21 @@ def plot_training_curves(metrics_jsonl_path: str | Path, output_png: str | Path)
     rows = read_metrics(metrics_jsonl_path)
     keys = sorted({key for row in rows for key in row})
     accuracy_keys = [key for key in keys if key.startswith(("knn_", "linear_probe_"))]
-    panels = [
-        ("loss", ["loss"], False),
-        ("evaluation accuracy", accuracy_keys, False),
-        ("teacher entropy (nats)", ["teacher_entropy", "teacher_mean_entropy"], False),
-        ("learning rate", ["learning_rate"], True),
+    log_k = math.log(num_prototypes) if num_prototypes else None
+    panels = [  # title, series, log scale, draw ln(K)
+        ("loss (nats)", ["loss"], False, True),
+        ("teacher-student KL (nats)", ["teacher_student_kl"], False, False),
+        ("entropies (nats)", ["teacher_entropy", "teacher_mean_entropy", "student_entropy"], False, True),
+        ("gradient norm before clipping", ["grad_norm", "grad_norm_max"], True, False),
+        ("evaluation accuracy", accuracy_keys, False, False),
+        ("learning rate", ["learning_rate"], True, False),
     ]
-    figure = Figure(figsize=(11, 7.5), layout="constrained")
+    figure = Figure(figsize=(12, 10), layout="constrained")
     FigureCanvasAgg(figure)
-    axes = figure.subplots(2, 2, sharex=True).ravel()
-    for axis, (title, series_keys, log_scale) in zip(axes, panels, strict=True):
+    if title:
+        figure.suptitle(title)
+    axes = figure.subplots(3, 2, sharex=True).ravel()
+    for axis, (panel_title, series_keys, log_scale, mark_log_k) in zip(axes, panels, strict=True):
         drawn = False
         for key in series_keys:
             steps, values = _series(rows, key)
@@ -245,25 +300,19 @@ def plot_training_curves(metrics_jsonl_path: str | Path, output_png: str | Path)
             marker = "o" if len(values) < 50 else None
             axis.plot(steps, values, label=key, marker=marker, markersize=3)
             drawn = True
-        axis.set_title(title)
+        axis.set_title(panel_title)
         axis.grid(alpha=0.3)
         if drawn:
-            if len(series_keys) > 1:
+            if mark_log_k and log_k is not None:
+                axis.axhline(log_k, color="gray", linestyle="--", linewidth=1, label=f"ln K = {log_k:.2f}")
+            if len(series_keys) > 1 or (mark_log_k and log_k is not None):
                 axis.legend(fontsize=8)
             if log_scale and all(v > 0 for key in series_keys for v in _series(rows, key)[1]):
                 axis.set_yscale("log")
         else:
-            axis.text(
-                0.5,
-                0.5,
-                "no data",
-                ha="center",
-                va="center",
-                transform=axis.transAxes,
-                color="gray",
-            )
-    for axis in axes[2:]:
+            axis.text(0.5, 0.5, "no data", ha="center", va="center", transform=axis.transAxes, color="gray")
+    for axis in axes[-2:]:
         axis.set_xlabel("step")
     output_png = Path(output_png)
     output_png.parent.mkdir(parents=True, exist_ok=True)
-    figure.savefig(output_png, dpi=100)
+    figure.savefig(output_png, dpi=80)

@@ -17,6 +17,10 @@ It speaks the part of the Hub HTTP API that the real ``huggingface_hub`` 2.4 cli
 - ``GET|HEAD /{repo}/resolve/{rev}/{path}``: file download with ETag, X-Repo-Commit,
   Content-Length, X-Linked-Etag/-Size (LFS files) and Range
 
+Dataset repositories take the same routes with ``/api/datasets/`` for ``/api/models/`` and a
+``/datasets/`` prefix on the others (as on the Hub); they are stored under ``datasets/{repo_id}``
+(``hub.files(repo_id, repo_type="dataset")``).
+
 There is no Xet storage: clients must run with ``HF_HUB_DISABLE_XET=1`` so that large or binary
 files take the LFS path. Like the real Hub, ``*.safetensors`` (and any binary or >= 10 MB file) is
 stored through LFS, everything else as a regular git blob sent base64-encoded inside the commit.
@@ -255,10 +259,11 @@ class LoopbackHub:
         with self._lock:
             self._failures.clear()
 
-    def files(self, repo_id: str, revision: str = "main") -> dict[str, bytes]:
-        """Every file of ``repo_id`` at ``revision`` as ``{path: bytes}``."""
+    def files(self, repo_id: str, revision: str = "main", repo_type: str = "model") -> dict[str, bytes]:
+        """Every file of ``repo_id`` (a ``"model"`` or ``"dataset"`` repository) at ``revision`` as ``{path: bytes}``."""
+        key = repo_id if repo_type == "model" else f"datasets/{repo_id}"
         with self._lock:
-            commit = self.repos[repo_id].resolve(revision)
+            commit = self.repos[key].resolve(revision)
             if commit is None:
                 raise KeyError(revision)
             return {path: stored.content for path, stored in commit.files.items()}
@@ -365,11 +370,20 @@ class _Handler(BaseHTTPRequestHandler):
         split = urlsplit(self.path)
         self.query = {key: values[-1] for key, values in parse_qs(split.query).items()}
         self.body = self._read_body() if method in ("POST", "PUT") else b""
+        # a dataset repository: the model routes, on the repository key "datasets/{repo_id}"
+        path, prefix = split.path, ""
+        for dataset_form, model_form in (("/api/datasets/", "/api/models/"), ("/_lfs/datasets/", "/_lfs/"),
+                                         ("/datasets/", "/")):
+            if path.startswith(dataset_form):
+                path, prefix = model_form + path[len(dataset_form):], "datasets/"
+                break
         for route_method, pattern, route, handler_name in self.ROUTES:
-            match = re.fullmatch(pattern, split.path)
+            match = re.fullmatch(pattern, path)
             if route_method != method or match is None:
                 continue
             params = {key: unquote(value) for key, value in match.groupdict().items() if value is not None}
+            if "repo" in params:
+                params["repo"] = prefix + params["repo"]
             try:
                 failure = self.hub._take_failure(route)
                 if failure is not None:
@@ -434,7 +448,7 @@ class _Handler(BaseHTTPRequestHandler):
         if write:
             if not authenticated:
                 raise HubError(401, "You must be authenticated to write to this repository")
-            if repo_id.split("/")[0] != self.hub.user:
+            if repo_id.removeprefix("datasets/").split("/")[0] != self.hub.user:
                 raise HubError(403, f"You don't have the rights to write to {repo_id}")
         return repo
 
@@ -468,12 +482,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _create_repo(self) -> tuple[int, dict[str, str], bytes]:
         self._require_auth()
         payload = self._json_body()
-        if payload.get("type", "model") != "model":
-            raise HubError(400, "The loopback hub only hosts model repositories")
+        repo_type = payload.get("type", "model")
+        if repo_type not in ("model", "dataset"):
+            raise HubError(400, "The loopback hub only hosts model and dataset repositories")
         namespace = payload.get("organization") or self.hub.user
         if namespace != self.hub.user:
-            raise HubError(403, f"You don't have the rights to create a model under the namespace {namespace}")
-        repo_id = f"{namespace}/{payload['name']}"
+            raise HubError(403, f"You don't have the rights to create a {repo_type} under the namespace {namespace}")
+        repo_id = f"{namespace}/{payload['name']}" if repo_type == "model" else f"datasets/{namespace}/{payload['name']}"
         url = f"{self.hub.url}/{repo_id}"
         with self.hub._lock:
             if repo_id in self.hub.repos:
@@ -487,7 +502,7 @@ class _Handler(BaseHTTPRequestHandler):
                 "initial commit",
                 {".gitattributes": StoredFile(DEFAULT_GITATTRIBUTES, lfs=False)},
             )
-        return self._json({"url": url, "name": repo_id, "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
+        return self._json({"url": url, "name": repo_id.removeprefix("datasets/"), "id": hashlib.sha1(repo_id.encode()).hexdigest()[:24]})
 
     def _validate_yaml(self) -> tuple[int, dict[str, str], bytes]:
         payload = self._json_body()

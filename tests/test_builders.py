@@ -68,3 +68,11 @@ def test_knn_monitor_from_training_args(tiny_backbone, labelled_parquet):
     assert monitor.ks == (20,) and len(monitor.datasets["train"]) == 6  # local: map-style, not streamed
     metrics = monitor.evaluate(ViTModel.from_pretrained(tiny_backbone, add_pooling_layer=False))
     assert set(metrics) == {"knn_top1_k20"} and 0.0 <= metrics["knn_top1_k20"] <= 1.0
+
+
+def test_a_width_override_carries_the_pooler_size_along(dataset, tiny_config_file, tmp_path):
+    from dino_hf.builders import build_model_config
+
+    config = build_model_config(tiny_args(dataset, tmp_path, tiny_config_file, model_config="vit_small_patch16",
+                                          config_overrides="backbone_config.hidden_size=192"))
+    assert config.backbone_config.hidden_size == config.backbone_config.pooler_output_size == 192

@@ -164,4 +164,5 @@ def test_script_reports_bad_input_with_exit_status_2(tmp_path):
         )
         assert result.returncode == 2
         assert "Traceback" not in result.stderr
-        assert result.stderr.strip().startswith("error:") and len(result.stderr.strip().splitlines()) == 1
+        assert result.stderr.strip().startswith("convert_dino_checkpoint.py: error:")
+        assert len(result.stderr.strip().splitlines()) == 1

@@ -15,9 +15,10 @@ from image_datasets import (
     write_parquet_dataset,
     write_webdataset_dataset,
 )
+from PIL import Image
 
 from dino_hf.augmentation import MultiCropAugmentation
-from dino_hf.data import create_train_dataloader, load_image_dataset
+from dino_hf.data import create_train_dataloader, detect_image_column, load_image_dataset
 
 
 class IndexViews:
@@ -72,6 +73,45 @@ def test_missing_dataset_names_the_flag(tmp_path):
         load_image_dataset(str(tmp_path / "does_not_exist"))
     with pytest.raises(ValueError, match="--dataset_name"):
         load_image_dataset(str(tmp_path / "missing.parquet"))
+
+
+def test_a_missing_local_looking_path_never_goes_to_the_hub(tmp_path, monkeypatch):
+    """``data/x`` (the recipes' form) and other paths that do not exist fail at once, naming the
+    command that prepares the demo data, without a Hub request (whose retries take half a minute)."""
+    import datasets
+
+    def no_hub(*args, **kwargs):
+        raise AssertionError(f"datasets.load_dataset was called with {args}")
+
+    monkeypatch.setattr(datasets, "load_dataset", no_hub)
+    monkeypatch.chdir(tmp_path)  # no data/ folder here
+    for name in ("data/fashion_mnist", "./fashion_mnist", "runs/data/images", "~/no/such/images", "shards/missing.parquet"):
+        with pytest.raises(ValueError, match="scripts/prepare_fashion_mnist.py") as error:
+            load_image_dataset(name)
+        assert f"--dataset_name {name} does not exist" in str(error.value) and "make demo" in str(error.value)
+    (tmp_path / "mine").mkdir()  # an existing local folder makes mine/x local too
+    with pytest.raises(ValueError, match="not looked up on the Hub"):
+        load_image_dataset("mine/images")
+    with pytest.raises(AssertionError, match="user/dataset"):  # a Hub id still goes to the Hub
+        load_image_dataset("user/dataset")
+
+
+def test_image_column_is_found_when_unset():
+    import datasets
+
+    def dataset(**columns):
+        features = datasets.Features({name: feature for name, (feature, _) in columns.items()})
+        return datasets.Dataset.from_dict({name: values for name, (_, values) in columns.items()}, features=features)
+
+    picture = [Image.new("RGB", (4, 4))]
+    label = (datasets.Value("int64"), [0])
+    assert detect_image_column(dataset(img=(datasets.Image(), picture), label=label), None) == "img"
+    assert detect_image_column(dataset(photo=(datasets.Image(), picture), label=label), None) == "photo"
+    assert detect_image_column(dataset(image=(datasets.Value("string"), ["a.png"]), photo=(datasets.Image(), picture)),
+                               None) == "image"
+    assert detect_image_column(dataset(photo=(datasets.Image(), picture)), "photo") == "photo"
+    with pytest.raises(ValueError, match=r"no column 'image', 'img' or of the Image type.*'label'.*--image_column"):
+        detect_image_column(dataset(label=label), None, "labels_only")
 
 
 def test_missing_image_column_lists_columns(parquet_dir):

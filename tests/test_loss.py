@@ -336,3 +336,36 @@ def test_distributed_center_and_sinkhorn_use_the_global_batch(tmp_path):
         assert_close_relative(
             result["sinkhorn"], expected_sinkhorn[:, 3 * rank : 3 * (rank + 1)], 1e-10
         )
+
+
+def test_teacher_student_kl_is_the_loss_minus_the_teacher_entropy_on_a_fixed_batch():
+    """KL(q_t || p_s) averaged over the loss's (t, s != t) pairs, computed pair by pair, equals
+    loss - teacher_entropy; the student entropy is the mean entropy of every student row. Both with
+    and without gradients (the two code paths of the fused loss)."""
+    generator = torch.Generator().manual_seed(3)
+    num_prototypes, num_crops, num_global, batch = 40, 5, 2, 6
+    loss_fn = DinoLoss(num_prototypes, student_temperature=0.1)
+    loss_fn.center.copy_(torch.randn(1, num_prototypes, generator=generator))
+    student = torch.randn(num_crops, batch, num_prototypes, generator=generator) * 3
+    teacher = torch.randn(num_global, batch, num_prototypes, generator=generator) * 3
+    q = torch.softmax((teacher.double() - loss_fn.center.double()) / 0.05, dim=-1)
+    log_p = torch.log_softmax(student.double() / 0.1, dim=-1)
+    pairs = [(t, s) for t in range(num_global) for s in range(num_crops) if s != t]
+    kl = torch.stack([(torch.special.xlogy(q[t], q[t]) - q[t] * log_p[s]).sum(-1).mean() for t, s in pairs]).mean()
+    student_entropy = -(log_p.exp() * log_p).sum(-1).mean()
+    for requires_grad in (True, False):
+        logits = student.clone().requires_grad_(requires_grad)
+        output = loss_fn(logits, teacher, 0.05, update_center=False, return_statistics=True)
+        statistics = output.statistics
+        assert set(statistics) == {"teacher_entropy", "teacher_mean_entropy", "student_entropy", "teacher_student_kl"}
+        assert kl.item() > 0.5  # not vacuous: the student is far from the teacher
+        assert statistics["teacher_student_kl"].item() == pytest.approx(kl.item(), rel=1e-5)
+        assert statistics["teacher_student_kl"].item() == pytest.approx(
+            (output.loss - statistics["teacher_entropy"]).item(), rel=1e-6)
+        # with gradients it is logsumexp(z) - <p, z> in float32: a cancellation of terms ~ |z|, hence abs=
+        assert statistics["student_entropy"].item() == pytest.approx(student_entropy.item(), abs=1e-4)
+        if requires_grad:  # the statistics do not change the gradient
+            output.loss.backward()
+            reference = student.clone().requires_grad_(True)
+            loss_fn(reference, teacher, 0.05, update_center=False).backward()
+            torch.testing.assert_close(logits.grad, reference.grad)

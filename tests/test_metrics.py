@@ -1,10 +1,10 @@
-"""Metrics and monitors (dino_hf.metrics): the collapse monitor's warnings."""
+"""Metrics and monitors (dino_hf.metrics): the collapse monitor's warnings and remedies, the gradient-spike monitor."""
 
 from __future__ import annotations
 
 import math
 
-from dino_hf.metrics import CollapseMonitor
+from dino_hf.metrics import CollapseMonitor, GradientSpikeMonitor
 
 
 def test_collapse_monitor_warns_once_after_patience():
@@ -20,3 +20,74 @@ def test_collapse_monitor_warns_once_after_patience():
     one_hot = {"loss": 0.1, "teacher_entropy": 0.0, "teacher_mean_entropy": 0.01}
     monitor.update(60, one_hot)
     assert "one-hot" in monitor.update(80, one_hot)
+
+
+def test_collapse_remedies_are_computed_from_the_run():
+    small = CollapseMonitor(num_prototypes=1024, patience_steps=1, teacher_temperature=0.04, teacher_momentum=0.996)
+    uniform = small.remedies("uniform", {"teacher_temperature": 0.04})
+    assert "--teacher_temperature 0.03" in uniform[0] and "now 0.04" in uniform[0]
+    assert "num_prototypes=256 (now K = 1024)" in uniform[1] and "--teacher_momentum 0.99 " in uniform[2]
+    large = CollapseMonitor(num_prototypes=65536, patience_steps=1, teacher_temperature=0.07, teacher_momentum=0.99)
+    remedies = " ".join(large.remedies("uniform", {"teacher_temperature": 0.07}))
+    assert "num_prototypes=4096 (now K = 65536)" in remedies and "--teacher_temperature 0.053" in remedies
+    assert "--teacher_momentum" not in remedies  # already fast
+    one_hot = " ".join(small.remedies("one-hot", {"teacher_temperature": 0.04}))
+    assert "--teacher_temperature 0.06" in one_hot and "--center_momentum 0.8" in one_hot
+    assert "--learning_rate 0.00025" in one_hot
+
+
+def _rows(grad_norms, spike_at=None, spike=None):
+    return [{"step": 10 * (index + 1), "grad_norm": value,
+             "grad_norm_max": spike if index == spike_at else value * 1.5}
+            for index, value in enumerate(grad_norms)]
+
+
+def test_gradient_spike_warns_on_an_injected_spike_once_per_episode():
+    monitor = GradientSpikeMonitor(factor=10, min_history=5, max_grad_norm=3.0, learning_rate=5e-4, warmup_steps=50)
+    healthy = [2.0, 1.8, 1.5, 1.4, 1.3, 1.2, 1.25, 1.1]
+    rows = _rows(healthy + [1.2, 1.1, 1.0], spike_at=8, spike=40.0)
+    messages = [monitor.update(row["step"], row) for row in rows]
+    assert [index for index, message in enumerate(messages) if message] == [8]
+    assert "by step 90: 40" in messages[8] and "--max_grad_norm (1.0, now 3)" in messages[8]
+    assert "--learning_rate (0.00025, now 0.0005)" in messages[8] and "--warmup_steps 100" in messages[8]
+    # a spike that lasts several windows warns once; a new one after a quiet window warns again
+    monitor = GradientSpikeMonitor(factor=10, min_history=3)
+    rows = _rows([1.0] * 4 + [1.0, 1.0, 1.0, 1.0])
+    for index in (4, 5, 7):
+        rows[index]["grad_norm_max"] = 50.0
+    assert [bool(monitor.update(row["step"], row)) for row in rows] == [False] * 4 + [True, False, False, True]
+    assert GradientSpikeMonitor(factor=0).update(10, {"grad_norm": 1, "grad_norm_max": 1e9}) is None
+
+
+def test_gradient_spike_stays_quiet_on_a_healthy_run(dataset, tiny_config_file, tmp_path, caplog):
+    """The rows of a real (tiny) training run, whose gradient norm falls from its first steps: no warning."""
+    import logging
+
+    from accelerate.state import AcceleratorState, GradientState
+    from tiny_models import read_rows, tiny_args
+
+    from dino_hf.training import train
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+    with caplog.at_level(logging.WARNING, logger="dino_hf"):
+        train(tiny_args(dataset, tmp_path / "run", tiny_config_file, max_steps=24, logging_steps=2,
+                        checkpointing_steps=100))
+    AcceleratorState._reset_state(reset_partial_state=True)
+    rows = [row for row in read_rows(tmp_path / "run") if "grad_norm" in row]
+    assert len(rows) == 12 and all(row["grad_norm_max"] >= row["grad_norm"] > 0 for row in rows)
+    assert "Gradient-norm spike" not in caplog.text
+    monitor = GradientSpikeMonitor(factor=10, min_history=3)  # and directly, with a shorter history
+    assert not any(monitor.update(row["step"], row) for row in rows)
+
+
+def test_one_hot_collapse_counts_the_prototypes_in_use():
+    """Below 0.1 ln(K) nats of batch-mean entropy (fewer than K ** 0.1 prototypes in effective use), after
+    the patience; a run without centering (center momentum 1) is told to centre again."""
+    monitor = CollapseMonitor(num_prototypes=1024, patience_steps=100, center_momentum=1.0)
+    few = {"loss": 0.5, "teacher_entropy": 0.2, "teacher_mean_entropy": 0.58}  # 1.8 prototypes of 1024
+    assert monitor.update(100, few) is None
+    message = monitor.update(200, few)
+    assert "one-hot" in message and "about 1.8 of K = 1024 prototypes" in message
+    assert "--center_momentum 0.9 (now 1" in message
+    assert CollapseMonitor(num_prototypes=1024, patience_steps=0).update(0, {"teacher_mean_entropy": 0.8}) is None

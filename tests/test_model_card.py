@@ -53,3 +53,22 @@ def test_card_without_evaluation_from_a_hub_checkpoint_and_local_data(tmp_path):
     card = render_model_card(run, "tester/continued")
     assert "0.6100" in card.text and "in-training k-NN monitor at step 100" in card.text
     assert "model-index" not in card.data.to_dict()  # no eval dataset recorded: body only
+
+
+def test_architecture_row_follows_the_actual_config_and_local_sets_stay_out_of_the_metadata(tmp_path):
+    # the fake run's backbone is 32 wide, 2 layers: not the vit_tiny_patch16 its arguments name
+    run = write_training_output(tmp_path / "run")
+    text = render_model_card(run, "tester/x").content
+    assert "| Preset |" not in text
+    assert "custom: `vit_tiny_patch16` with hidden_size, num_hidden_layers, num_attention_heads" in text
+    preset = write_training_output(tmp_path / "preset", model_config=str(tmp_path / "config_folder"))
+    assert "Preset" not in render_model_card(preset, "tester/x").content  # a config folder: the rows describe it
+    # evaluation on a local folder: named in the body by its folder name only, no model-index entry
+    local = write_training_output(tmp_path / "local", dataset_name=str(tmp_path / "secret_place" / "images"))
+    results = json.loads((local / "eval_results.json").read_text())
+    results["eval_dataset_name"] = str(tmp_path / "secret_place" / "fashion")
+    (local / "eval_results.json").write_text(json.dumps(results))
+    card = render_model_card(local, "tester/x")
+    assert "model-index" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
+    assert "`fashion`" in card.text and "`images`" in card.text and "secret_place" not in card.text
+    assert 'model_kwargs={"add_pooling_layer": False}' in card.text

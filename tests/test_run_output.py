@@ -20,7 +20,7 @@ def test_layout_errors_name_the_flag(tmp_path, capsys):
     spec.loader.exec_module(script)
 
     assert script.main(["--model_dir", str(tmp_path), "--repo_id", "tester/x", "--token", TOKEN]) == 2
-    assert "--model_dir" in capsys.readouterr().err
+    assert "--output_dir" in capsys.readouterr().err
 
     run = write_training_output(tmp_path / "run")
     (run / "backbone" / "model.safetensors").rename(run / "backbone" / "pytorch_model.bin")

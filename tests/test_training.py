@@ -368,8 +368,9 @@ def _bad_input_cases(webdataset: Path) -> list[tuple[list[str], str]]:
     if not torch.cuda.is_available():
         cases.append((["--mixed_precision", "fp16"], "--mixed_precision bf16"))
         cases.append((["--augmentation_device", "cuda"], "--augmentation_device loader or cpu"))
-    if importlib.util.find_spec("tensorboard") is None:
-        cases.append((["--report_to", "tensorboard"], "--report_to"))
+    cases.append((["--report_to", "nosuch_tracker"], "--report_to"))
+    if importlib.util.find_spec("mlflow") is None:  # named but not installed: what to install
+        cases.append((["--report_to", "mlflow"], "dino_hf[mlflow]"))
     cases = [(extra + ["--max_steps", "2"], flag) for extra, flag in cases]
     # a stream of unknown length (webdataset shards) and no --max_steps
     cases.append((["--dataset_name", str(webdataset), "--image_column", "png"], "--max_steps"))
@@ -505,3 +506,40 @@ def test_torch_compile_trains_and_exports_clean_keys(dataset, tiny_config_file, 
     train(tiny_args(dataset, output_dir, tiny_config_file, torch_compile=True, max_steps=2))
     assert not [key for key in load_file(output_dir / "model.safetensors") if "_orig_mod" in key]
     assert not [key for key in load_file(output_dir / "backbone" / "model.safetensors") if "_orig_mod" in key]
+
+
+def test_plan_warnings_resume_replan_evaluation_flags_and_portable_output_files(
+    dataset, tiny_config_file, tmp_path, caplog
+):
+    """A warm-up covering the whole run warns; ``--eval_k`` (several) and ``--eval_linear_probe`` reach
+    the evaluation, its file and the card (k-NN rows, local data named in prose only); no output file
+    holds an absolute path; a resume with another ``--max_steps`` warns that the schedules re-plan."""
+    import logging
+    import os
+
+    from dino_hf.model_card import render_model_card
+
+    output_dir = tmp_path / "run"
+    evaluation = dict(eval_dataset_name=str(dataset), eval_split="train", eval_max_samples=16, eval_k=[1, 3],
+                      eval_linear_probe=True)
+    with caplog.at_level(logging.WARNING, logger="dino_hf"):
+        train(tiny_args(dataset, output_dir, tiny_config_file, warmup_steps=4, min_learning_rate=1e-3, **evaluation))
+    assert "The learning-rate warm-up lasts 4 steps and the run 4: it covers the whole run" in caplog.text
+    assert "--min_learning_rate 0.001 exceeds the peak learning rate" in caplog.text
+    assert "frozen last layer" not in caplog.text  # 1 of 4 steps
+    results = json.loads((output_dir / "eval_results.json").read_text())
+    assert {"knn_top1_k1", "knn_top1_k3", "linear_probe_top1"} <= set(results)
+    for name in ("training_args.json", "eval_results.json"):
+        values = json.loads((output_dir / name).read_text())
+        assert not [key for key, value in values.items() if isinstance(value, str) and os.path.isabs(value)], name
+    saved = json.loads((output_dir / "training_args.json").read_text())
+    assert os.path.samefile(saved["dataset_name"], dataset)  # relative to where the run started: still replayable
+    card = render_model_card(output_dir, "tester/tiny").content
+    assert "1-NN top-1 accuracy" in card and "3-NN top-1 accuracy" in card and "linear probe top-1" in card
+    assert str(tmp_path) not in card and "model-index" not in card  # local evaluation data: no Hub id to name
+
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dino_hf"):
+        train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=6, warmup_steps=1,
+                        resume_from_checkpoint=str(output_dir / "checkpoints" / "step_2")))
+    assert "planned for 4 steps and this run plans 6" in caplog.text and "jump at step 2" in caplog.text

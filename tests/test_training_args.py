@@ -13,6 +13,7 @@ from dino_hf.training_args import (
     DinoTrainingArguments,
     build_argument_parser,
     parse_training_args,
+    shipped_recipes,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -98,8 +99,34 @@ def test_bad_config_files_name_the_key(tmp_path, content, fragment):
 
 
 def test_missing_config_file():
-    with pytest.raises(ValueError, match="--config nowhere.yaml does not exist"):
+    with pytest.raises(ValueError, match="--config nowhere.yaml is neither a YAML/JSON file nor a shipped recipe"):
         parse_training_args(["--config", "nowhere.yaml"])
+
+
+def test_config_takes_a_shipped_recipe_by_name_from_any_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # no scripts/configs here: the package's own copy is read
+    by_name = parse_training_args(["--config", "fashion_mnist_cpu"])
+    assert by_name.global_crop_size == 28 and by_name.dataset_name == "data/fashion_mnist"
+    assert parse_training_args(["--config", "scripts/configs/fashion_mnist_cpu.yaml"]).global_crop_size == 28
+    assert set(shipped_recipes()) == {path.stem for path in CONFIGS}  # scripts/configs is the package's folder
+
+
+def test_old_spellings_are_aliases_on_the_command_line_and_in_config_files(tmp_path):
+    old = parse_training_args(REQUIRED + ["--eval_label_column", "fine_label"])
+    new = parse_training_args(REQUIRED + ["--label_column", "fine_label"])
+    assert old == new and new.label_column == "fine_label"
+    config = tmp_path / "old.json"
+    config.write_text(json.dumps({"dataset_name": "data", "output_dir": "out", "eval_label_column": "kind"}))
+    assert parse_training_args(["--config", str(config)]).label_column == "kind"
+
+
+def test_report_to_takes_any_accelerate_tracker_and_several():
+    assert make_args().report_to == ["none"]
+    assert make_args(report_to=["tensorboard,mlflow"]).report_to == ["tensorboard", "mlflow"]
+    assert parse_training_args(REQUIRED + ["--report_to", "trackio", "comet_ml"]).report_to == ["trackio", "comet_ml"]
+    assert make_args(report_to=["all"]).report_to == ["all"]
+    with pytest.raises(ValueError, match="--report_to nosuch is not a tracker accelerate knows"):
+        make_args(report_to=["nosuch"])
 
 
 @pytest.mark.parametrize(

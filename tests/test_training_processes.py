@@ -87,6 +87,8 @@ def test_two_cpu_processes_see_disjoint_data_and_keep_identical_teachers(dataset
     training_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
     assert training_args["num_processes"] == 2 and training_args["global_batch_size"] == 8
     assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2, 3, 4]
+    # the log (not a terminal) holds each progress line once: the other process prints none
+    assert [result.stderr.count(f"step {step}/4 (") for step in (1, 2, 3, 4)] == [1, 1, 1, 1], result.stderr[-3000:]
 
 
 def _assert_kill_and_resume_is_exact(launcher: list[str], flags_for, kill_step: int, tmp_path: Path) -> None:

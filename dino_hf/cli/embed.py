@@ -1,0 +1,137 @@
+"""``dino-hf-embed``: embeddings of every image of a dataset, as a ``datasets`` parquet set (id, embedding).
+
+    dino-hf-embed --model_name_or_path outputs/demo --dataset_name data/fashion_mnist --split test \\
+        --output_dir outputs/demo/embeddings
+    dino-hf-embed --model_name_or_path facebook/dino-vits16 --dataset_name frgfm/imagenette \\
+        --dataset_config_name 160px --streaming --output_dir imagenette-dino --push_to_hub \\
+        --hub_dataset_id USER/imagenette-dino
+
+``--model_name_or_path`` takes a backbone folder or Hub id, a run's ``--output_dir`` or a
+``DinoForPreTraining`` folder (the teacher, or ``--which student``). The export is resumable: rerun
+the same command after an interruption and the shards already written are skipped. Read it back with
+``datasets.load_dataset(OUTPUT_DIR, split=SPLIT)``. Bad input exits with status 2 and one sentence.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from .console import CommandParser, configure_output, first_line, is_main_process, run_command, wants_debug
+
+PROG = "dino-hf-embed"
+
+
+def build_parser(prog: str = PROG) -> CommandParser:
+    parser = CommandParser(prog=prog, description=__doc__.split("\n\n")[0])
+    parser.add_argument("--model_name_or_path", "--model", dest="model_name_or_path", required=True,
+                        help="Backbone folder or Hub id, a training run's --output_dir, or a DinoForPreTraining folder.")
+    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
+                        help="Network of a DINO run or model to embed with.")
+    parser.add_argument("--revision", default=None, help="Hub revision of --model_name_or_path.")
+    parser.add_argument("--dataset_name", required=True,
+                        help="Local folder (imagefolder or parquet), *.parquet, *.tar shards, or a Hub dataset id.")
+    parser.add_argument("--dataset_config_name", default=None, help="Hub dataset configuration.")
+    parser.add_argument("--split", default="train", help="Split to embed.")
+    parser.add_argument("--image_column", default=None,
+                        help="Column holding the images; unset finds 'image', 'img' or the first Image column.")
+    parser.add_argument("--id_column", default=None,
+                        help="Column whose values identify the rows ('id' when the dataset has one); unset and "
+                        "absent, the row's index in the split.")
+    parser.add_argument("--output_dir", required=True, help="Folder of the export (data/SPLIT-NNNNN.parquet).")
+    parser.add_argument("--overwrite_output_dir", action="store_true",
+                        help="Start over instead of resuming an export in --output_dir.")
+    parser.add_argument("--rows_per_shard", type=int, default=10_000,
+                        help="Rows per parquet file: the unit of resumption and of parallel reading.")
+    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
+    parser.add_argument("--dataloader_num_workers", "--num_workers", dest="dataloader_num_workers", type=int,
+                        default=0, help="DataLoader workers decoding images (not with --streaming, which reads in order).")
+    parser.add_argument("--image_size", type=int, default=None,
+                        help="Input resolution; default the model's image processor (or config) size.")
+    parser.add_argument("--max_samples", type=int, default=None, help="Embed only the first this many rows.")
+    parser.add_argument("--streaming", action="store_true",
+                        help="Stream the dataset instead of downloading / converting it first (large Hub sets).")
+    parser.add_argument("--l2_normalize", action="store_true",
+                        help="L2-normalise the embeddings (cosine similarity becomes a dot product).")
+    parser.add_argument("--push_to_hub", action="store_true", help="Upload the export as a Hub dataset.")
+    parser.add_argument("--hub_dataset_id", default=None, help="Hub dataset repository USER/NAME for --push_to_hub.")
+    parser.add_argument("--hub_private_repo", action="store_true", help="Create the Hub dataset as private.")
+    parser.add_argument("--token", default=None, help="Hub token; default HF_TOKEN or the `hf auth login` token.")
+    return parser
+
+
+def embed(args: argparse.Namespace) -> int:
+    """Run the export ``args`` describe (and its push); returns the exit status."""
+    for name in ("rows_per_shard", "batch_size", "image_size", "max_samples"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise ValueError(f"--{name} must be a positive integer, got {value}")
+    if args.push_to_hub and not args.hub_dataset_id:
+        raise ValueError("--push_to_hub needs --hub_dataset_id USER/NAME to know where to push")
+    import torch
+
+    from ..backbones import load_backbone, load_image_processor
+    from ..data import detect_image_column, load_image_dataset
+    from ..embedding import export_embeddings, push_embeddings
+    from ..run_output import portable_path
+
+    try:
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, split=args.split,
+                                     streaming=args.streaming)
+    except (ValueError, KeyError) as error:
+        message = first_line(error)
+        if "--dataset_name" not in message:
+            message = f"cannot load split {args.split!r} (--split) of --dataset_name {args.dataset_name!r}: {message}"
+        raise ValueError(message) from None
+    image_column = detect_image_column(dataset, args.image_column, args.dataset_name)
+    columns = getattr(dataset, "column_names", None) or []
+    id_column = args.id_column or ("id" if "id" in columns else None)
+    if id_column is not None and columns and id_column not in columns:
+        raise ValueError(f"--id_column {id_column!r} is not a column of the dataset (its columns: {', '.join(columns)})")
+    if args.max_samples is not None:
+        dataset = dataset.take(args.max_samples) if not hasattr(dataset, "__len__") else dataset.select(
+            range(min(args.max_samples, len(dataset))))
+    try:
+        backbone = load_backbone(args.model_name_or_path, revision=args.revision, which=args.which)
+    except (OSError, ValueError, KeyError) as error:
+        message = first_line(error)
+        if "--which" in message:
+            raise ValueError(message) from None
+        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a loadable backbone, run folder "
+                         f"or Hub id ({message})") from None
+    backbone.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+    processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.revision)
+    settings = {
+        "model": portable_path(str(args.model_name_or_path)), "which": args.which, "revision": args.revision,
+        "dataset_name": portable_path(str(args.dataset_name)), "dataset_config_name": args.dataset_config_name,
+        "image_size": args.image_size, "max_samples": args.max_samples,
+    }
+    export = export_embeddings(backbone, processor, dataset, args.output_dir, split=args.split,
+                               image_column=image_column, id_column=id_column, rows_per_shard=args.rows_per_shard,
+                               batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
+                               l2_normalize=args.l2_normalize, settings=settings, overwrite=args.overwrite_output_dir)
+    print(f"{export.num_rows} embeddings of dimension {export.embedding_dim} in {len(export.shards)} shard(s) under "
+          f"{export.output_dir}" + (f" ({export.resumed_shards} already written)" if export.resumed_shards else ""))
+    if args.push_to_hub:
+        print(push_embeddings(export.output_dir, args.hub_dataset_id, private=args.hub_private_repo, token=args.token))
+    return 0
+
+
+def main(argv: list[str] | None = None, prog: str = PROG) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser(prog).parse_args(argv)
+    configure_output(is_main_process())
+    from ..hub import HubPushError
+    from ..run_output import scrub_secrets
+
+    try:
+        return run_command(prog, lambda: embed(args), wants_debug(argv))
+    except HubPushError as error:
+        if wants_debug(argv):
+            raise
+        print(f"{prog}: error: {scrub_secrets(str(error), args.token)}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

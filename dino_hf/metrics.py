@@ -20,30 +20,50 @@ from accelerate import Accelerator
 from .data import BatchStream
 from .train_step import StepStatistics
 
-__all__ = ["CollapseMonitor", "MetricsAccumulator", "MetricsLog", "ThroughputWindow"]
+__all__ = ["BASE_METRIC_KEYS", "CollapseMonitor", "MetricsAccumulator", "MetricsLog", "ThroughputWindow", "metric_keys"]
+
+
+#: The step statistics of every run (``loss`` is the whole objective).
+BASE_METRIC_KEYS = ("loss", "teacher_entropy", "teacher_mean_entropy", "grad_norm")
+
+
+def metric_keys(ibot: bool = False, koleo: bool = False) -> tuple[str, ...]:
+    """The step statistics a run logs: :data:`BASE_METRIC_KEYS`, plus with DINOv2's terms each loss term
+    (``dino_loss``, ``ibot_loss``, ``koleo_loss``) and the iBOT teacher's entropies."""
+    keys = BASE_METRIC_KEYS
+    if ibot or koleo:
+        keys += ("dino_loss",)
+    if ibot:
+        keys += ("ibot_loss", "ibot_teacher_entropy", "ibot_teacher_mean_entropy")
+    if koleo:
+        keys += ("koleo_loss",)
+    return keys
 
 
 class MetricsAccumulator:
     """Sums step statistics on the device between logging steps; `flush` is the one host sync.
 
     Also tracks, on the device, the current and longest runs of consecutive skipped steps.
+
+    Args:
+        device: where the sums live.
+        keys: the `StepStatistics` fields to average (:func:`metric_keys`).
     """
 
-    _KEYS = ("loss", "teacher_entropy", "teacher_mean_entropy", "grad_norm")
-
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keys: tuple[str, ...] = BASE_METRIC_KEYS) -> None:
         self.device = device
+        self.keys = tuple(keys)
         self.current_run = torch.zeros((), dtype=torch.long, device=device)
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(len(self._KEYS), device=self.device)
+        self.sums = torch.zeros(len(self.keys), device=self.device)
         self.finite_steps = torch.zeros((), device=self.device)
         self.steps = 0
         self.longest_run = self.current_run.clone()
 
     def add(self, statistics: StepStatistics) -> None:
-        values = torch.stack([getattr(statistics, key).float() for key in self._KEYS])
+        values = torch.stack([getattr(statistics, key).float() for key in self.keys])
         finite = statistics.finite
         self.sums += torch.where(finite & torch.isfinite(values), values, torch.zeros_like(values))
         self.finite_steps += finite.float()
@@ -59,7 +79,7 @@ class MetricsAccumulator:
         processes = accelerator.num_processes
         finite_steps = values[-1] / processes
         row: dict[str, float] = {}
-        for index, key in enumerate(self._KEYS):
+        for index, key in enumerate(self.keys):
             row[key] = values[index] / max(values[-1], 1.0) if finite_steps > 0 else float("nan")
         row["nonfinite_steps"] = round(self.steps - finite_steps)
         row["longest_nonfinite_run"] = int(self.longest_run.item())
@@ -72,6 +92,11 @@ class MetricsAccumulator:
                 "current_run": self.current_run.cpu(), "longest_run": self.longest_run.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if state["sums"].numel() != len(self.keys):
+            raise ValueError(
+                "The checkpoint was written with other loss terms (--ibot_loss_weight / --koleo_loss_weight): resume "
+                "with the settings it was trained with."
+            )
         self.sums = state["sums"].to(self.device)
         self.finite_steps = state["finite_steps"].to(self.device)
         self.steps = int(state["steps"])
@@ -121,11 +146,13 @@ class CollapseMonitor:
 
     Uniform collapse: the teacher's per-sample entropy stays near ln(K) (so does the loss).
     One-hot collapse: the entropy of the batch-mean teacher distribution stays near 0 (every image
-    goes to the same prototype).
+    goes to the same prototype). With ``ibot_num_prototypes`` the iBOT teacher's masked-patch
+    distributions are watched the same way (``ibot_teacher_entropy``, ``ibot_teacher_mean_entropy``).
     """
 
-    def __init__(self, num_prototypes: int, patience_steps: int) -> None:
+    def __init__(self, num_prototypes: int, patience_steps: int, ibot_num_prototypes: int | None = None) -> None:
         self.log_k = math.log(num_prototypes)
+        self.ibot_log_k = math.log(ibot_num_prototypes) if ibot_num_prototypes else None
         self.patience_steps = patience_steps
         self._since: dict[str, int] = {}
         self._warned: set[str] = set()
@@ -136,6 +163,10 @@ class CollapseMonitor:
             "uniform": row.get("teacher_entropy", 0.0) > 0.9 * self.log_k,
             "one-hot": row.get("teacher_mean_entropy", math.inf) < 0.1,
         }
+        if self.ibot_log_k is not None:
+            conditions["uniform, iBOT head"] = (row.get("ibot_teacher_entropy") or 0.0) > 0.9 * self.ibot_log_k
+            ibot_mean_entropy = row.get("ibot_teacher_mean_entropy")
+            conditions["one-hot, iBOT head"] = ibot_mean_entropy is not None and ibot_mean_entropy < 0.1
         message = None
         for kind, holds in conditions.items():
             if not holds:
@@ -152,6 +183,12 @@ class CollapseMonitor:
         if kind == "uniform":
             detail = (f"the teacher entropy has stayed at {row['teacher_entropy']:.2f} nats, near ln(K) = "
                       f"{self.log_k:.2f}, and the loss at {row.get('loss', float('nan')):.2f}")
+        elif kind == "uniform, iBOT head":
+            detail = (f"the iBOT teacher's patch entropy has stayed at {row['ibot_teacher_entropy']:.2f} nats, near "
+                      f"ln(K) = {self.ibot_log_k:.2f}")
+        elif kind == "one-hot, iBOT head":
+            detail = (f"the entropy of the iBOT teacher's mean patch distribution has stayed at "
+                      f"{row['ibot_teacher_mean_entropy']:.3f} nats (every masked patch goes to the same prototype)")
         else:
             detail = (f"the entropy of the mean teacher distribution has stayed at {row['teacher_mean_entropy']:.3f} "
                       "nats (every image goes to the same prototype)")

@@ -26,13 +26,14 @@ import numpy as np
 import torch
 import transformers
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from tqdm.auto import tqdm
 
 from .builders import (
     build_accelerator,
     build_device_augmentation,
     build_knn_monitor,
+    build_mask_sampler,
     build_model,
     build_schedules,
     choose_precision,
@@ -59,7 +60,7 @@ from .data import BatchStream
 from .evaluation import KnnMonitor
 from .hardware import MachineSettings, describe_cpu
 from .hub import try_push_training_output
-from .metrics import CollapseMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
+from .metrics import CollapseMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow, metric_keys
 from .modeling_dino import DinoForPreTraining
 from .run_output import PRETRAINING_PROGRESS_NAME, RunFolder, read_json
 from .schedules import BudgetCalibration, DinoSchedules, ScheduleValues, StepPlan, plan_for_time_budget, plan_steps
@@ -172,6 +173,7 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
         num_threads=set_compute_threads(args, accelerator, loader.num_workers),
     )
     augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
+    masks = build_mask_sampler(args, model.config, accelerator.process_index)
     continued = starts_from_backbone(args)
     plan = plan_steps(args, loader.num_examples, accelerator.num_processes, continued=continued)
     schedules = build_schedules(args, plan)
@@ -185,10 +187,12 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
         args=args, accelerator=accelerator, model=model, unwrapped=unwrapped,
         step_fn=DinoTrainStep(accelerator, model, optimizer, args.gradient_accumulation_steps,
                               args.max_grad_norm, args.clip_mode),
-        stream=BatchStream(loader, augment=augment), schedules=schedules, plan=plan, folder=folder,
+        stream=BatchStream(loader, augment=augment, masks=masks), schedules=schedules, plan=plan, folder=folder,
         metrics=MetricsLog(folder.metrics, accelerator, resume_step=checkpoint_step_of(resume_path)),
-        accumulator=MetricsAccumulator(accelerator.device),
-        collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps),
+        accumulator=MetricsAccumulator(accelerator.device, metric_keys(unwrapped.config.uses_ibot,
+                                                                       unwrapped.config.koleo_loss_weight > 0)),
+        collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps,
+                                 unwrapped.config.ibot_head_num_prototypes if unwrapped.config.uses_ibot else None),
         knn_monitor=knn_monitor, signals=StopSignals(), machine=machine, clock=clock,
         num_examples_per_process=loader.num_examples, continued=continued,
     )
@@ -328,7 +332,7 @@ def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float], progr
     row: dict[str, Any] = {
         "step": run.step,
         "epoch": round(run.step / run.plan.steps_per_epoch, 4),
-        **{key: row_values[key] for key in ("loss", "teacher_entropy", "teacher_mean_entropy", "grad_norm")},
+        **{key: row_values[key] for key in run.accumulator.keys},
         "learning_rate": values.learning_rate,
         "weight_decay": values.weight_decay,
         "teacher_momentum": values.teacher_momentum,
@@ -436,9 +440,10 @@ def _finish(run: _Run) -> None:
     if not is_complete_checkpoint(checkpoint_path(run.folder.root, run.step)):
         _checkpoint(run, forced=False)
     eval_metrics = _evaluate(run)
+    model = _consolidated_model(run)
     if accelerator.is_main_process:
-        run.unwrapped.save_pretrained(run.folder.root)
-        run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
+        model.save_pretrained(run.folder.root)
+        model.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
         _write_training_args(run, final=True)
         if eval_metrics:
             run.folder.eval_results.write_text(
@@ -459,9 +464,23 @@ def _plot(run: _Run) -> None:
         logger.warning("Could not plot the training curves: %s", error)
 
 
+def _consolidated_model(run: _Run) -> DinoForPreTraining | None:
+    """The model to export: the unwrapped one, or under FSDP a copy on the main process's CPU with the
+    full weights gathered from the shards (all processes must call this; the others get ``None``)."""
+    if run.accelerator.distributed_type != DistributedType.FSDP:
+        return run.unwrapped
+    state = run.accelerator.get_state_dict(run.model)  # a collective: full tensors on the main process
+    if not run.accelerator.is_main_process:
+        return None
+    model = DinoForPreTraining(run.unwrapped.config)
+    model.load_state_dict(state)
+    return model
+
+
 def _export_and_push(run: _Run, message: str) -> None:
+    model = _consolidated_model(run)
     if run.accelerator.is_main_process:
-        run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
+        model.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
         _write_training_args(run)
         _push(run, message)
     run.accelerator.wait_for_everyone()

@@ -11,7 +11,7 @@ from a calibration so that every schedule completes in time):
 then scores each exported teacher backbone (``output_dir/backbone``, loaded with plain
 ``transformers.AutoModel``) on the full 10,000-image test set with the official DINO protocol (weighted
 20-NN on L2-normalised CLS features, all 60,000 training images as the memory bank) and a linear probe,
-next to raw pixels, and records one row in ``benchmarks/RESULTS.md`` (with the CPU model).
+next to raw pixels and the same ViT with random weights, and records one row in ``benchmarks/RESULTS.md`` (with the CPU model).
 
 The machine may be shared: both runs share the invocation, so they see comparable load, but each
 one's step count is what its calibration measured. Run it on a quiet machine for a fair comparison:
@@ -114,6 +114,11 @@ def main(argv: list[str] | None = None) -> dict:
     pixels = pixel_scores(data, args.k)
     metrics[f"knn{args.k}_raw_pixels"] = pixels["knn"]
     metrics["linear_raw_pixels"] = pixels["linear"]
+    torch.manual_seed(0)  # the architecture both recipes train, freshly initialised
+    random_backbone = AutoModel.from_config(backbone.config, add_pooling_layer=False).eval()
+    random = feature_scores(random_backbone, AutoImageProcessor.from_pretrained(folder), data, args.k)
+    metrics[f"knn{args.k}_random_weights"] = random["knn"]
+    metrics["linear_random_weights"] = random["linear"]
     metrics["dinov2_minus_dino_knn"] = round(metrics[f"knn{args.k}_dinov2"] - metrics[f"knn{args.k}_dino"], 4)
 
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
@@ -125,7 +130,7 @@ def main(argv: list[str] | None = None) -> dict:
         f"{recorded.get('resolved_torch_num_threads')} compute thread(s); 1-minute load average at the end {load:.1f} "
         f"on {os.cpu_count()} cores. DINO = {RECIPES['dino'].name}, DINOv2 = {RECIPES['dinov2'].name}"
         f"{' + ' + args.train_args if args.train_args else ''}. 20-NN/linear of the exported teacher on all 60k train / "
-        "10k test images; raw pixels = flattened [0,1] intensities."
+        "10k test images; raw pixels = flattened [0,1] intensities; random weights = the same ViT, fresh init."
     )
     command = "python benchmarks/dinov2_fashion_mnist.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.no_record:

@@ -496,7 +496,7 @@ def _check_fsdp_options(args: DinoTrainingArguments) -> None:
             "gradient clipping handle): pass --fsdp_version 2."
         )
     state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT").upper()
-    if state_dict_type != "SHARDED_STATE_DICT":
+    if state_dict_type not in ("SHARDED_STATE_DICT", "3"):  # (3: torch's StateDictType.SHARDED_STATE_DICT)
         raise ValueError(
             f"--fsdp_state_dict_type {state_dict_type}: checkpoints under FSDP are sharded (torch.distributed.checkpoint, "
             "each process writes its shards; the final model and the backbone export are consolidated safetensors): "

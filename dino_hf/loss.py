@@ -623,7 +623,8 @@ class IBOTPatchLoss(nn.Module):
         loss = self.cross_entropy(student_patch_logits, teacher_probabilities, masks)
         dtype = _compute_dtype(teacher_patch_logits)
         teacher_logits_sum = teacher_patch_logits.detach().sum(dim=0, keepdim=True, dtype=dtype)
-        num_masked_patches = torch.tensor(float(teacher_patch_logits.shape[0]), device=teacher_patch_logits.device)
+        # a fill on the device, not a copy from the host (which would wait for the device)
+        num_masked_patches = torch.full((), float(teacher_patch_logits.shape[0]), device=teacher_patch_logits.device)
         if update_center is None:
             update_center = self.training
         if update_center:
@@ -665,7 +666,7 @@ class IBOTPatchLoss(nn.Module):
                     temperature = temperature.to(logits.device)
             if self.centering == "centering":
                 return torch.softmax((logits - self.center.to(dtype)) / temperature, dim=-1)
-            num_samples = torch.tensor(float(logits.shape[0]), dtype=dtype, device=logits.device)
+            num_samples = torch.full((), float(logits.shape[0]), dtype=dtype, device=logits.device)
             if _distributed_world_size() > 1:
                 dist.all_reduce(num_samples)
             return sinkhorn_knopp(logits / temperature, self.sinkhorn_iterations, num_samples)

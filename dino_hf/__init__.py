@@ -24,6 +24,9 @@ _LAZY_EXPORTS = {
     "DinoForPreTrainingOutput": "modeling_dino",
     "DinoHead": "modeling_dino",
     "DinoLoss": "loss",
+    "IBOTPatchLoss": "loss",
+    "KoLeoLoss": "loss",
+    "MaskingGenerator": "masking",
     "DinoSchedules": "schedules",
     "MultiCropAugmentation": "augmentation",
     "create_train_dataloader": "data",
@@ -39,6 +42,9 @@ __all__ = [
     "DinoLoss",
     "DinoSchedules",
     "DinoTrainingArguments",
+    "IBOTPatchLoss",
+    "KoLeoLoss",
+    "MaskingGenerator",
     "MultiCropAugmentation",
     "create_train_dataloader",
     "load_image_dataset",
@@ -48,7 +54,8 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from .augmentation import MultiCropAugmentation
     from .configuration_dino import DinoConfig
     from .data import create_train_dataloader, load_image_dataset
-    from .loss import DinoLoss
+    from .loss import DinoLoss, IBOTPatchLoss, KoLeoLoss
+    from .masking import MaskingGenerator
     from .modeling_dino import DinoForPreTraining, DinoForPreTrainingOutput, DinoHead
     from .schedules import DinoSchedules
     from .training_args import DinoTrainingArguments

@@ -5,13 +5,16 @@ Every family is a ``transformers`` model class that plain ``AutoModel`` loads, a
 class as the input. A family is one :class:`BackboneFamily` entry of :data:`FAMILIES` (adding a family is
 adding an entry):
 
-| ``model_type`` | DINO embedding | stochastic depth | crops |
-| --- | --- | --- | --- |
-| ``vit``, ``deit`` | CLS of ``last_hidden_state`` (fast path: :mod:`dino_hf.vit_forward`) | hooks | multiple of the patch |
-| ``dinov2``, ``dinov2_with_registers`` | CLS of ``last_hidden_state`` (registers excluded) | native | multiple of the patch |
-| ``dinov3_vit`` | CLS of ``last_hidden_state`` (registers excluded) | native | any size (RoPE) |
-| ``convnext``, ``dinov3_convnext`` | the pooled output | native | at least the network's stride |
-| ``resnet`` | the pooled output | none | any size |
+| ``model_type`` | DINO embedding | stochastic depth | crops | mask token (iBOT) |
+| --- | --- | --- | --- | --- |
+| ``vit``, ``deit`` | CLS of ``last_hidden_state`` (fast path: :mod:`dino_hf.vit_forward`) | hooks | multiple of the patch | built with ``use_mask_token=True``, dropped on export |
+| ``dinov2``, ``dinov2_with_registers`` | CLS of ``last_hidden_state`` (registers excluded) | native | multiple of the patch | the model's own |
+| ``dinov3_vit`` | CLS of ``last_hidden_state`` (registers excluded) | native | any size (RoPE) | the model's own |
+| ``convnext``, ``dinov3_convnext`` | the pooled output | native | at least the network's stride | none (no patch tokens) |
+| ``resnet`` | the pooled output | none | any size | none |
+
+The patch tokens (the iBOT input) are ``last_hidden_state`` after the prefix tokens (CLS, DeiT's
+distillation token, registers): :meth:`BackboneFamily.embed_tokens`.
 
 The module also loads any exported or Hub backbone for evaluation (:func:`load_backbone`,
 :func:`load_image_processor`, :func:`backbone_embedding`) and writes exports (:func:`save_backbone`).
@@ -45,7 +48,7 @@ from transformers.image_utils import PILImageResampling
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from .augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from .vit_forward import add_stochastic_depth, embed_class_token
+from .vit_forward import add_stochastic_depth, embed_class_token, encode_tokens
 
 logger = logging.getLogger(__name__)
 
@@ -79,12 +82,17 @@ class BackboneFamily:
             ``"config"`` (the model's own ``drop_path_rate``) or ``None`` (the family has none).
         crops: ``"patch_multiple"`` (crop sides must be multiples of the patch size), ``"stride"``
             (at least the network's total stride) or ``"any"``.
-        fast_embedding: the backbone has ViT-style blocks: :func:`embed_class_token` applies.
+        fast_embedding: the backbone has ViT-style blocks: :func:`embed_class_token` applies (unless
+            its blocks are sharded by FSDP, whose hooks fire only through the modules' own forward).
         has_attention: attention maps exist (and the attention implementation can be switched).
         load_kwargs: extra ``from_pretrained`` / constructor arguments (no random pooler for ViT).
         block_pattern: regular expression whose first group is a parameter's block index (for
             layer-wise learning-rate decay); parameters before the first block (embeddings) are 0,
             after the last (final norms) ``num_blocks + 1``.
+        mask_token: how the family replaces masked patches (``bool_masked_pos``, the iBOT input):
+            ``"native"`` (the model has ``embeddings.mask_token``, unless its config says
+            ``use_mask_token=False``), ``"constructor"`` (only when built with ``use_mask_token=True``;
+            exports drop it, so that they stay the stock model) or ``None`` (no patch tokens).
     """
 
     model_types: tuple[str, ...]
@@ -95,15 +103,22 @@ class BackboneFamily:
     has_attention: bool = True
     load_kwargs: Mapping[str, Any] = None  # type: ignore[assignment]
     block_pattern: str = r"(?:^|\.)(?:layers|layer)\.(\d+)\."
+    mask_token: str | None = None
 
     # ---- building -----------------------------------------------------------------------------------
-    def build(self, config: PreTrainedConfig, drop_path_rate: float = 0.0) -> PreTrainedModel:
-        """A freshly initialised backbone of ``config``, with ``drop_path_rate`` of stochastic depth."""
+    def build(self, config: PreTrainedConfig, drop_path_rate: float = 0.0, mask_token: bool = False) -> PreTrainedModel:
+        """A freshly initialised backbone of ``config``, with ``drop_path_rate`` of stochastic depth and,
+        with ``mask_token``, the mask token that masked patches receive (see :meth:`check_masking`)."""
         if self.stochastic_depth == "config":
             config = copy.deepcopy(config)
             config.drop_path_rate = float(drop_path_rate)
+        kwargs = dict(self.load_kwargs or {})
+        if mask_token:
+            self.check_masking(config, "mask_token")
+            if self.mask_token == "constructor":
+                kwargs["use_mask_token"] = True
         model_class = MODEL_MAPPING[type(config)]
-        backbone = model_class(config, **dict(self.load_kwargs or {}))
+        backbone = model_class(config, **kwargs)
         if self.stochastic_depth == "hooks":
             add_stochastic_depth(backbone, drop_path_rate)
         return backbone
@@ -116,13 +131,78 @@ class BackboneFamily:
         """The weights a DINO network takes from a loaded backbone (without a pooler DINO does not use)."""
         return {key: value for key, value in backbone.state_dict().items() if not key.startswith("pooler.")}
 
+    def load_weights(self, backbone: PreTrainedModel, state: Mapping[str, torch.Tensor]) -> None:
+        """Load ``state`` (:meth:`state_dict_for_loading` of another backbone) into ``backbone``, strictly
+        but for a mask token the source lacks (a stock ViT export): that one keeps its initial value."""
+        missing, unexpected = backbone.load_state_dict(state, strict=False)
+        missing = [key for key in missing if key != MASK_TOKEN_KEY or self.mask_token != "constructor"]
+        if missing or unexpected:
+            raise ValueError(f"the backbone's weights do not fit: missing {missing}, unexpected {list(unexpected)}.")
+
+    def export_state_dict(self, backbone: PreTrainedModel) -> dict[str, torch.Tensor] | None:
+        """The state dict an export writes when it differs from the backbone's own (``None`` otherwise):
+        without the mask token a ``"constructor"`` family was built with, so that plain ``AutoModel``
+        loads the export as the stock model, without an unexpected key."""
+        state = backbone.state_dict()
+        if self.mask_token != "constructor" or MASK_TOKEN_KEY not in state:
+            return None
+        return {key: value for key, value in state.items() if key != MASK_TOKEN_KEY}
+
+    # ---- masking (iBOT) -----------------------------------------------------------------------------------
+    def supports_masking(self, config: PreTrainedConfig) -> bool:
+        """Whether patches of this backbone can be masked (``bool_masked_pos`` with a mask token)."""
+        if self.mask_token == "native":
+            return bool(getattr(config, "use_mask_token", True))
+        return self.mask_token == "constructor"
+
+    def check_masking(self, config: PreTrainedConfig, flag: str) -> None:
+        """``ValueError`` naming ``flag`` when the backbone cannot mask patches (the iBOT input)."""
+        if self.mask_token is None:
+            raise ValueError(
+                f"{flag}: iBOT masks patch tokens, and {config.model_type} backbones have none (a ConvNet): "
+                "use a ViT, DeiT, DINOv2 or DINOv3 ViT backbone, or --ibot_loss_weight 0."
+            )
+        if not self.supports_masking(config):
+            raise ValueError(
+                f"{flag}: the {config.model_type} backbone is configured without a mask token (use_mask_token=false), "
+                "which masking needs: set backbone_config.use_mask_token=true or use --ibot_loss_weight 0."
+            )
+
     # ---- the DINO embedding ---------------------------------------------------------------------------
     def embed(self, backbone: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` -> ``(N, embedding_size)``, the DINO embedding of a crop batch."""
-        if self.fast_embedding:
+        if self._uses_fast_path(backbone):
             return embed_class_token(backbone, pixel_values)
         pixel_values = pixel_values.to(next(backbone.parameters()).dtype)
         return self.embedding_of(backbone_forward(backbone, pixel_values))
+
+    def embed_tokens(
+        self, backbone: PreTrainedModel, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DINO embedding and the patch tokens of a crop batch, masked patches replaced by the
+        backbone's own mask token (``bool_masked_pos``).
+
+        Args:
+            pixel_values: ``(N, 3, H, W)``.
+            bool_masked_pos: ``(N, P)`` bool, ``P = (H / patch) * (W / patch)`` in row-major order, or
+                ``None``.
+        Returns:
+            ``(N, hidden)`` CLS embeddings and ``(N, P, hidden)`` patch tokens of ``last_hidden_state``
+            (after the final norm; CLS, distillation token and registers excluded).
+        """
+        if self.embedding != "class_token":
+            raise ValueError(f"{backbone.config.model_type} backbones have no patch tokens (a ConvNet).")
+        if self._uses_fast_path(backbone):
+            hidden_states = encode_tokens(backbone, pixel_values, bool_masked_pos)
+        else:
+            pixel_values = pixel_values.to(next(backbone.parameters()).dtype)
+            kwargs = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}
+            hidden_states = backbone_forward(backbone, pixel_values, **kwargs).last_hidden_state
+        return hidden_states[:, 0], hidden_states[:, self.num_prefix_tokens(backbone.config):]
+
+    def _uses_fast_path(self, backbone: PreTrainedModel) -> bool:
+        """The ViT fast path runs the blocks' modules directly: not on blocks sharded by FSDP."""
+        return self.fast_embedding and not _has_sharded_blocks(backbone)
 
     def embedding_of(self, output: Any) -> torch.Tensor:
         """The DINO embedding in a backbone's output: ``(N, embedding_size)``."""
@@ -194,6 +274,22 @@ class BackboneFamily:
         return len(config.hidden_sizes)
 
 
+#: The state-dict key of a ViT-style mask token.
+MASK_TOKEN_KEY = "embeddings.mask_token"
+
+
+def _has_sharded_blocks(backbone: nn.Module) -> bool:
+    """Whether FSDP2 (``fully_shard``) manages the backbone's blocks."""
+    layers = getattr(backbone, "layers", None)
+    if not layers:
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch without FSDP2
+        return False
+    return isinstance(layers[0], FSDPModule)
+
+
 def _total_stride(config: PreTrainedConfig) -> int:
     """Downsampling of a ConvNeXt-style backbone: its stem, then 2 per further stage."""
     stem = int(getattr(config, "patch_size", 4) or 4)
@@ -205,9 +301,10 @@ _VIT_KWARGS = {"add_pooling_layer": False}
 #: The families dino_hf trains, one entry each (see the table at the top of this module).
 FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(("vit", "deit"), "class_token", "hooks", "patch_multiple", fast_embedding=True,
-                   load_kwargs=_VIT_KWARGS),
-    BackboneFamily(("dinov2", "dinov2_with_registers"), "class_token", "config", "patch_multiple"),
-    BackboneFamily(("dinov3_vit",), "class_token", "config", "any"),
+                   load_kwargs=_VIT_KWARGS, mask_token="constructor"),
+    BackboneFamily(("dinov2", "dinov2_with_registers"), "class_token", "config", "patch_multiple",
+                   mask_token="native"),
+    BackboneFamily(("dinov3_vit",), "class_token", "config", "any", mask_token="native"),
     BackboneFamily(("convnext", "dinov3_convnext"), "pooled", "config", "stride", has_attention=False,
                    block_pattern=r"stages\.(\d+)\."),
     BackboneFamily(("resnet",), "pooled", None, "any", has_attention=False, block_pattern=r"stages\.(\d+)\."),
@@ -257,13 +354,18 @@ def save_backbone(
 ) -> Path:
     """Write ``backbone`` with ``save_pretrained`` and its ``preprocessor_config.json``.
 
+    A ViT or DeiT built with a mask token for iBOT is written without it: the folder is the stock
+    model that ``AutoModel.from_pretrained`` loads with no missing or unexpected key.
+
     The processor is the one the backbone came with (``image_processor``, the dict of its
     ``preprocessor_config.json``: a DINOv2 keeps its own resize rule and mean/std) or, for a backbone
     trained from scratch, :func:`build_image_processor` at ``image_size`` (default: the config's
     ``image_size``, else 224).
     """
     output_dir = Path(output_dir)
-    backbone.save_pretrained(output_dir)
+    family = _BY_MODEL_TYPE.get(getattr(backbone.config, "model_type", None))
+    state_dict = family.export_state_dict(backbone) if family is not None else None
+    backbone.save_pretrained(output_dir, state_dict=state_dict)
     if image_processor is not None:
         (output_dir / PROCESSOR_CONFIG_NAME).write_text(json.dumps(dict(image_processor), indent=2) + "\n")
     else:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import warnings
 from collections.abc import Callable
@@ -17,11 +18,18 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator, PartialState
-from accelerate.utils import DistributedDataParallelKwargs, broadcast_object_list, parse_flag_from_env
+from accelerate.state import AcceleratorState
+from accelerate.utils import (
+    DistributedDataParallelKwargs,
+    DistributedType,
+    FullyShardedDataParallelPlugin,
+    broadcast_object_list,
+    parse_flag_from_env,
+)
 from transformers import AutoConfig, PreTrainedConfig
 
 from .augmentation import MultiCropAugmentation
-from .backbones import SUPPORTED_MODEL_TYPES, family_of
+from .backbones import SUPPORTED_MODEL_TYPES, config_patch_size, family_of
 from .batched_augmentation import BatchedMultiCropAugmentation, DeviceMultiCrop
 from .configuration_dino import DinoConfig
 from .data import DinoDataLoader, create_train_dataloader, mix_seeds
@@ -34,11 +42,14 @@ from .hardware import (
     measure_cpu_bf16_speedup,
     usable_cores,
 )
+from .masking import MaskSampler
 from .modeling_dino import DinoForPreTraining
 from .optimizers import build_optimizer_for_groups
 from .schedules import DinoSchedules, StepPlan
 from .trackers import resolve_report_to
 from .training_args import DinoTrainingArguments
+
+logger = logging.getLogger(__name__)
 
 __all__ = [
     "apply_config_overrides",
@@ -48,6 +59,7 @@ __all__ = [
     "build_dataloader",
     "build_device_augmentation",
     "build_knn_monitor",
+    "build_mask_sampler",
     "build_model",
     "build_model_config",
     "build_optimizer",
@@ -163,8 +175,14 @@ def _check_dino_config_file(path: str, flag_value: str) -> None:
         )
 
 
+#: Training arguments that set the DinoConfig field of the same name when given (the loss and, for
+#: DINOv2's objective, what its extra head and mask token depend on).
+LOSS_SETTING_FLAGS = ("student_temperature", "center_momentum", "teacher_centering", "sinkhorn_iterations",
+                      "ibot_loss_weight", "ibot_separate_head", "ibot_num_prototypes", "koleo_loss_weight")
+
+
 def _apply_loss_settings(config: DinoConfig, args: DinoTrainingArguments) -> None:
-    """``--config_overrides`` then ``--student_temperature`` / ``--center_momentum`` into ``config``."""
+    """``--config_overrides``, then the loss flags that are given (:data:`LOSS_SETTING_FLAGS`), into ``config``."""
     backbone = config.backbone_config
     width = getattr(backbone, "hidden_size", None)
     follows_width = width is not None and getattr(backbone, "pooler_output_size", None) == width
@@ -173,10 +191,17 @@ def _apply_loss_settings(config: DinoConfig, args: DinoTrainingArguments) -> Non
         # ViTConfig sets pooler_output_size to hidden_size when it is built; a width override must
         # carry it along, or an exported backbone describes a pooler of the preset's width.
         backbone.pooler_output_size = backbone.hidden_size
-    if args.student_temperature is not None:
-        config.student_temperature = args.student_temperature
-    if args.center_momentum is not None:
-        config.center_momentum = args.center_momentum
+    for name in LOSS_SETTING_FLAGS:
+        value = getattr(args, name)
+        if value is not None:
+            setattr(config, name, value)
+    if args.ibot_num_prototypes is not None and not config.ibot_separate_head:
+        raise ValueError(
+            f"--ibot_num_prototypes {args.ibot_num_prototypes} sets the separate iBOT head's size: add "
+            "--ibot_separate_head true (a shared head has the DINO head's num_prototypes)."
+        )
+    if config.uses_ibot:
+        family_of(config.backbone_config).check_masking(config.backbone_config, "--ibot_loss_weight")
 
 
 def _checkpoint_model_type(path: str) -> str:
@@ -245,6 +270,27 @@ def build_model(args: DinoTrainingArguments) -> DinoForPreTraining:
             )
         backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
     return model
+
+
+def build_mask_sampler(args: DinoTrainingArguments, config: DinoConfig, process_index: int) -> MaskSampler | None:
+    """The iBOT masks of the student's global crops (``None`` without iBOT), on the global crops' patch
+    grid, from a generator seeded per process.
+
+    Raises:
+        ValueError: masking settings that would leave the iBOT loss nothing to learn from.
+    """
+    if not config.uses_ibot:
+        return None
+    if args.mask_sample_probability == 0 or args.mask_ratio_min_max[1] == 0:
+        flag = "--mask_sample_probability 0" if args.mask_sample_probability == 0 else "--mask_ratio_min_max max 0"
+        raise ValueError(
+            f"{flag} masks no patch, so iBOT (--ibot_loss_weight {config.ibot_loss_weight:g}) would learn nothing: "
+            "raise it (DINOv2: --mask_sample_probability 0.5 --mask_ratio_min_max 0.1 0.5) or pass --ibot_loss_weight 0."
+        )
+    patch_height, patch_width = config_patch_size(config.backbone_config)
+    grid = (args.global_crop_size // patch_height, args.global_crop_size // patch_width)
+    return MaskSampler(grid, args.mask_ratio_min_max, args.mask_sample_probability,
+                       seed=mix_seeds(args.seed, process_index, 0x1B07))
 
 
 def _check_crop_sizes(args: DinoTrainingArguments, backbone_config: PreTrainedConfig) -> None:
@@ -445,19 +491,81 @@ def _may_freeze_backbone(args: DinoTrainingArguments) -> bool:
 
 
 def build_accelerator(args: DinoTrainingArguments, mixed_precision: str) -> Accelerator:
-    """`Accelerator` with the resolved precision (`choose_precision`) and the trackers."""
+    """`Accelerator` with the resolved precision (`choose_precision`) and the trackers; under
+    ``accelerate launch --use_fsdp``, FSDP2 (also on CPU processes, see :func:`_enable_fsdp_on_cpu`).
+
+    Raises:
+        ValueError: FSDP options that cannot work (one process, FSDP1, unsharded checkpoints, the
+            periodic evaluation), naming the flag.
+    """
+    use_fsdp = parse_flag_from_env("ACCELERATE_USE_FSDP")
+    if use_fsdp:
+        _check_fsdp_options(args)
     # Buffers need no broadcast: the center is all-reduced by DinoLoss.update_center, and the
     # teacher (inside the wrapped module) is kept identical by identical EMA updates. A head warm-up
     # leaves the backbone without gradients for a while, which DDP must be told about.
     ddp_kwargs = DistributedDataParallelKwargs(broadcast_buffers=False,
                                                find_unused_parameters=_may_freeze_backbone(args))
-    return Accelerator(
+    accelerator = Accelerator(
         mixed_precision=mixed_precision,
         log_with=_trackers(args.report_to),
         project_dir=args.output_dir,
         step_scheduler_with_optimizer=False,
         kwargs_handlers=[ddp_kwargs],
     )
+    if use_fsdp and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _enable_fsdp_on_cpu(accelerator)
+    return accelerator
+
+
+def _check_fsdp_options(args: DinoTrainingArguments) -> None:
+    """One sentence naming the ``accelerate launch`` FSDP flag (or ours) that cannot work."""
+    if PartialState().num_processes == 1:
+        raise ValueError(
+            "--use_fsdp (accelerate launch) shards the student, teacher and optimiser state over processes, and this "
+            "run has one: launch several (--num_processes) or drop --use_fsdp."
+        )
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise ValueError(
+            f"--fsdp_version {version}: dino_hf shards with FSDP2 (torch's fully_shard, whose shards the EMA and the "
+            "gradient clipping handle): pass --fsdp_version 2."
+        )
+    state_dict_type = os.environ.get("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT").upper()
+    if state_dict_type not in ("SHARDED_STATE_DICT", "3"):  # (3: torch's StateDictType.SHARDED_STATE_DICT)
+        raise ValueError(
+            f"--fsdp_state_dict_type {state_dict_type}: checkpoints under FSDP are sharded (torch.distributed.checkpoint, "
+            "each process writes its shards; the final model and the backbone export are consolidated safetensors): "
+            "pass --fsdp_state_dict_type SHARDED_STATE_DICT."
+        )
+    if args.eval_dataset_name:
+        raise ValueError(
+            "--eval_dataset_name: the periodic k-NN evaluation does not run on a sharded teacher yet; under "
+            "--use_fsdp evaluate the exported backbone with scripts/eval_knn.py instead."
+        )
+    if parse_flag_from_env("FSDP_CPU_RAM_EFFICIENT_LOADING"):
+        # accelerate launch's default: process 0 alone would load weights and broadcast the parameters, which
+        # leaves the loss centers (buffers) out and fails; every process builds the same model anyway (same seed,
+        # same files), so the usual loading is kept. Set before transformers or the plugin read it.
+        os.environ["FSDP_CPU_RAM_EFFICIENT_LOADING"] = "false"
+        logger.info("--fsdp_cpu_ram_efficient_loading is not used: every process builds the model itself.")
+
+
+def _enable_fsdp_on_cpu(accelerator: Accelerator) -> None:
+    """Turn on FSDP2 for CPU processes (gloo), where accelerate silently falls back to DDP.
+
+    accelerate enables FSDP only for accelerator devices, although torch's ``fully_shard`` also
+    shards over CPU processes; dino_hf then sets the distributed type and the plugin (read from the
+    ``FSDP_*`` variables of ``accelerate launch``) that ``Accelerator`` would have set, so that its
+    ``prepare``, ``save_state`` and ``load_state`` shard as on GPUs (what the 2-process CPU tests run).
+    """
+    plugin = FullyShardedDataParallelPlugin()
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    # both shared states: every AcceleratorState() re-reads PartialState's distributed type
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    AcceleratorState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.state.fsdp_plugin = plugin
 
 
 def build_optimizer(

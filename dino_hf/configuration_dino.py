@@ -10,6 +10,7 @@ build time. Training-time recipe values (learning rates, schedules, crops) live 
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 from huggingface_hub.dataclasses import strict
@@ -113,9 +114,26 @@ class DinoConfig(PreTrainedConfig):
         center_momentum (`float`, *optional*, defaults to 0.9):
             EMA momentum of the teacher-logit center.
         teacher_centering (`str`, *optional*, defaults to `"centering"`):
-            How teacher targets avoid collapse: `"centering"` (DINO: subtract an EMA center, then
-            sharpen) or `"sinkhorn_knopp"` (DINOv2: equipartition over prototypes by 3 Sinkhorn-Knopp
-            iterations; the center buffer is then unused).
+            How teacher targets avoid collapse, for the DINO and the iBOT teacher alike: `"centering"`
+            (DINO: subtract an EMA center, then sharpen) or `"sinkhorn_knopp"` (DINOv2's large runs:
+            equipartition over prototypes by `sinkhorn_iterations` Sinkhorn-Knopp iterations; the
+            center buffers are then unused).
+        sinkhorn_iterations (`int`, *optional*, defaults to 3):
+            Sinkhorn-Knopp iterations of `teacher_centering="sinkhorn_knopp"` (DINOv2: 3).
+        ibot_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the iBOT masked-patch loss (DINOv2: 1.0). Above 0 the student's global crops are
+            block-masked and the model gets what that needs: the backbone's mask token (a ViT or DeiT is
+            built with `use_mask_token=True`) and the iBOT center (and head, with `ibot_separate_head`).
+            0 is DINO v1.
+        ibot_separate_head (`bool`, *optional*, defaults to `False`):
+            Give the patch tokens a projection head of their own instead of the DINO head
+            (DINOv2's default config shares it; its ViT-L/g recipes use separate heads).
+        ibot_num_prototypes (`int`, *optional*):
+            Prototypes of the separate iBOT head; defaults to `num_prototypes`. Its MLP has the DINO
+            head's widths.
+        koleo_loss_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the KoLeo regulariser on the student's global-crop embeddings (DINOv2: 0.1; as in
+            DINOv2 the term is summed over the global crops).
         backbone_image_processor (`dict`, *optional*):
             The `preprocessor_config.json` the backbone came with (continued pre-training of a Hub or
             local backbone): every export writes it again, so a DINOv2 keeps its own resize rule and
@@ -154,7 +172,24 @@ class DinoConfig(PreTrainedConfig):
     student_temperature: float | int = 0.1
     center_momentum: float | int = 0.9
     teacher_centering: str = "centering"
+    sinkhorn_iterations: int = 3
+    ibot_loss_weight: float | int = 0.0
+    ibot_separate_head: bool = False
+    ibot_num_prototypes: int | None = None
+    koleo_loss_weight: float | int = 0.0
     backbone_image_processor: dict | None = None
+
+    @property
+    def uses_ibot(self) -> bool:
+        """Whether the iBOT masked-patch loss is on (the model then masks and has a mask token)."""
+        return self.ibot_loss_weight > 0
+
+    @property
+    def ibot_head_num_prototypes(self) -> int:
+        """``K`` of the patch head: the separate head's, else the shared DINO head's."""
+        if self.ibot_separate_head and self.ibot_num_prototypes is not None:
+            return self.ibot_num_prototypes
+        return self.num_prototypes
 
     def check_architecture(self) -> None:
         """Raise ``ValueError`` with one sentence when a field has an impossible value."""
@@ -175,7 +210,26 @@ class DinoConfig(PreTrainedConfig):
             raise ValueError(
                 f"DinoConfig.teacher_centering must be 'centering' or 'sinkhorn_knopp', got {self.teacher_centering!r}."
             )
-        family_of(self.backbone_config).check(self.backbone_config)
+        if not isinstance(self.sinkhorn_iterations, int) or self.sinkhorn_iterations < 1:
+            raise ValueError(f"DinoConfig.sinkhorn_iterations must be a positive integer, got {self.sinkhorn_iterations!r}.")
+        for name in ("ibot_loss_weight", "koleo_loss_weight"):
+            value = getattr(self, name)
+            if not math.isfinite(value) or value < 0:
+                raise ValueError(f"DinoConfig.{name} must be a finite number >= 0 (0 disables it), got {value!r}.")
+        if self.ibot_num_prototypes is not None:
+            if not isinstance(self.ibot_num_prototypes, int) or self.ibot_num_prototypes < 1:
+                raise ValueError(
+                    f"DinoConfig.ibot_num_prototypes must be a positive integer, got {self.ibot_num_prototypes!r}."
+                )
+            if not self.ibot_separate_head and self.ibot_num_prototypes != self.num_prototypes:
+                raise ValueError(
+                    f"DinoConfig.ibot_num_prototypes ({self.ibot_num_prototypes}) needs ibot_separate_head: a shared "
+                    f"head has the DINO head's num_prototypes ({self.num_prototypes})."
+                )
+        family = family_of(self.backbone_config)
+        family.check(self.backbone_config)
+        if self.uses_ibot:
+            family.check_masking(self.backbone_config, "DinoConfig.ibot_loss_weight")
 
     @staticmethod
     def preset_names() -> list[str]:

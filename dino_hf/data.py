@@ -48,6 +48,7 @@ from .augmentation import MultiCropAugmentation
 from .batched_augmentation import DeviceMultiCrop, letterbox
 from .decoding import BadImageError, decode_image
 from .errors import RunError
+from .masking import MaskSampler
 
 logger = logging.getLogger(__name__)
 
@@ -720,15 +721,19 @@ class BatchStream:
     """Endless stream of micro-batches over epochs of a `DinoDataLoader`, with its wait time.
 
     ``augment`` (a `DeviceMultiCrop`, for a decode-only loader) turns each loader batch into crops on
-    the training device; its time is not counted as waiting for data. ``state_dict`` gives the exact
-    position (epoch, the loader's own state, the augmentation's generator) for checkpoints.
+    the training device; its time is not counted as waiting for data. ``masks`` (a
+    `dino_hf.masking.MaskSampler`, with iBOT) adds the global crops' patch masks to each batch.
+    ``state_dict`` gives the exact position (epoch, the loader's own state, the augmentation's and the
+    masks' generators) for checkpoints.
     """
 
     def __init__(
-        self, loader: DinoDataLoader, flag: str = "--dataset_name", augment: DeviceMultiCrop | None = None
+        self, loader: DinoDataLoader, flag: str = "--dataset_name", augment: DeviceMultiCrop | None = None,
+        masks: MaskSampler | None = None,
     ) -> None:
         self.loader = loader
         self.augment = augment
+        self.masks = masks
         self.epoch = 0
         self.wait_seconds = 0.0
         self.micro_batches = 0
@@ -765,7 +770,9 @@ class BatchStream:
         self._batches_this_epoch += 1
         self.micro_batches += 1
         self.wait_seconds += time.perf_counter() - started
-        return batch if self.augment is None else self.augment(batch)
+        if self.augment is not None:
+            batch = self.augment(batch)
+        return batch if self.masks is None else self.masks(batch)
 
     def close(self) -> None:
         """Stop the loader's workers (at the end of training; `start` would begin a new pass)."""
@@ -788,6 +795,8 @@ class BatchStream:
         state = {"epoch": self.epoch, "loader": self.loader.state_dict()}
         if self.augment is not None:
             state["augmentation"] = self.augment.state_dict()
+        if self.masks is not None:
+            state["masks"] = self.masks.state_dict()
         return state
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -796,8 +805,15 @@ class BatchStream:
                 "The checkpoint was written with a different --augmentation_device (loader versus cpu/cuda): "
                 "resume with the setting it was trained with."
             )
+        if (self.masks is None) != ("masks" not in state):
+            raise ValueError(
+                "The checkpoint was written with iBOT masking on in one and off in the other (--ibot_loss_weight): "
+                "resume with the setting it was trained with."
+            )
         self.epoch = int(state["epoch"])
         self.loader.set_epoch(self.epoch)
         self.loader.load_state_dict(state["loader"])
         if self.augment is not None:
             self.augment.load_state_dict(state["augmentation"])
+        if self.masks is not None:
+            self.masks.load_state_dict(state["masks"])

@@ -1,4 +1,7 @@
-"""The DINO multi-crop self-distillation loss (Caron et al. 2021), computed without the pair loop.
+"""The DINO multi-crop self-distillation loss (Caron et al. 2021), computed without the pair loop,
+and the two terms DINOv2 adds (Oquab et al. 2024): the iBOT masked-patch loss
+(:class:`IBOTPatchLoss`) and the KoLeo regulariser (:class:`KoLeoLoss`); the Sinkhorn-Knopp teacher
+(:func:`sinkhorn_knopp`) serves both teachers.
 
 Notation (shapes in brackets): ``S`` student crops, the first ``G`` of which are the views the
 teacher saw, batch ``B``, ``K`` prototypes.
@@ -34,6 +37,7 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
@@ -66,6 +70,50 @@ def _compute_dtype(*tensors: Tensor) -> torch.dtype:
     for tensor in tensors:
         dtype = torch.promote_types(dtype, tensor.dtype)
     return dtype
+
+
+@torch.no_grad()
+def sinkhorn_knopp(scaled_logits: Tensor, iterations: int, num_samples: float | Tensor | None = None) -> Tensor:
+    """DINOv2's Sinkhorn-Knopp teacher assignment over the rows of all processes.
+
+    Args:
+        scaled_logits: ``(N, K)`` teacher logits already divided by ``tau_t`` (``N`` may be 0 on some
+            process; every process must call this, as it all-reduces).
+        iterations: Sinkhorn-Knopp iterations (3 in DINOv2).
+        num_samples: the number of rows over all processes; ``None`` means ``N * world_size`` (every
+            process holds as many rows, as with the DINO class tokens). The iBOT patches differ in
+            number per process and pass their all-reduced count.
+
+    Returns:
+        ``(N, K)``: every row sums to 1; after enough iterations each prototype receives
+        ``num_samples / K`` of the mass over all processes.
+    """
+    distributed = _distributed_world_size() > 1
+    if num_samples is None:
+        num_samples = scaled_logits.shape[0] * _distributed_world_size()
+    num_prototypes = scaled_logits.shape[-1]
+    # one shift shared by all processes cancels in the first normalisation; it avoids overflow
+    shift = scaled_logits.max() if scaled_logits.numel() else scaled_logits.new_full((), -math.inf)
+    if distributed:
+        dist.all_reduce(shift, op=dist.ReduceOp.MAX)
+    assignment = torch.exp(scaled_logits - shift).t()  # (K, N): prototypes x samples, as in DINOv2
+    tiny = torch.finfo(assignment.dtype).tiny
+    total = assignment.sum()
+    if distributed:
+        dist.all_reduce(total)
+    assignment /= total
+    for _ in range(iterations):
+        # each prototype receives 1/K of the mass (summed over all processes)
+        prototype_mass = assignment.sum(dim=1, keepdim=True)
+        if distributed:
+            dist.all_reduce(prototype_mass)
+        assignment /= prototype_mass.clamp_min_(tiny)
+        assignment /= num_prototypes
+        # each sample holds 1/N of the mass
+        assignment /= assignment.sum(dim=0, keepdim=True).clamp_min_(tiny)
+        assignment /= num_samples
+    assignment *= num_samples  # columns sum to 1: one distribution per sample
+    return assignment.t()
 
 
 def _cross_entropy_sum(
@@ -431,31 +479,8 @@ class DinoLoss(nn.Module):
             receives ``G * B * world_size / K`` of the mass in total.
         """
         num_global_crops, batch_size, num_prototypes = scaled_logits.shape
-        distributed = _distributed_world_size() > 1
-        num_samples = num_global_crops * batch_size * _distributed_world_size()
-        logits = scaled_logits.reshape(-1, num_prototypes)
-        # one shift shared by all processes cancels in the first normalisation; it avoids overflow
-        shift = logits.max()
-        if distributed:
-            dist.all_reduce(shift, op=dist.ReduceOp.MAX)
-        assignment = torch.exp(logits - shift).t()  # (K, N): prototypes x samples, as in DINOv2
-        tiny = torch.finfo(assignment.dtype).tiny
-        total = assignment.sum()
-        if distributed:
-            dist.all_reduce(total)
-        assignment /= total
-        for _ in range(self.sinkhorn_iterations):
-            # each prototype receives 1/K of the mass (summed over all processes)
-            prototype_mass = assignment.sum(dim=1, keepdim=True)
-            if distributed:
-                dist.all_reduce(prototype_mass)
-            assignment /= prototype_mass.clamp_min_(tiny)
-            assignment /= num_prototypes
-            # each sample holds 1/N of the mass
-            assignment /= assignment.sum(dim=0, keepdim=True).clamp_min_(tiny)
-            assignment /= num_samples
-        assignment *= num_samples  # columns sum to 1: one distribution per sample
-        return assignment.t().reshape(num_global_crops, batch_size, num_prototypes)
+        assignment = sinkhorn_knopp(scaled_logits.reshape(-1, num_prototypes), self.sinkhorn_iterations)
+        return assignment.reshape(num_global_crops, batch_size, num_prototypes)
 
     @staticmethod
     @torch.no_grad()
@@ -552,6 +577,256 @@ class DinoLoss(nn.Module):
                 f"{teacher_name} must not hold more crops than student_logits ({num_crops}) in "
                 f"dimension 0, got {num_global_crops}."
             )
+
+
+
+@dataclass
+class IBOTPatchLossOutput:
+    """What :meth:`IBOTPatchLoss.forward` returns with ``return_statistics=True``.
+
+    Attributes:
+        loss: 0-dim, the iBOT masked-patch cross-entropy (float32, or float64 for float64 logits).
+        teacher_entropy: mean entropy (nats) of the teacher's per-patch distributions (0 without
+            masked patches); near 0 for many steps means one-hot collapse of the patch head.
+        teacher_mean_entropy: entropy (nats) of the teacher's mean patch distribution.
+        teacher_logits_sum: ``(1, K)``, this process's sum of the teacher logits over its masked
+            patches: what the centre EMA consumes, with ``num_masked_patches``.
+        num_masked_patches: 0-dim float, this process's number of masked patches ``M``.
+    """
+
+    loss: Tensor
+    teacher_entropy: Tensor
+    teacher_mean_entropy: Tensor
+    teacher_logits_sum: Tensor
+    num_masked_patches: Tensor
+
+
+class IBOTPatchLoss(nn.Module):
+    """The iBOT masked-patch loss as DINOv2 computes it (``iBOTPatchLoss.forward_masked``).
+
+    For the ``M`` masked patches of ``N`` student crops (rows in the order of ``masks.nonzero()``,
+    i.e. ``patch_tokens[masks]``), with teacher targets ``q`` (centred and sharpened softmax, or a
+    Sinkhorn-Knopp assignment over the masked patches of all processes) from the teacher's *unmasked*
+    view of the same crop::
+
+        loss = 1 / N * sum_n  1 / m_n * sum_{masked patches p of crop n} <q_p, -log_softmax(s_p / tau_s)>
+
+    with ``m_n`` the number of masked patches of crop ``n``: each crop's masked patches are averaged,
+    then the crops (an unmasked crop counts in ``N`` and adds 0, as in DINOv2).
+
+    Args:
+        num_prototypes: ``K`` of the patch head.
+        student_temperature: ``tau_s`` (0.1 in DINOv2).
+        center_momentum: EMA momentum of the centre (0.9); in ``[0, 1]``.
+        centering: ``"centering"`` or ``"sinkhorn_knopp"`` (as :class:`DinoLoss`).
+        sinkhorn_iterations: Sinkhorn-Knopp iterations (3 in DINOv2).
+
+    Buffers:
+        center: ``(1, K)`` float32, zeros at init, persistent.
+    """
+
+    center: Tensor
+
+    def __init__(
+        self,
+        num_prototypes: int,
+        student_temperature: float = 0.1,
+        center_momentum: float = 0.9,
+        centering: str = "centering",
+        sinkhorn_iterations: int = 3,
+    ) -> None:
+        super().__init__()
+        # the same checks and buffers as the DINO loss (one rule for both heads)
+        reference = DinoLoss(num_prototypes, student_temperature, center_momentum, centering, sinkhorn_iterations)
+        self.num_prototypes = reference.num_prototypes
+        self.student_temperature = reference.student_temperature
+        self.center_momentum = reference.center_momentum
+        self.centering = reference.centering
+        self.sinkhorn_iterations = reference.sinkhorn_iterations
+        self.register_buffer("center", torch.zeros(1, self.num_prototypes), persistent=True)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_prototypes={self.num_prototypes}, student_temperature={self.student_temperature}, "
+            f"center_momentum={self.center_momentum}, centering={self.centering!r}"
+        )
+
+    def forward(
+        self,
+        student_patch_logits: Tensor,
+        teacher_patch_logits: Tensor,
+        masks: Tensor,
+        teacher_temperature: float | Tensor,
+        update_center: bool | None = None,
+        return_statistics: bool = False,
+    ) -> Tensor | IBOTPatchLossOutput:
+        """The masked-patch loss of one batch.
+
+        Args:
+            student_patch_logits: ``(M, K)`` student patch-head logits of the masked patches (of the
+                masked view), in the order of ``masks.nonzero()``. Gradients flow into it.
+            teacher_patch_logits: ``(M, K)`` teacher patch-head logits of the same patches, from the
+                unmasked view; never receives gradients.
+            masks: ``(N, P)`` or ``(N, h, w)`` bool, the student crops' masks (``M = masks.sum()``).
+                On the CPU no device synchronisation is needed to weight the patches.
+            teacher_temperature: ``tau_t`` (> 0), a number or a 0-dim tensor.
+            update_center: update the centre after the loss; ``None`` means ``self.training``.
+            return_statistics: return an :class:`IBOTPatchLossOutput`.
+
+        Returns:
+            0-dim loss (float32, float64 for float64 logits), or an :class:`IBOTPatchLossOutput`.
+        """
+        masks = self._check_inputs(student_patch_logits, teacher_patch_logits, masks)
+        teacher_probabilities = self.teacher_probabilities(teacher_patch_logits, teacher_temperature)
+        loss = self.cross_entropy(student_patch_logits, teacher_probabilities, masks)
+        dtype = _compute_dtype(teacher_patch_logits)
+        teacher_logits_sum = teacher_patch_logits.detach().sum(dim=0, keepdim=True, dtype=dtype)
+        # a fill on the device, not a copy from the host (which would wait for the device)
+        num_masked_patches = torch.full((), float(teacher_patch_logits.shape[0]), device=teacher_patch_logits.device)
+        if update_center is None:
+            update_center = self.training
+        if update_center:
+            self.update_center(teacher_logits_sum, num_masked_patches)
+        if not return_statistics:
+            return loss
+        if teacher_probabilities.shape[0] == 0:
+            zero = torch.zeros((), dtype=dtype, device=teacher_probabilities.device)
+            entropy, mean_entropy = zero, zero.clone()
+        else:
+            entropy, mean_entropy = DinoLoss.teacher_statistics(teacher_probabilities)
+        return IBOTPatchLossOutput(loss, entropy, mean_entropy, teacher_logits_sum, num_masked_patches)
+
+    def cross_entropy(self, student_patch_logits: Tensor, teacher_probabilities: Tensor, masks: Tensor) -> Tensor:
+        """The loss from precomputed ``(M, K)`` teacher probabilities (constants) and the ``(N, P)`` masks."""
+        masks = masks.flatten(1)
+        num_crops = masks.shape[0]
+        # the crop of every masked patch (row-major order of masks.nonzero(), the order of tokens[masks])
+        crop_index = masks.nonzero()[:, 0].to(student_patch_logits.device, non_blocking=True)
+        patches_per_crop = masks.sum(dim=1).clamp_min(1).to(student_patch_logits.device, non_blocking=True)
+        dtype = _compute_dtype(student_patch_logits, teacher_probabilities)
+        with _full_precision(student_patch_logits.device):
+            log_probabilities = torch.log_softmax(student_patch_logits.to(dtype) / self.student_temperature, dim=-1)
+            per_patch = -(teacher_probabilities.detach().to(dtype) * log_probabilities).sum(dim=-1)  # (M,)
+            weights = patches_per_crop.to(dtype).reciprocal()[crop_index]
+            return (per_patch * weights).sum() / num_crops
+
+    @torch.no_grad()
+    def teacher_probabilities(self, teacher_patch_logits: Tensor, teacher_temperature: float | Tensor) -> Tensor:
+        """``(M, K)`` teacher targets: centred and sharpened softmax, or Sinkhorn-Knopp over the masked
+        patches of all processes (their total count is all-reduced)."""
+        temperature = _check_temperature(teacher_temperature)
+        dtype = _compute_dtype(teacher_patch_logits)
+        with _full_precision(teacher_patch_logits.device):
+            logits = teacher_patch_logits.detach().to(dtype)
+            if isinstance(temperature, Tensor):
+                temperature = temperature.detach().to(dtype)
+                if temperature.device.type != "cpu":
+                    temperature = temperature.to(logits.device)
+            if self.centering == "centering":
+                return torch.softmax((logits - self.center.to(dtype)) / temperature, dim=-1)
+            num_samples = torch.full((), float(logits.shape[0]), dtype=dtype, device=logits.device)
+            if _distributed_world_size() > 1:
+                dist.all_reduce(num_samples)
+            return sinkhorn_knopp(logits / temperature, self.sinkhorn_iterations, num_samples)
+
+    @torch.no_grad()
+    def update_center(self, teacher_logits_sum: Tensor, num_masked_patches: Tensor, apply: Tensor | None = None) -> None:
+        """``center <- m * center + (1 - m) * mean``, the mean teacher logit over the masked patches of all
+        processes (sums and counts are all-reduced, so processes with more masked patches weigh more).
+
+        Nothing happens with ``centering="sinkhorn_knopp"``, and the centre keeps its value when no
+        patch was masked anywhere or where ``apply`` (a 0-dim bool tensor, "the step was finite") is False.
+        DINOv2 instead averages each process's mean over a padded buffer of patches.
+
+        Args:
+            teacher_logits_sum: ``(1, K)`` sum of this process's teacher patch logits (e.g. over
+                accumulation micro-steps).
+            num_masked_patches: 0-dim, the number of patches in that sum.
+        """
+        if self.centering != "centering":
+            return
+        if teacher_logits_sum.numel() != self.num_prototypes:
+            raise ValueError(
+                f"teacher_logits_sum must be a tensor of shape (1, {self.num_prototypes}), "
+                f"got {tuple(teacher_logits_sum.shape)}."
+            )
+        packed = torch.cat([teacher_logits_sum.detach().reshape(-1), num_masked_patches.detach().reshape(1)])
+        packed = packed.to(device=self.center.device, dtype=self.center.dtype, copy=True)
+        if _distributed_world_size() > 1:
+            dist.all_reduce(packed)  # one collective for the sums and the count
+        total, count = packed[:-1].reshape(1, -1), packed[-1]
+        updated = self.center * self.center_momentum + total / count.clamp_min(1.0) * (1.0 - self.center_momentum)
+        keep = count > 0
+        if apply is not None:
+            keep = keep & apply.to(keep.device)
+        self.center.copy_(torch.where(keep, updated, self.center))
+
+    def _check_inputs(self, student_patch_logits: Tensor, teacher_patch_logits: Tensor, masks: Tensor) -> Tensor:
+        """ValueError (one sentence) unless the logits and masks fit together; returns ``(N, P)`` masks."""
+        for name, logits in (("student_patch_logits", student_patch_logits),
+                             ("teacher_patch_logits", teacher_patch_logits)):
+            if (not isinstance(logits, Tensor) or logits.ndim != 2 or logits.shape[-1] != self.num_prototypes
+                    or not logits.is_floating_point()):
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise ValueError(f"{name} must be a floating-point tensor of shape (M, {self.num_prototypes}), got {got}.")
+        if not isinstance(masks, Tensor) or masks.dtype != torch.bool or masks.ndim not in (2, 3) or masks.shape[0] < 1:
+            got = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, Tensor) else type(masks).__name__
+            raise ValueError(f"masks must be a bool tensor of shape (N, P) or (N, h, w) with N >= 1, got {got}.")
+        masks = masks.flatten(1)
+        num_masked = int(masks.sum())
+        if student_patch_logits.shape[0] != num_masked or teacher_patch_logits.shape[0] != num_masked:
+            raise ValueError(
+                f"student_patch_logits and teacher_patch_logits must hold one row per masked patch ({num_masked}), "
+                f"got {student_patch_logits.shape[0]} and {teacher_patch_logits.shape[0]}."
+            )
+        return masks
+
+
+class KoLeoLoss(nn.Module):
+    """DINOv2's KoLeo regulariser (Sablayrolles et al. 2019): spread features over the sphere.
+
+    ``loss = -1/N * sum_i log(||x_i - x_nn(i) + eps|| + eps)`` over the L2-normalised features ``x``
+    of one batch, ``nn(i)`` the nearest other sample (DINOv2's ``KoLeoLoss``, its ``eps`` placement
+    included), computed in at least float32 whatever the autocast (under fp16 the reference's
+    ``eps = 1e-8`` rounds to 0 and a duplicate gives ``inf``).
+
+    Duplicates (samples within ``duplicate_tolerance`` of each other, e.g. the same image twice in a
+    tiny batch) are not each other's neighbours: their distance would be about ``eps`` (a loss term of
+    ~18 whose gradient, ~1/eps, points nowhere in particular). A sample's neighbour is then the
+    nearest sample that differs from it, and a sample with none (a batch of one, or all alike) leaves
+    the mean. Without duplicates the value is DINOv2's.
+
+    Args:
+        eps: DINOv2's ``1e-8`` (normalisation, distance and logarithm).
+        duplicate_tolerance: distance at or below which two normalised features count as duplicates.
+    """
+
+    def __init__(self, eps: float = 1e-8, duplicate_tolerance: float = 1e-6) -> None:
+        super().__init__()
+        _check_positive_number("eps", eps)
+        if not _is_real(duplicate_tolerance) or duplicate_tolerance < 0:
+            raise ValueError(f"duplicate_tolerance must be 0 or more, got {duplicate_tolerance!r}.")
+        self.eps = float(eps)
+        self.duplicate_tolerance = float(duplicate_tolerance)
+
+    def forward(self, features: Tensor) -> Tensor:
+        """``(N, D)`` features (any scale: normalised here) -> 0-dim loss, float32 (float64 for float64)."""
+        if not isinstance(features, Tensor) or features.ndim != 2 or not features.is_floating_point():
+            got = tuple(features.shape) if isinstance(features, Tensor) else type(features).__name__
+            raise ValueError(f"features must be a floating-point tensor of shape (N, D), got {got}.")
+        dtype = _compute_dtype(features)
+        with _full_precision(features.device):
+            normalised = F.normalize(features.to(dtype), p=2, dim=-1, eps=self.eps)
+            with torch.no_grad():
+                # exact differences, not the Gram matrix: near-duplicates must not drown in its rounding
+                distances = torch.cdist(normalised, normalised, compute_mode="donot_use_mm_for_euclid_dist")
+                distances.masked_fill_(distances <= self.duplicate_tolerance, math.inf)  # self and duplicates
+                nearest_distance, nearest = distances.min(dim=1)
+                has_neighbour = torch.isfinite(nearest_distance)
+            neighbour_distance = F.pairwise_distance(normalised, normalised[nearest], p=2, eps=self.eps)
+            terms = -torch.log(neighbour_distance + self.eps)
+            weights = has_neighbour.to(dtype)
+            return (terms * weights).sum() / weights.sum().clamp_min(1.0)
 
 
 def _is_real(value: object) -> bool:

@@ -24,27 +24,49 @@ from .errors import RunError, describe_os_error
 from .loss import LOSS_STATISTICS
 from .train_step import StepStatistics
 
-__all__ = ["CollapseMonitor", "GradientSpikeMonitor", "MetricsAccumulator", "MetricsLog", "ThroughputWindow"]
+__all__ = ["BASE_METRIC_KEYS", "CollapseMonitor", "GradientSpikeMonitor", "MetricsAccumulator", "MetricsLog",
+           "ThroughputWindow", "metric_keys"]
+
+
+#: The step statistics of every run: the loss (the whole objective), the gradient norm and every
+#: statistic the DINO loss reports (:data:`dino_hf.loss.LOSS_STATISTICS`).
+BASE_METRIC_KEYS = ("loss", "grad_norm", *LOSS_STATISTICS)
+
+
+def metric_keys(ibot: bool = False, koleo: bool = False) -> tuple[str, ...]:
+    """The step statistics a run logs: :data:`BASE_METRIC_KEYS`, plus with DINOv2's terms each loss term
+    (``dino_loss``, ``ibot_loss``, ``koleo_loss``) and the iBOT teacher's entropies."""
+    keys = BASE_METRIC_KEYS
+    if ibot or koleo:
+        keys += ("dino_loss",)
+    if ibot:
+        keys += ("ibot_loss", "ibot_teacher_entropy", "ibot_teacher_mean_entropy")
+    if koleo:
+        keys += ("koleo_loss",)
+    return keys
 
 
 class MetricsAccumulator:
     """Sums step statistics on the device between logging steps; `flush` is the one host sync.
 
-    Averages the loss, the gradient norm and every statistic the loss reports
-    (:data:`dino_hf.loss.LOSS_STATISTICS`); keeps the largest gradient norm of the window
-    (``grad_norm_max``: a spike averaged over a logging window would hide); tracks the current and
-    longest runs of consecutive skipped steps.
+    Averages ``keys``; keeps the largest gradient norm of the window (``grad_norm_max``: a spike
+    averaged over a logging window would hide); tracks the current and longest runs of consecutive
+    skipped steps.
+
+    Args:
+        device: where the sums live.
+        keys: what to average (:func:`metric_keys`): ``loss`` and ``grad_norm`` are `StepStatistics`
+            fields, the others entries of its ``loss_statistics`` (NaN, not counted, where absent).
     """
 
-    KEYS = ("loss", "grad_norm", *LOSS_STATISTICS)
-
-    def __init__(self, device: torch.device) -> None:
+    def __init__(self, device: torch.device, keys: tuple[str, ...] = BASE_METRIC_KEYS) -> None:
         self.device = device
+        self.keys = tuple(keys)
         self.current_run = torch.zeros((), dtype=torch.long, device=device)
         self._reset()
 
     def _reset(self) -> None:
-        self.sums = torch.zeros(len(self.KEYS), device=self.device)
+        self.sums = torch.zeros(len(self.keys), device=self.device)
         self.finite_steps = torch.zeros((), device=self.device)
         self.grad_norm_max = torch.zeros((), device=self.device)
         self.steps = 0
@@ -53,8 +75,8 @@ class MetricsAccumulator:
     def add(self, statistics: StepStatistics) -> None:
         nan = torch.full((), float("nan"), device=self.device)
         values = torch.stack([
-            statistics.loss.float(), statistics.grad_norm.float(),
-            *(statistics.loss_statistics.get(name, nan).float() for name in LOSS_STATISTICS),
+            (getattr(statistics, key) if key in ("loss", "grad_norm") else statistics.loss_statistics.get(key, nan)).float()
+            for key in self.keys
         ])
         finite = statistics.finite
         self.sums += torch.where(finite & torch.isfinite(values), values, torch.zeros_like(values))
@@ -73,7 +95,7 @@ class MetricsAccumulator:
         processes = accelerator.num_processes
         finite_steps = values[-1] / processes
         row: dict[str, float] = {}
-        for index, key in enumerate(self.KEYS):
+        for index, key in enumerate(self.keys):
             row[key] = values[index] / max(values[-1], 1.0) if finite_steps > 0 else float("nan")
         # the gradient norm is taken after the all-reduce, so every process holds the same maximum
         row["grad_norm_max"] = values[-2] / processes if finite_steps > 0 else float("nan")
@@ -89,7 +111,7 @@ class MetricsAccumulator:
                 "current_run": self.current_run.cpu(), "longest_run": self.longest_run.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["sums"].shape != self.sums.shape:
+        if state["sums"].numel() != len(self.keys):
             # a checkpoint written before the loss reported its present statistics: the window it was
             # in starts again from zero (its first logged row averages fewer steps)
             return
@@ -158,8 +180,9 @@ class CollapseMonitor:
     Uniform collapse: the teacher's per-sample entropy stays near ln(K) (so does the loss): the
     teacher is too flat for the student to learn anything. One-hot collapse: the entropy of the
     batch-mean teacher distribution stays below 0.1 ln(K), i.e. fewer than K ** 0.1 prototypes are in
-    effective use (nearly every image goes to the same prototype). The
-    warning names the flags to change with values computed from this run's K, temperatures and
+    effective use (nearly every image goes to the same prototype). With ``ibot_num_prototypes`` the
+    iBOT teacher's masked-patch distributions are watched the same way (``ibot_teacher_entropy``,
+    ``ibot_teacher_mean_entropy``). The warning names the flags to change with values computed from this run's K, temperatures and
     momenta (not generic ones).
 
     Args:
@@ -168,13 +191,16 @@ class CollapseMonitor:
         teacher_temperature, student_temperature, teacher_momentum, center_momentum, learning_rate:
             this run's settings (per 256 images for the learning rate), from which the remedies are
             computed.
+        ibot_num_prototypes: the iBOT head's K when the run has DINOv2's patch term, else ``None``.
     """
 
     def __init__(self, num_prototypes: int, patience_steps: int, *, teacher_temperature: float = 0.04,
                  student_temperature: float = 0.1, teacher_momentum: float = 0.996, center_momentum: float = 0.9,
-                 learning_rate: float = 5e-4) -> None:
+                 learning_rate: float = 5e-4,
+                 ibot_num_prototypes: int | None = None) -> None:
         self.num_prototypes = num_prototypes
         self.log_k = math.log(num_prototypes)
+        self.ibot_log_k = math.log(ibot_num_prototypes) if ibot_num_prototypes else None
         self.patience_steps = patience_steps
         self.teacher_temperature = teacher_temperature
         self.student_temperature = student_temperature
@@ -192,6 +218,10 @@ class CollapseMonitor:
             "one-hot": (row.get("teacher_mean_entropy") if row.get("teacher_mean_entropy") is not None else math.inf)
             < 0.1 * self.log_k,
         }
+        if self.ibot_log_k is not None:
+            conditions["uniform, iBOT head"] = (row.get("ibot_teacher_entropy") or 0.0) > 0.9 * self.ibot_log_k
+            ibot_mean_entropy = row.get("ibot_teacher_mean_entropy")
+            conditions["one-hot, iBOT head"] = ibot_mean_entropy is not None and ibot_mean_entropy < 0.1 * self.ibot_log_k
         message = None
         for kind, holds in conditions.items():
             if not holds:
@@ -240,12 +270,18 @@ class CollapseMonitor:
         if kind == "uniform":
             detail = (f"the teacher entropy has stayed at {row['teacher_entropy']:.2f} nats, near ln(K) = "
                       f"{self.log_k:.2f}, and the loss at {row.get('loss', float('nan')):.2f}")
+        elif kind == "uniform, iBOT head":
+            detail = (f"the iBOT teacher's patch entropy has stayed at {row['ibot_teacher_entropy']:.2f} nats, near "
+                      f"ln(K) = {self.ibot_log_k:.2f}")
+        elif kind == "one-hot, iBOT head":
+            detail = (f"the entropy of the iBOT teacher's mean patch distribution has stayed at "
+                      f"{row['ibot_teacher_mean_entropy']:.3f} nats (every masked patch goes to the same prototype)")
         else:
             detail = (f"the entropy of the mean teacher distribution has stayed at {row['teacher_mean_entropy']:.3f} "
                       f"nats (about {math.exp(row['teacher_mean_entropy']):.1f} of K = {self.num_prototypes} prototypes "
                       "in effective use)")
         return (f"Training looks collapsed ({kind}) for {steps} steps: {detail}. Remedies for this run: "
-                + "; ".join(self.remedies(kind, row)) + ".")
+                + "; ".join(self.remedies(kind.split(",")[0], row)) + ".")
 
 
 def _round_significant(value: float, digits: int = 2) -> float:

@@ -256,7 +256,26 @@ def _architecture_rows(run: TrainingOutput) -> list[tuple[str, str]]:
                 ),
             )
         )
+    objective = _objective_text(head)
+    if objective is not None:
+        rows.append(("Objective", objective))
     return rows
+
+
+def _objective_text(head: dict) -> str | None:
+    """DINOv2's terms when the run used them (``None`` for DINO alone, whose card is unchanged)."""
+    ibot, koleo = head.get("ibot_loss_weight") or 0, head.get("koleo_loss_weight") or 0
+    if not ibot and not koleo:
+        return None
+    terms = ["DINO"]
+    if ibot:
+        own = head.get("ibot_separate_head")
+        prototypes = head.get("ibot_num_prototypes") or head.get("num_prototypes")
+        terms.append(f"iBOT masked patches (weight {_format_number(ibot)}, "
+                     + (f"own head, K {_format_number(prototypes)})" if own else "shared head)"))
+    if koleo:
+        terms.append(f"KoLeo (weight {_format_number(koleo)})")
+    return " + ".join(terms) + f", teachers: {head.get('teacher_centering', 'centering').replace('_', '-')}"
 
 
 def _training_rows(run: TrainingOutput) -> list[tuple[str, str]]:

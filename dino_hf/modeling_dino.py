@@ -1,8 +1,10 @@
 """DINO student/teacher model as a ``transformers`` ``PreTrainedModel``.
 
-``DinoForPreTraining`` holds everything a restart needs — student (ViT backbone + projection head),
-teacher (an identical copy updated only by EMA) and the loss with its centering buffer — so that
-``save_pretrained``/``from_pretrained`` round-trip a run through one safetensors file. The trained
+``DinoForPreTraining`` holds everything a restart needs — student (backbone + projection head, and an
+iBOT patch head when DINOv2's is separate), teacher (an identical copy updated only by EMA) and the
+losses with their centering buffers — so that ``save_pretrained``/``from_pretrained`` round-trip a run
+through one safetensors file. Its objective is DINO's, plus DINOv2's iBOT masked-patch loss and KoLeo
+regulariser when their weights in :class:`DinoConfig` are above 0. The trained
 backbone leaves through :meth:`DinoForPreTraining.save_backbone` as a stock ``ViTModel`` folder that
 plain ``transformers`` loads without dino_hf.
 """
@@ -26,7 +28,7 @@ from transformers.utils import ModelOutput
 
 from .backbones import family_of, image_processor_dict, save_backbone
 from .configuration_dino import DinoConfig
-from .loss import DinoLoss
+from .loss import DinoLoss, IBOTPatchLoss, KoLeoLoss
 from .schedules import OFFICIAL_TEACHER_TEMPERATURE
 
 
@@ -35,7 +37,11 @@ class DinoForPreTrainingOutput(ModelOutput):
     """Output of :class:`DinoForPreTraining`.
 
     Args:
-        loss: 0-dim float32, the DINO cross-entropy averaged over crop pairs and batch.
+        loss: 0-dim float32, the objective: ``dino_loss + ibot_loss_weight * ibot_loss
+            + koleo_loss_weight * num_global_crops * koleo_loss`` (just ``dino_loss`` for DINO v1).
+        dino_loss: 0-dim, the DINO cross-entropy averaged over crop pairs and batch.
+        ibot_loss: 0-dim, the iBOT masked-patch loss (``None`` without iBOT; 0 without masks).
+        koleo_loss: 0-dim, the KoLeo regulariser averaged over the global crops (``None`` when off).
         student_logits: ``(num_crops, batch, num_prototypes)``, global crops first.
         teacher_logits: ``(num_global_crops, batch, num_prototypes)``, no gradient.
         teacher_entropy: 0-dim, mean entropy (nats) of the per-sample teacher distributions.
@@ -46,15 +52,27 @@ class DinoForPreTrainingOutput(ModelOutput):
             what the center EMA consumes (see ``DinoLoss.update_center`` for gradient accumulation).
         loss_statistics: ``{name: 0-dim tensor}``, every statistic of ``dino_hf.loss.LOSS_STATISTICS``
             (the two teacher entropies above, the student entropy, the teacher-student KL...).
+        ibot_teacher_entropy, ibot_teacher_mean_entropy: 0-dim, the same monitors for the iBOT teacher's
+            masked-patch distributions (``None`` without iBOT masks).
+        ibot_teacher_logits_sum: ``(1, K_ibot)``, sum of the iBOT teacher logits over this process's
+            masked patches, and ``ibot_num_masked_patches`` (0-dim) their number: what the iBOT
+            center EMA consumes (``IBOTPatchLoss.update_center``).
     """
 
     loss: torch.FloatTensor | None = None
+    dino_loss: torch.FloatTensor | None = None
+    ibot_loss: torch.FloatTensor | None = None
+    koleo_loss: torch.FloatTensor | None = None
     student_logits: torch.FloatTensor | None = None
     teacher_logits: torch.FloatTensor | None = None
     teacher_entropy: torch.FloatTensor | None = None
     teacher_mean_entropy: torch.FloatTensor | None = None
     teacher_logits_mean: torch.FloatTensor | None = None
     loss_statistics: dict[str, torch.Tensor] | None = None
+    ibot_teacher_entropy: torch.FloatTensor | None = None
+    ibot_teacher_mean_entropy: torch.FloatTensor | None = None
+    ibot_teacher_logits_sum: torch.FloatTensor | None = None
+    ibot_num_masked_patches: torch.FloatTensor | None = None
 
 
 def initialize_head_module(module: nn.Module, initialization: ModuleType = nn.init) -> None:
@@ -207,24 +225,40 @@ class DinoHead(nn.Module):
 
 
 class DinoStudentTeacherNetwork(nn.Module):
-    """A backbone of any supported family followed by a :class:`DinoHead`; the student and the teacher
-    are each one. What is specific to the backbone's family (building, stochastic depth, the DINO
-    embedding) is :mod:`dino_hf.backbones`'."""
+    """A backbone of any supported family followed by a :class:`DinoHead` (and, with DINOv2's separate
+    iBOT head, an ``ibot_head`` for the patch tokens); the student and the teacher are each one. What is
+    specific to the backbone's family (building, stochastic depth, the DINO embedding, patch tokens and
+    mask token) is :mod:`dino_hf.backbones`'."""
 
     def __init__(self, config: DinoConfig, drop_path_rate: float = 0.0) -> None:
         super().__init__()
         self.family = family_of(config.backbone_config)
-        self.backbone = self.family.build(config.backbone_config, drop_path_rate)
+        self.backbone = self.family.build(config.backbone_config, drop_path_rate, mask_token=config.uses_ibot)
         self._compiled_embed = None  # set by compile_backbone
-        self.head = DinoHead(
-            in_features=self.family.embedding_size(config.backbone_config),
-            num_prototypes=config.num_prototypes,
-            hidden_size=config.head_hidden_size,
-            bottleneck_size=config.head_bottleneck_size,
-            num_layers=config.head_num_layers,
-            use_batch_norm=config.head_use_batch_norm,
-            norm_last_layer=config.norm_last_layer,
-        )
+        head_settings = {
+            "in_features": self.family.embedding_size(config.backbone_config),
+            "hidden_size": config.head_hidden_size,
+            "bottleneck_size": config.head_bottleneck_size,
+            "num_layers": config.head_num_layers,
+            "use_batch_norm": config.head_use_batch_norm,
+            "norm_last_layer": config.norm_last_layer,
+        }
+        self.head = DinoHead(num_prototypes=config.num_prototypes, **head_settings)
+        self.ibot_head = None
+        if config.uses_ibot and config.ibot_separate_head:
+            self.ibot_head = DinoHead(num_prototypes=config.ibot_head_num_prototypes, **head_settings)
+
+    @property
+    def heads(self) -> list[DinoHead]:
+        """The projection heads: the DINO head, then the separate iBOT head if any."""
+        return [self.head] if self.ibot_head is None else [self.head, self.ibot_head]
+
+    def embed_tokens(
+        self, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(N, 3, H, W)`` -> ``(N, D)`` DINO embeddings and ``(N, P, D)`` patch tokens (registers
+        excluded), masked patches (``bool_masked_pos`` ``(N, P)``) replaced by the mask token."""
+        return self.family.embed_tokens(self.backbone, pixel_values, bool_masked_pos)
 
     def embed(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """``(N, 3, H, W)`` -> ``(N, embedding_size)``: the backbone's DINO embedding (its family's)."""
@@ -240,20 +274,6 @@ class DinoStudentTeacherNetwork(nn.Module):
         """
         self._compiled_embed = torch.compile(self.family.embed, **compile_options)
 
-    def forward(self, crops_per_resolution: list[torch.Tensor], freeze_backbone: bool = False) -> torch.Tensor:
-        """Embed each resolution group with one backbone call, then run the head once.
-
-        Args:
-            crops_per_resolution: tensors of shape ``(N_i, 3, H_i, W_i)``.
-            freeze_backbone: run the backbone without gradients (a head warm-up: only the head
-                learns, and the backbone's backward pass is not computed at all).
-        Returns:
-            ``(sum N_i, num_prototypes)`` logits in the order of the inputs.
-        """
-        with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
-            features = torch.cat([self.embed(crops) for crops in crops_per_resolution])
-        return self.head(features)
-
 
 class DinoPreTrainedModel(PreTrainedModel):
     """Weight initialisation and loading conventions shared by the DINO models."""
@@ -268,13 +288,17 @@ class DinoPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
 
     def _init_weights(self, module: nn.Module) -> None:
-        """The official DINO head initialisation (:func:`initialize_head_module`) and a zero center.
+        """The official DINO head initialisation (:func:`initialize_head_module`) and zero centers.
 
         The backbone (a ``ViTModel``) initialises itself with its own ``_init_weights``.
         """
         initialize_head_module(module, init)
-        if isinstance(module, DinoLoss):
+        if isinstance(module, (DinoLoss, IBOTPatchLoss)):
             init.zeros_(module.center)
+
+    def get_input_embeddings(self) -> None:
+        """None: the model has no token embedding (accelerate's FSDP2 preparation asks)."""
+        return None
 
 
 class DinoForPreTraining(DinoPreTrainedModel):
@@ -300,13 +324,20 @@ class DinoForPreTraining(DinoPreTrainedModel):
         config.check_architecture()
         self.student = DinoStudentTeacherNetwork(config, drop_path_rate=config.drop_path_rate)
         self.teacher = DinoStudentTeacherNetwork(config, drop_path_rate=0.0)
-        self.loss_fn = DinoLoss(
-            num_prototypes=config.num_prototypes,
-            student_temperature=config.student_temperature,
-            center_momentum=config.center_momentum,
-            centering=config.teacher_centering,
-        )
+        loss_settings = {
+            "student_temperature": config.student_temperature,
+            "center_momentum": config.center_momentum,
+            "centering": config.teacher_centering,
+            "sinkhorn_iterations": config.sinkhorn_iterations,
+        }
+        self.loss_fn = DinoLoss(num_prototypes=config.num_prototypes, **loss_settings)
+        self.ibot_loss_fn = None
+        if config.uses_ibot:
+            self.ibot_loss_fn = IBOTPatchLoss(num_prototypes=config.ibot_head_num_prototypes, **loss_settings)
+        self.koleo_loss_fn = KoLeoLoss() if config.koleo_loss_weight > 0 else None
         self.post_init()
+        # FSDP wraps the blocks of this backbone family (accelerate reads the model's _no_split_modules)
+        self._no_split_modules = set(self.student.backbone._no_split_modules or [])
         self._set_trainable_parameters()
         # The teacher starts as an exact copy of the student (official: load_state_dict).
         self._copy_student_to_teacher()
@@ -315,7 +346,8 @@ class DinoForPreTraining(DinoPreTrainedModel):
         """Teacher: no gradients at all. Student: all but a fixed prototype norm (``norm_last_layer``)."""
         self.teacher.requires_grad_(False)
         self.student.requires_grad_(True)
-        self.student.head.last_layer.weight_g.requires_grad_(not self.config.norm_last_layer)
+        for head in self.student.heads:
+            head.last_layer.weight_g.requires_grad_(not self.config.norm_last_layer)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs) -> DinoForPreTraining:
@@ -369,28 +401,61 @@ class DinoForPreTraining(DinoPreTrainedModel):
         update_center: bool | None = None,
         return_dict: bool = True,
         freeze_backbone: bool = False,
+        masks: torch.Tensor | None = None,
     ) -> DinoForPreTrainingOutput | tuple:
-        """Run teacher on the global crops and student on all crops; compute the DINO loss.
+        """Run teacher on the global crops and student on all crops; compute the DINO (v2) objective.
+
+        With iBOT (``config.ibot_loss_weight > 0``) and ``masks``, the student sees its global crops with
+        the masked patches replaced by the backbone's mask token while the teacher sees them unmasked,
+        as in DINOv2; the student's masked patch tokens learn the teacher's (:class:`IBOTPatchLoss`).
+        With KoLeo the student's global-crop embeddings are spread (:class:`KoLeoLoss`, per crop).
 
         Args:
             global_crops: ``(num_global_crops, batch, 3, H, W)``, crop-major.
             local_crops: ``(num_local_crops, batch, 3, h, w)`` or ``None``.
-            teacher_temperature: teacher softmax temperature (schedule value for this step).
-            update_center: update the loss's center after the loss; ``None`` means "in training mode".
+            teacher_temperature: teacher softmax temperature (schedule value for this step), of both teachers.
+            update_center: update the losses' centers after the loss; ``None`` means "in training mode".
                 Pass ``False`` on gradient-accumulation micro-steps and update once per optimiser
-                step from the averaged ``teacher_logits_mean``.
+                step from the averaged ``teacher_logits_mean`` (and the iBOT sums).
             freeze_backbone: the student's backbone runs without gradients (a head warm-up).
+            masks: ``(num_global_crops, batch, H / patch, W / patch)`` (or ``(..., num_patches)``) bool,
+                the patches of the student's global crops to mask (:class:`dino_hf.masking.MaskSampler`);
+                only with iBOT. Best given on the CPU (the masked positions are then found without a
+                device synchronisation).
         """
         self._check_crops(global_crops, local_crops)
         num_global, batch = global_crops.shape[:2]
         global_flat = global_crops.flatten(0, 1)
-        with torch.no_grad():
-            teacher_logits = self.teacher([global_flat]).view(num_global, batch, -1)
+        patch_masks = self._flat_masks(masks, num_global, batch)
+        use_ibot = patch_masks is not None
+        if use_ibot:
+            # rows of the masked patches in (crop, patch) order: found on the masks' device (the CPU)
+            masked_rows = patch_masks.flatten().nonzero().squeeze(1).to(global_flat.device, non_blocking=True)
+            bool_masked_pos = patch_masks.to(global_flat.device, non_blocking=True)
 
-        student_inputs = [global_flat]
-        if local_crops is not None and local_crops.shape[0] > 0:
-            student_inputs.append(local_crops.flatten(0, 1))
-        student_logits = self.student(student_inputs, freeze_backbone=freeze_backbone)
+        with torch.no_grad():
+            if use_ibot:
+                teacher_class, teacher_patches = self.teacher.embed_tokens(global_flat)
+                teacher_masked = self._masked_patches(teacher_patches, masked_rows, patch_masks.shape[1])
+                teacher_logits, teacher_patch_logits = self._heads(self.teacher, teacher_class, teacher_masked)
+            else:
+                teacher_logits = self.teacher.head(self.teacher.embed(global_flat))
+            teacher_logits = teacher_logits.view(num_global, batch, -1)
+
+        with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
+            if use_ibot:
+                global_class, student_patches = self.student.embed_tokens(global_flat, bool_masked_pos)
+                student_masked = self._masked_patches(student_patches, masked_rows, patch_masks.shape[1])
+            else:
+                global_class = self.student.embed(global_flat)
+            class_tokens = [global_class]
+            if local_crops is not None and local_crops.shape[0] > 0:
+                class_tokens.append(self.student.embed(local_crops.flatten(0, 1)))
+        class_tokens = torch.cat(class_tokens)
+        if use_ibot:
+            student_logits, student_patch_logits = self._heads(self.student, class_tokens, student_masked)
+        else:
+            student_logits = self.student.head(class_tokens)
         student_logits = student_logits.view(-1, batch, student_logits.shape[-1])
 
         losses = self.loss_fn(
@@ -398,6 +463,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         )
         output = DinoForPreTrainingOutput(
             loss=losses.loss,
+            dino_loss=losses.loss,
             student_logits=student_logits,
             teacher_logits=teacher_logits,
             teacher_entropy=losses.teacher_entropy,
@@ -405,7 +471,60 @@ class DinoForPreTraining(DinoPreTrainedModel):
             teacher_logits_mean=losses.teacher_logits_mean,
             loss_statistics=losses.statistics,
         )
+        if self.ibot_loss_fn is not None:
+            if use_ibot:
+                patch_losses = self.ibot_loss_fn(student_patch_logits, teacher_patch_logits, patch_masks,
+                                                 teacher_temperature, update_center=update_center,
+                                                 return_statistics=True)
+                output.ibot_loss = patch_losses.loss
+                output.ibot_teacher_entropy = patch_losses.teacher_entropy
+                output.ibot_teacher_mean_entropy = patch_losses.teacher_mean_entropy
+                output.ibot_teacher_logits_sum = patch_losses.teacher_logits_sum
+                output.ibot_num_masked_patches = patch_losses.num_masked_patches
+            else:  # nothing masked: no patch term
+                output.ibot_loss = torch.zeros((), device=losses.loss.device, dtype=losses.loss.dtype)
+            output.loss = output.loss + self.config.ibot_loss_weight * output.ibot_loss
+        if self.koleo_loss_fn is not None:
+            # per global crop, as DINOv2 (two crops of one image are not each other's neighbours)
+            per_crop = torch.stack([self.koleo_loss_fn(crop) for crop in global_class.view(num_global, batch, -1)])
+            output.koleo_loss = per_crop.mean()
+            output.loss = output.loss + self.config.koleo_loss_weight * per_crop.sum()
         return output if return_dict else output.to_tuple()
+
+    def _flat_masks(self, masks: torch.Tensor | None, num_global: int, batch: int) -> torch.Tensor | None:
+        """``masks`` as ``(num_global * batch, P)`` bool in the order of ``global_crops.flatten(0, 1)``, or
+        ``None`` when nothing is to be masked (no masks, or no iBOT)."""
+        if masks is None or self.ibot_loss_fn is None:
+            return None
+        if not isinstance(masks, torch.Tensor) or masks.dtype != torch.bool or masks.ndim not in (3, 4) \
+                or tuple(masks.shape[:2]) != (num_global, batch):
+            got = f"{masks.dtype} {tuple(masks.shape)}" if isinstance(masks, torch.Tensor) else type(masks).__name__
+            raise ValueError(
+                f"masks must be a bool tensor of shape ({num_global}, {batch}, h, w) or ({num_global}, {batch}, "
+                f"num_patches) to match global_crops, got {got}."
+            )
+        return masks.reshape(num_global * batch, -1)
+
+    @staticmethod
+    def _masked_patches(patch_tokens: torch.Tensor, masked_rows: torch.Tensor, num_patches: int) -> torch.Tensor:
+        """``(N, P, D)`` patch tokens -> ``(M, D)``, the masked ones in (crop, patch) order."""
+        if patch_tokens.shape[1] != num_patches:
+            raise ValueError(
+                f"masks cover {num_patches} patches per crop but the backbone gives {patch_tokens.shape[1]} patch "
+                "tokens: draw the masks on the global crops' patch grid."
+            )
+        return patch_tokens.flatten(0, 1).index_select(0, masked_rows)
+
+    @staticmethod
+    def _heads(
+        network: DinoStudentTeacherNetwork, class_tokens: torch.Tensor, masked_patches: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """DINO logits of the class tokens and iBOT logits of the masked patch tokens: one call of the
+        shared head on both (as DINOv2), or each through its own head."""
+        if network.ibot_head is not None:
+            return network.head(class_tokens), network.ibot_head(masked_patches)
+        logits = network.head(torch.cat([class_tokens, masked_patches]))
+        return logits[: class_tokens.shape[0]], logits[class_tokens.shape[0]:]
 
     def embed(self, pixel_values: torch.Tensor, which: str = "teacher") -> torch.Tensor:
         """``(N, 3, H, W)`` -> ``(N, D)`` DINO embedding of the teacher (default) or student."""
@@ -426,7 +545,9 @@ class DinoForPreTraining(DinoPreTrainedModel):
         ``momentum`` may be a 0-dim tensor on the parameters' device (e.g. 1.0 on a skipped step,
         chosen on the device): it is then used without reading it back to the host.
         """
-        if getattr(self, "_ema_pairs", None) is None:
+        cached = getattr(self, "_ema_pairs", None)
+        if cached is None or cached[0][0] is not next(self.student.parameters()):
+            # (re)built when the parameters were replaced, e.g. by FSDP's sharded ones
             pairs = self._student_teacher_pairs()
             self._ema_pairs = ([student for student, _ in pairs], [teacher for _, teacher in pairs])
         student_parameters, teacher_parameters = self._ema_pairs
@@ -493,13 +614,16 @@ class DinoForPreTraining(DinoPreTrainedModel):
 
     @torch.no_grad()
     def copy_student_head_to_teacher(self) -> None:
-        """Make the teacher's head the student's (e.g. at the end of a head warm-up, whose EMA lags)."""
-        self.teacher.head.load_state_dict(self.student.head.state_dict())
+        """Make the teacher's heads the student's (e.g. at the end of a head warm-up, whose EMA lags)."""
+        for student_head, teacher_head in zip(self.student.heads, self.teacher.heads, strict=True):
+            teacher_head.load_state_dict(student_head.state_dict())
 
     def cancel_last_layer_gradients(self) -> None:
-        """Drop the gradients of the student's prototype layer (official last-layer freeze)."""
-        for parameter in self.student.head.last_layer.parameters():
-            parameter.grad = None
+        """Drop the gradients of the student's prototype layers (official last-layer freeze; DINOv2
+        freezes the iBOT head's as well)."""
+        for head in self.student.heads:
+            for parameter in head.last_layer.parameters():
+                parameter.grad = None
 
     # ------------------------------------------------------------------ export / import
     def save_backbone(self, output_dir: str | Path, which: str = "teacher", image_size: int | None = None) -> Path:
@@ -560,7 +684,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         model = cls(config)
         state = family.state_dict_for_loading(backbone)
         for network in (model.student, model.teacher):
-            network.backbone.load_state_dict(state, strict=True)
+            family.load_weights(network.backbone, state)
         return model
 
 

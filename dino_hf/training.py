@@ -26,13 +26,14 @@ from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 from huggingface_hub import get_token
 
 from .builders import (
     build_accelerator,
     build_device_augmentation,
     build_knn_monitor,
+    build_mask_sampler,
     build_model,
     build_schedules,
     choose_precision,
@@ -65,7 +66,14 @@ from .errors import RunError, describe_os_error
 from .evaluation import KnnMonitor
 from .hardware import MachineSettings, PrecisionChoice, describe_cpu
 from .hub import check_push_target, try_push_training_output
-from .metrics import CollapseMonitor, GradientSpikeMonitor, MetricsAccumulator, MetricsLog, ThroughputWindow
+from .metrics import (
+    CollapseMonitor,
+    GradientSpikeMonitor,
+    MetricsAccumulator,
+    MetricsLog,
+    ThroughputWindow,
+    metric_keys,
+)
 from .modeling_dino import DinoForPreTraining
 from .progress import TrainingProgress, configure_output
 from .run_output import (
@@ -214,6 +222,7 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
         num_threads=set_compute_threads(args, accelerator, loader.num_workers),
     )
     augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
+    masks = build_mask_sampler(args, model.config, accelerator.process_index)
     continued = starts_from_backbone(args)
     plan = plan_steps(args, loader.num_examples, accelerator.num_processes, continued=continued)
     schedules = build_schedules(args, plan)
@@ -228,14 +237,17 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
         args=args, accelerator=accelerator, model=model, unwrapped=unwrapped,
         step_fn=DinoTrainStep(accelerator, model, optimizer, args.gradient_accumulation_steps,
                               args.max_grad_norm, args.clip_mode),
-        stream=BatchStream(loader, augment=augment), schedules=schedules, plan=plan, folder=folder,
+        stream=BatchStream(loader, augment=augment, masks=masks), schedules=schedules, plan=plan, folder=folder,
         metrics=MetricsLog(folder.metrics, accelerator),
-        accumulator=MetricsAccumulator(accelerator.device),
+        accumulator=MetricsAccumulator(accelerator.device, metric_keys(unwrapped.config.uses_ibot,
+                                                                       unwrapped.config.koleo_loss_weight > 0)),
         collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps,
                                  teacher_temperature=args.teacher_temperature,
                                  student_temperature=unwrapped.config.student_temperature,
                                  teacher_momentum=args.teacher_momentum, center_momentum=unwrapped.config.center_momentum,
-                                 learning_rate=args.learning_rate),
+                                 learning_rate=args.learning_rate,
+                                 ibot_num_prototypes=(unwrapped.config.ibot_head_num_prototypes
+                                                      if unwrapped.config.uses_ibot else None)),
         spikes=GradientSpikeMonitor(args.grad_norm_spike_factor, max_grad_norm=args.max_grad_norm,
                                     learning_rate=args.learning_rate, warmup_steps=plan.warmup_steps),
         knn_monitor=knn_monitor, signals=signals, stop=StopAgreement(signals, accelerator.num_processes),
@@ -395,7 +407,7 @@ def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float]) -> No
     row: dict[str, Any] = {
         "step": run.step,
         "epoch": round(run.step / run.plan.steps_per_epoch, 4),
-        **{key: row_values[key] for key in (*MetricsAccumulator.KEYS, "grad_norm_max")},
+        **{key: row_values[key] for key in (*run.accumulator.keys, "grad_norm_max")},
         "learning_rate": values.learning_rate,
         "weight_decay": values.weight_decay,
         "teacher_momentum": values.teacher_momentum,
@@ -498,10 +510,11 @@ def _finish(run: _Run) -> None:
         _checkpoint(run, forced=False)
     eval_metrics = _evaluate(run)
     pushed = True
+    model = _consolidated_model(run)  # a collective under FSDP
     if accelerator.is_main_process:
         try:
-            run.unwrapped.save_pretrained(run.folder.root)
-            run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
+            model.save_pretrained(run.folder.root)
+            model.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
             _write_training_args(run, final=True)
             if eval_metrics:
                 results = {"step": run.step, **eval_metrics, "eval_dataset_name": run.args.eval_dataset_name,
@@ -533,9 +546,23 @@ def _plot(run: _Run) -> None:
         logger.warning("Could not plot the training curves: %s", error)
 
 
+def _consolidated_model(run: _Run) -> DinoForPreTraining | None:
+    """The model to export: the unwrapped one, or under FSDP a copy on the main process's CPU with the
+    full weights gathered from the shards (all processes must call this; the others get ``None``)."""
+    if run.accelerator.distributed_type != DistributedType.FSDP:
+        return run.unwrapped
+    state = run.accelerator.get_state_dict(run.model)  # a collective: full tensors on the main process
+    if not run.accelerator.is_main_process:
+        return None
+    model = DinoForPreTraining(run.unwrapped.config)
+    model.load_state_dict(state)
+    return model
+
+
 def _export_and_push(run: _Run, message: str) -> None:
+    model = _consolidated_model(run)
     if run.accelerator.is_main_process:
-        run.unwrapped.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
+        model.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
         _write_training_args(run)
         _push(run, message)
     run.accelerator.wait_for_everyone()

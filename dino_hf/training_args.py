@@ -358,6 +358,58 @@ class DinoTrainingArguments:
         default=None,
         metadata=_help("EMA momentum of the teacher center; default: the model config's (0.9, as the official code)."),
     )
+    teacher_centering: str | None = field(
+        default=None,
+        metadata=_help(
+            "How both teachers (DINO's and iBOT's) avoid collapse: centering (DINO: subtract an EMA of the "
+            "teacher logits, then sharpen) or sinkhorn_knopp (DINOv2's large runs: a few Sinkhorn-Knopp "
+            "iterations make the batch use every prototype equally, no center). Default: the model config's "
+            "(centering)."
+        ),
+    )
+    sinkhorn_iterations: int | None = field(
+        default=None,
+        metadata=_help("Sinkhorn-Knopp iterations with --teacher_centering sinkhorn_knopp; default: the model config's (3, as DINOv2)."),
+    )
+    ibot_loss_weight: float | None = field(
+        default=None,
+        metadata=_help(
+            "Weight of DINOv2's iBOT masked-patch loss: the student's global crops are block-masked through "
+            "the backbone's own mask token and its masked patch tokens learn the teacher's (unmasked) ones. "
+            "1.0 in the DINOv2 recipe; 0 disables it (DINO v1). Needs a ViT-style backbone (ViT, DeiT, DINOv2, "
+            "DINOv3 ViT). Default: the model config's (0)."
+        ),
+    )
+    ibot_separate_head: bool | None = field(
+        default=None,
+        metadata=_help(
+            "true: give the iBOT loss a projection head of its own (DINOv2's ViT-L/g recipes); false: share the "
+            "DINO head (DINOv2's default config). Default: the model config's (shared)."
+        ),
+    )
+    ibot_num_prototypes: int | None = field(
+        default=None,
+        metadata=_help("Prototypes of the separate iBOT head; default: the model config's (that of the DINO head)."),
+    )
+    koleo_loss_weight: float | None = field(
+        default=None,
+        metadata=_help(
+            "Weight of DINOv2's KoLeo regulariser, which spreads the student's global-crop embeddings over the "
+            "sphere within each process's batch (0.1 in the DINOv2 recipe; 0 disables it). Default: the model "
+            "config's (0)."
+        ),
+    )
+    mask_ratio_min_max: list[float] = field(
+        default_factory=lambda: [0.1, 0.5],
+        metadata=_help(
+            "With iBOT: range of the fraction of a masked crop's patches that is masked (DINOv2: 0.1 0.5); the "
+            "masked crops of a batch spread their ratios evenly over it."
+        ),
+    )
+    mask_sample_probability: float = field(
+        default=0.5,
+        metadata=_help("With iBOT: fraction of the student's global crops that are masked (DINOv2: 0.5)."),
+    )
     freeze_last_layer_epochs: float = field(
         default=1.0,
         metadata=_help(
@@ -668,6 +720,26 @@ class DinoTrainingArguments:
             value = getattr(self, name)
             _check(value is None or 0.0 <= value <= 1.0, f"--{name} must be between 0 and 1, not {value}.")
 
+        _check(
+            self.teacher_centering in (None, "centering", "sinkhorn_knopp"),
+            f"--teacher_centering must be one of centering, sinkhorn_knopp, not {self.teacher_centering!r}.",
+        )
+        for name in ("sinkhorn_iterations", "ibot_num_prototypes"):
+            value = getattr(self, name)
+            _check(value is None or value >= 1, f"--{name} must be a positive integer (or unset), not {value}.")
+        for name in ("ibot_loss_weight", "koleo_loss_weight"):
+            value = getattr(self, name)
+            _check(value is None or (math.isfinite(value) and value >= 0),
+                   f"--{name} must be 0 or more (0 disables the term), not {value}.")
+        ratios = list(self.mask_ratio_min_max)
+        _check(
+            len(ratios) == 2 and all(math.isfinite(value) for value in ratios) and 0.0 <= ratios[0] <= ratios[1] <= 1.0,
+            f"--mask_ratio_min_max must be two numbers 0 <= min <= max <= 1, not {ratios}.",
+        )
+        _check(
+            math.isfinite(self.mask_sample_probability) and 0.0 <= self.mask_sample_probability <= 1.0,
+            f"--mask_sample_probability must be between 0 and 1, not {self.mask_sample_probability}.",
+        )
         for name in ("color_jitter_probability", "grayscale_probability", "solarize_probability"):
             value = getattr(self, name)
             _check(0.0 <= value <= 1.0, f"--{name} must be between 0 and 1, not {value}.")

@@ -6,6 +6,8 @@ state-dict names and the exports stay those of the stock ``transformers`` model:
 
 - :func:`embed_class_token`: ``(N, 3, H, W)`` crops -> ``(N, hidden)`` embeddings, with position
   embeddings interpolated for crops of another size;
+- :func:`encode_tokens`: the same forward for every token (the iBOT loss needs the patch tokens of
+  the last block, so that block runs in full), masked patches replaced by the mask token;
 - :func:`vit_layer_forward`: a block with the query, key and value in one product;
 - :func:`class_token_of_layer`: the last block computing only the CLS row;
 - :func:`add_stochastic_depth`: drop-path through forward hooks on each block's ``dropout``.
@@ -30,6 +32,7 @@ __all__ = [
     "class_token_of_layer",
     "drop_path_hook",
     "embed_class_token",
+    "encode_tokens",
     "vit_layer_forward",
 ]
 
@@ -173,3 +176,20 @@ def embed_class_token(backbone: PreTrainedModel, pixel_values: torch.Tensor) -> 
     for layer in backbone.layers[:-1]:
         hidden_states = vit_layer_forward(layer, hidden_states)
     return backbone.layernorm(class_token_of_layer(backbone.layers[-1], hidden_states))
+
+
+def encode_tokens(
+    backbone: PreTrainedModel, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``(N, 3, H, W)`` -> ``(N, T, hidden)``: the normed ``last_hidden_state`` of every token.
+
+    :func:`embed_class_token` with the last block computed in full (the iBOT loss reads the patch
+    tokens). ``bool_masked_pos`` ``(N, P)`` replaces masked patch embeddings by the backbone's
+    ``embeddings.mask_token`` (a ``ViTModel`` built with ``use_mask_token=True``), before the position
+    embeddings are added, as ``ViTModel.forward`` does.
+    """
+    pixel_values = pixel_values.to(backbone.embeddings.patch_embeddings.projection.weight.dtype)
+    hidden_states = backbone.embeddings(pixel_values, bool_masked_pos=bool_masked_pos, interpolate_pos_encoding=True)
+    for layer in backbone.layers:
+        hidden_states = vit_layer_forward(layer, hidden_states)
+    return backbone.layernorm(hidden_states)

@@ -156,6 +156,109 @@ def test_registers_are_excluded_from_the_embedding():
     assert family_of(model.config.backbone_config).num_prefix_tokens(model.config.backbone_config) == 3
 
 
+# ------------------------------------------------------------------------------ iBOT: mask token, patch tokens
+MASKABLE_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")
+
+
+@pytest.mark.parametrize("model_type", MASKABLE_MODEL_TYPES)
+def test_the_students_masked_positions_receive_the_backbones_mask_token(model_type):
+    """Through the model's own forward and the backbone's embedding module (a forward hook on it, no
+    mock): at masked positions of the student's global crops the tokens are the mask token plus what
+    depends only on the position (they no longer depend on the image, and move with the mask token);
+    unmasked positions and the teacher's crops keep the image's patches."""
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_family_config(model_type, ibot_loss_weight=1.0)).eval()
+    embeddings = {"student": [], "teacher": []}
+    for name in embeddings:
+        getattr(model, name).backbone.embeddings.register_forward_hook(
+            lambda module, args, output, name=name: embeddings[name].append(output.detach().clone()))
+    num_prefix = family_of(model.config.backbone_config).num_prefix_tokens(model.config.backbone_config)
+    masks = torch.zeros(2, 3, 4, 4, dtype=torch.bool)
+    masks[0, 1, 1:3, 0:2] = True  # 4 patches of the first global crop of image 1
+    masks[1, 2, 3, 3] = True
+    flat = masks.flatten(2).reshape(6, 16)
+    crops = torch.randn(2, 3, 3, 32, 32)
+
+    def student_patch_embeddings(global_crops):
+        embeddings["student"].clear()
+        embeddings["teacher"].clear()
+        with torch.no_grad():
+            model(global_crops, masks=masks)
+        return embeddings["student"][0][:, num_prefix:], embeddings["teacher"][0][:, num_prefix:]
+
+    student, teacher = student_patch_embeddings(crops)
+    assert student.shape == teacher.shape == (6, 16, 32)
+    other_student, other_teacher = student_patch_embeddings(torch.randn(2, 3, 3, 32, 32))
+    # masked positions: independent of the image; unmasked ones and the teacher's: the image's
+    torch.testing.assert_close(student[flat], other_student[flat])
+    assert not torch.allclose(student[~flat], other_student[~flat])
+    torch.testing.assert_close(student[~flat], teacher[~flat])
+    assert not torch.allclose(teacher[flat], other_teacher[flat])
+    assert not torch.allclose(student[flat], teacher[flat])
+    # moving the mask token moves exactly the masked positions, by the same amount
+    with torch.no_grad():
+        model.student.backbone.embeddings.mask_token.add_(0.5)
+    shifted, _ = student_patch_embeddings(crops)
+    torch.testing.assert_close(shifted[flat] - student[flat], torch.full_like(student[flat], 0.5))
+    torch.testing.assert_close(shifted[~flat], student[~flat])
+
+
+@pytest.mark.parametrize("model_type", MASKABLE_MODEL_TYPES)
+def test_patch_tokens_exclude_cls_distillation_token_and_registers(model_type):
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_family_config(model_type, ibot_loss_weight=1.0)).eval()
+    family = family_of(model.config.backbone_config)
+    pixels = torch.randn(2, 3, 32, 32)
+    masks = torch.rand(2, 16) < 0.5
+    with torch.no_grad():
+        class_token, patch_tokens = model.student.embed_tokens(pixels, masks)
+        stock = model.student.backbone(pixel_values=pixels, bool_masked_pos=masks).last_hidden_state
+    prefix = family.num_prefix_tokens(model.config.backbone_config)
+    assert prefix == {"vit": 1, "deit": 2, "dinov2": 1, "dinov2_with_registers": 3, "dinov3_vit": 3}[model_type]
+    assert patch_tokens.shape == (2, 16, 32)
+    torch.testing.assert_close(patch_tokens, stock[:, prefix:], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(class_token, stock[:, 0], rtol=1e-5, atol=1e-5)
+    with torch.no_grad():  # unmasked, the full last block gives the CLS-only fast path's embedding
+        unmasked_class_token, _ = model.student.embed_tokens(pixels)
+        torch.testing.assert_close(unmasked_class_token, model.student.embed(pixels), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("model_type", ["vit", "deit"])
+def test_a_vit_trained_with_a_mask_token_exports_the_stock_model(model_type, tmp_path):
+    """ViT and DeiT get a mask token only when built for iBOT: the export drops it, so plain
+    transformers loads it with no missing or unexpected key, and the export continues iBOT training."""
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_family_config(model_type, ibot_loss_weight=1.0))
+    assert model.student.backbone.embeddings.mask_token is not None
+    folder = model.save_backbone(tmp_path / "backbone")
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    assert not any("mask_token" in key for key in load_file(folder / "model.safetensors"))
+    loaded, info = AutoModel.from_pretrained(folder, add_pooling_layer=False, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    pixels = torch.randn(2, 3, 32, 32)
+    model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(pixel_values=pixels).last_hidden_state[:, 0], model.embed(pixels))
+    continued = DinoForPreTraining.from_backbone(folder, config=tiny_family_config(model_type, ibot_loss_weight=1.0))
+    assert torch.count_nonzero(continued.student.backbone.embeddings.mask_token) == 0  # fresh, as transformers inits it
+
+
+@pytest.mark.parametrize("model_type", ["convnext", "resnet"])
+def test_ibot_on_a_convnet_is_refused_in_one_sentence(model_type):
+    with pytest.raises(ValueError, match="ibot_loss_weight: iBOT masks patch tokens") as error:
+        DinoForPreTraining(tiny_family_config(model_type, ibot_loss_weight=1.0))
+    assert "\n" not in str(error.value)
+
+
+def test_dinov2_without_a_mask_token_is_refused():
+    config = tiny_family_config("dinov2", ibot_loss_weight=1.0)
+    config.backbone_config.use_mask_token = False
+    with pytest.raises(ValueError, match="use_mask_token"):
+        DinoForPreTraining(config)
+
+
 # ------------------------------------------------------------------------------ continued pre-training
 @pytest.mark.usefixtures("fresh_accelerate_state")
 def test_continuing_from_a_saved_backbone_keeps_its_embedding_processor_and_warm_up(dataset, tmp_path, monkeypatch):

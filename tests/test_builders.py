@@ -3,14 +3,22 @@ and size, and the in-training k-NN monitor."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny_models import tiny_args, tiny_dino_config
 from transformers import ViTModel
 
-from dino_hf.builders import apply_config_overrides, build_knn_monitor, build_model
+from dino_hf.builders import (
+    apply_config_overrides,
+    build_knn_monitor,
+    build_mask_sampler,
+    build_model,
+    build_model_config,
+)
 from dino_hf.modeling_dino import DinoForPreTraining
-from dino_hf.training_args import DinoTrainingArguments
+from dino_hf.training_args import DinoTrainingArguments, parse_training_args
 
 pytestmark = pytest.mark.usefixtures("fresh_accelerate_state")
 
@@ -76,3 +84,38 @@ def test_a_width_override_carries_the_pooler_size_along(dataset, tiny_config_fil
     config = build_model_config(tiny_args(dataset, tmp_path, tiny_config_file, model_config="vit_small_patch16",
                                           config_overrides="backbone_config.hidden_size=192"))
     assert config.backbone_config.hidden_size == config.backbone_config.pooler_output_size == 192
+
+
+# ------------------------------------------------------------------------------ DINOv2's objective
+CONFIGS = Path(__file__).resolve().parents[1] / "scripts" / "configs"
+DINOV2_KEYS = {"ibot_loss_weight", "ibot_separate_head", "koleo_loss_weight", "mask_ratio_min_max",
+               "mask_sample_probability"}
+
+
+def test_the_dinov2_recipe_builds_dinov2s_vit_s14_with_registers_and_its_objective():
+    args = parse_training_args(["--config", str(CONFIGS / "dinov2_vit_small_patch14_reg4.yaml")])
+    config = build_model_config(args)
+    backbone = config.backbone_config
+    assert backbone.model_type == "dinov2_with_registers" and backbone.num_register_tokens == 4
+    assert (backbone.patch_size, backbone.hidden_size, backbone.layerscale_value) == (14, 384, 1e-5)
+    assert (config.ibot_loss_weight, config.koleo_loss_weight, config.teacher_centering) == (1.0, 0.1, "sinkhorn_knopp")
+    assert config.ibot_separate_head and config.ibot_head_num_prototypes == config.num_prototypes == 65536
+    assert (args.teacher_momentum, args.warmup_teacher_temperature, args.teacher_temperature) == (0.992, 0.04, 0.07)
+    assert args.warmup_teacher_temperature_epochs == 30 and config.drop_path_rate == 0.3
+    sampler = build_mask_sampler(args, config, process_index=0)
+    assert sampler.masking_generator.num_patches == 16 * 16 and sampler.mask_ratio_min_max == (0.1, 0.5)
+
+
+def test_the_dinov2_cpu_recipe_is_the_demo_recipe_plus_dinov2s_terms():
+    """So that benchmarks/dinov2_fashion_mnist.py compares objectives, not models or schedules."""
+    def values(name):
+        return {key: value for key, value in vars(parse_training_args(["--config", str(CONFIGS / name)])).items()
+                if key not in ("config", "output_dir")}
+
+    demo, dinov2 = values("fashion_mnist_cpu.yaml"), values("fashion_mnist_dinov2_cpu.yaml")
+    changed = {key for key in demo if demo[key] != dinov2[key]}
+    assert changed == DINOV2_KEYS - {"mask_ratio_min_max", "mask_sample_probability"}  # those two: DINOv2's defaults
+    args = parse_training_args(["--config", str(CONFIGS / "fashion_mnist_dinov2_cpu.yaml")])
+    config = build_model_config(args)
+    assert config.uses_ibot and config.ibot_separate_head and config.koleo_loss_weight == 0.1
+    assert build_mask_sampler(args, config, 0).masking_generator.num_patches == 2 * 2  # 28 px / patch 14

@@ -1,5 +1,7 @@
-"""DinoLoss against an independent reference: the official pairwise double loop of
-facebookresearch/dino (``DINOLoss.forward``), written out plainly below in float64."""
+"""The losses against independent references written out plainly below in float64: DinoLoss against
+the official pairwise double loop of facebookresearch/dino (``DINOLoss.forward``); IBOTPatchLoss
+against DINOv2's ``iBOTPatchLoss`` (``softmax_center_teacher`` / ``sinkhorn_knopp_teacher`` /
+``forward_masked`` with the collate's ``masks_weight``); KoLeoLoss against DINOv2's ``KoLeoLoss``."""
 
 from __future__ import annotations
 
@@ -11,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 import dino_hf.loss as loss_module
+from dino_hf import IBOTPatchLoss, KoLeoLoss
 from dino_hf.loss import DinoLoss
 
 STUDENT_TEMPERATURE = 0.1
@@ -312,15 +315,23 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, results_dir:
     loss_fn.update_center(DinoLoss.teacher_logits_mean(local))
     sinkhorn = DinoLoss(10, centering="sinkhorn_knopp").double()
     probabilities = sinkhorn.teacher_probabilities(local, 0.5)
+    # iBOT: 5 masked patches on process 0, 2 on process 1 (unequal counts)
+    patches = random_logits(1, 7, 12, generator)[0]
+    local_patches = patches[:5] if rank == 0 else patches[5:]
+    ibot = IBOTPatchLoss(12).double()
+    ibot.update_center(local_patches.sum(0, keepdim=True), torch.tensor(float(len(local_patches))))
+    ibot_sinkhorn = IBOTPatchLoss(12, centering="sinkhorn_knopp").double().teacher_probabilities(local_patches, 0.5)
     torch.save(
-        {"center": loss_fn.center, "sinkhorn": probabilities, "teacher": teacher},
+        {"center": loss_fn.center, "sinkhorn": probabilities, "teacher": teacher, "patches": patches,
+         "ibot_center": ibot.center, "ibot_sinkhorn": ibot_sinkhorn},
         os.path.join(results_dir, f"rank{rank}.pt"),
     )
     torch.distributed.destroy_process_group()
 
 
 def test_distributed_center_and_sinkhorn_use_the_global_batch(tmp_path):
-    """Two gloo processes, each with half of the batch, match one process with all of it."""
+    """Two gloo processes, each with half of the batch, match one process with all of it (for iBOT,
+    with different numbers of masked patches on the two processes)."""
     world_size = 2
     torch.multiprocessing.spawn(
         _distributed_worker,
@@ -336,6 +347,189 @@ def test_distributed_center_and_sinkhorn_use_the_global_batch(tmp_path):
         assert_close_relative(
             result["sinkhorn"], expected_sinkhorn[:, 3 * rank : 3 * (rank + 1)], 1e-10
         )
+    patches = results[0]["patches"]
+    expected_ibot_center = 0.1 * patches.mean(0, keepdim=True)
+    expected_ibot_sinkhorn = reference_ibot_sinkhorn_knopp(patches, 0.5)
+    for rank, result in enumerate(results):
+        assert_close_relative(result["ibot_center"], expected_ibot_center, 1e-12)
+        rows = slice(0, 5) if rank == 0 else slice(5, 7)
+        assert_close_relative(result["ibot_sinkhorn"], expected_ibot_sinkhorn[rows], 1e-10)
+
+
+# ---------------------------------------------------------------------------------------------- iBOT
+def reference_ibot_teacher(teacher_patch_logits, center, teacher_temperature):
+    """DINOv2 ``iBOTPatchLoss.softmax_center_teacher``."""
+    return F.softmax((teacher_patch_logits - center) / teacher_temperature, dim=-1)
+
+
+def reference_ibot_sinkhorn_knopp(teacher_output, teacher_temperature, iterations=3):
+    """DINOv2 ``iBOTPatchLoss.sinkhorn_knopp_teacher`` on one process (B = the number of masked patches)."""
+    q = torch.exp(teacher_output / teacher_temperature).t()
+    num_samples = q.shape[1]
+    num_prototypes = q.shape[0]
+    q /= torch.sum(q)
+    for _ in range(iterations):
+        q /= torch.sum(q, dim=1, keepdim=True)
+        q /= num_prototypes
+        q /= torch.sum(q, dim=0, keepdim=True)
+        q /= num_samples
+    q *= num_samples
+    return q.t()
+
+
+def reference_ibot_loss(student_patch_logits, teacher_probabilities, masks, student_temperature):
+    """DINOv2 ``forward_masked`` with ``masks_weight`` from ``collate_data_and_cast`` (in float64: the
+    collate's int-to-float promotion would give float32 weights)."""
+    masks_weight = (1 / masks.sum(-1).double().clamp(min=1.0)).unsqueeze(-1).expand_as(masks)[masks]
+    loss = torch.sum(teacher_probabilities * F.log_softmax(student_patch_logits / student_temperature, dim=-1), dim=-1)
+    return -(loss * masks_weight).sum() / masks.shape[0]
+
+
+def random_masks(num_crops, num_patches, ratio, generator):
+    """Bool (N, P) masks, about ``ratio`` of the patches of about half the crops (the others empty)."""
+    masks = torch.rand(num_crops, num_patches, generator=generator) < ratio
+    masks[torch.rand(num_crops, generator=generator) < 0.5] = False
+    return masks
+
+
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_ibot_loss_matches_dinov2_reference(centering):
+    """Values, gradients and centre over batch sizes, mask ratios and temperatures, 3 steps each."""
+    num_prototypes, num_patches = 20, 16
+    generator = torch.Generator().manual_seed(11)
+    for num_crops, ratio, student_temperature, teacher_temperature in [
+        (1, 0.5, 0.1, 0.04), (4, 0.1, 0.1, 0.07), (6, 0.3, 0.2, 0.5), (10, 0.9, 0.1, 0.04),
+    ]:
+        loss_fn = IBOTPatchLoss(num_prototypes, student_temperature=student_temperature, centering=centering).double()
+        center = torch.zeros(1, num_prototypes, dtype=torch.float64)
+        for _step in range(3):
+            masks = random_masks(num_crops, num_patches, ratio, generator)
+            masks[0, 0] = True  # at least one masked patch
+            num_masked = int(masks.sum())
+            student = random_logits(1, num_masked, num_prototypes, generator)[0].requires_grad_(True)
+            teacher = random_logits(1, num_masked, num_prototypes, generator)[0]
+            loss = loss_fn(student, teacher, masks, teacher_temperature, update_center=True)
+            (gradient,) = torch.autograd.grad(loss, student)
+            if centering == "centering":
+                targets = reference_ibot_teacher(teacher, center, teacher_temperature)
+                center = center * 0.9 + teacher.mean(0, keepdim=True) * 0.1
+            else:
+                targets = reference_ibot_sinkhorn_knopp(teacher, teacher_temperature)
+            expected = reference_ibot_loss(student, targets, masks, student_temperature)
+            (expected_gradient,) = torch.autograd.grad(expected, student)
+            assert loss.dtype == torch.float64 and loss.ndim == 0
+            assert_close_relative(loss.detach(), expected.detach(), 1e-10)
+            assert_close_relative(gradient, expected_gradient, 1e-10)
+            if centering == "centering":
+                assert_close_relative(loss_fn.center, center, 1e-12)
+            else:
+                assert torch.count_nonzero(loss_fn.center) == 0
+
+
+def test_ibot_loss_statistics_masks_shapes_and_float32():
+    generator = torch.Generator().manual_seed(12)
+    masks = torch.zeros(3, 2, 2, dtype=torch.bool)
+    masks[0, 0, 0] = masks[0, 1, 1] = masks[2, 1, 0] = True  # crop 1 unmasked
+    student = torch.randn(3, 8, generator=generator, requires_grad=True)
+    teacher = torch.randn(3, 8, generator=generator)
+    loss_fn = IBOTPatchLoss(8)
+    output = loss_fn(student, teacher, masks, 0.04, update_center=False, return_statistics=True)
+    assert output.loss.dtype == torch.float32
+    expected = reference_ibot_loss(student.double(), reference_ibot_teacher(teacher.double(), 0.0, 0.04),
+                                   masks.flatten(1), 0.1)
+    assert_close_relative(output.loss.double(), expected.detach(), 1e-6)
+    probabilities = reference_ibot_teacher(teacher.double(), 0.0, 0.04)
+    entropy = torch.special.entr(probabilities).sum(-1).mean()
+    assert math.isclose(output.teacher_entropy.item(), entropy.item(), rel_tol=1e-5)
+    torch.testing.assert_close(output.teacher_logits_sum, teacher.sum(0, keepdim=True))
+    assert output.num_masked_patches.item() == 3.0
+    assert torch.count_nonzero(loss_fn.center) == 0  # update_center=False
+
+
+def test_ibot_loss_without_masked_patches_is_zero_and_keeps_the_centre():
+    loss_fn = IBOTPatchLoss(8)
+    loss_fn.center.fill_(0.5)
+    student = torch.zeros(0, 8, requires_grad=True)
+    output = loss_fn(student, torch.zeros(0, 8), torch.zeros(4, 16, dtype=torch.bool), 0.04,
+                     update_center=True, return_statistics=True)
+    assert output.loss.item() == 0.0 and output.num_masked_patches.item() == 0
+    output.loss.backward()  # still connected to the student
+    assert torch.equal(loss_fn.center, torch.full((1, 8), 0.5))
+    # a skipped step (apply False) keeps the centre as well
+    loss_fn.update_center(torch.ones(1, 8), torch.tensor(2.0), apply=torch.tensor(False))
+    assert torch.equal(loss_fn.center, torch.full((1, 8), 0.5))
+
+
+def test_ibot_loss_refuses_rows_that_do_not_match_the_masks():
+    loss_fn = IBOTPatchLoss(8)
+    masks = torch.zeros(2, 4, dtype=torch.bool)
+    masks[0, :3] = True
+    with pytest.raises(ValueError, match="one row per masked patch"):
+        loss_fn(torch.zeros(2, 8), torch.zeros(2, 8), masks, 0.04)
+    with pytest.raises(ValueError, match="bool tensor"):
+        loss_fn(torch.zeros(3, 8), torch.zeros(3, 8), masks.float(), 0.04)
+
+
+# ---------------------------------------------------------------------------------------------- KoLeo
+def reference_koleo(student_output, eps=1e-8):
+    """DINOv2 ``KoLeoLoss.forward`` (dinov2/loss/koleo_loss.py)."""
+    student_output = F.normalize(student_output, eps=eps, p=2, dim=-1)
+    dots = torch.mm(student_output, student_output.t())
+    n = student_output.shape[0]
+    dots.view(-1)[:: (n + 1)].fill_(-1)
+    _, nearest = torch.max(dots, dim=1)
+    distances = torch.nn.PairwiseDistance(2, eps=eps)(student_output, student_output[nearest])
+    return -torch.log(distances + eps).mean()
+
+
+@pytest.mark.parametrize("batch_size", [2, 3, 8, 64])
+@pytest.mark.parametrize("dimension", [2, 16, 384])
+def test_koleo_matches_dinov2_reference(batch_size, dimension):
+    generator = torch.Generator().manual_seed(batch_size * 1000 + dimension)
+    features = (5 * torch.randn(batch_size, dimension, generator=generator, dtype=torch.float64)).requires_grad_(True)
+    loss = KoLeoLoss()(features)
+    (gradient,) = torch.autograd.grad(loss, features)
+    expected = reference_koleo(features)
+    (expected_gradient,) = torch.autograd.grad(expected, features)
+    assert loss.dtype == torch.float64 and loss.ndim == 0
+    assert_close_relative(loss.detach(), expected.detach(), 1e-10)
+    assert_close_relative(gradient, expected_gradient, 1e-10)
+
+
+def test_koleo_guards_duplicates_and_single_samples():
+    generator = torch.Generator().manual_seed(5)
+    distinct = torch.randn(5, 8, generator=generator, dtype=torch.float64)
+    with_duplicates = torch.cat([distinct, distinct[:2], 3 * distinct[:1]]).requires_grad_(True)  # 3 duplicates
+    loss = KoLeoLoss()(with_duplicates)
+    (gradient,) = torch.autograd.grad(loss, with_duplicates)
+    assert torch.isfinite(loss) and torch.isfinite(gradient).all() and gradient.abs().max() < 100
+    # DINOv2's value would be dominated by -log(~1e-8) terms; ours: each duplicate's neighbour is the
+    # nearest *other* feature, i.e. the same value as for the batch without duplicates, sample by sample
+    normalised = F.normalize(distinct, dim=-1)
+    distances = torch.cdist(normalised, normalised).fill_diagonal_(math.inf)
+    per_sample = -torch.log(distances.min(1).values + 1e-8)
+    expected = torch.cat([per_sample, per_sample[:2], per_sample[:1]]).mean()
+    torch.testing.assert_close(loss.detach(), expected, rtol=0, atol=1e-6)  # (DINOv2's eps inside the distance)
+    assert reference_koleo(with_duplicates.detach()) > loss + 3
+
+    single = torch.randn(1, 8, requires_grad=True)
+    assert KoLeoLoss()(single).item() == 0.0
+    same = torch.ones(4, 8, requires_grad=True)
+    value = KoLeoLoss()(same)
+    value.backward()
+    assert value.item() == 0.0 and torch.count_nonzero(same.grad) == 0
+
+
+def test_koleo_runs_in_float32_under_half_precision_inputs():
+    """fp16 features with a duplicate: DINOv2's eps underflows there (inf); here the loss is float32."""
+    features = torch.randn(6, 32, dtype=torch.float16)
+    features = torch.cat([features, features[:1]])
+    loss = KoLeoLoss()(features)
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    expected = KoLeoLoss()(features.float())
+    assert math.isclose(loss.item(), expected.item(), rel_tol=1e-6)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert KoLeoLoss()(features.float()).dtype == torch.float32
 
 
 def test_teacher_student_kl_is_the_loss_minus_the_teacher_entropy_on_a_fixed_batch():

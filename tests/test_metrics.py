@@ -1,10 +1,11 @@
-"""Metrics and monitors (dino_hf.metrics): the collapse monitor's warnings and remedies, the gradient-spike monitor."""
+"""Metrics and monitors (dino_hf.metrics): the collapse monitor's warnings and remedies (DINO and iBOT
+heads), the gradient-spike monitor, the logged keys."""
 
 from __future__ import annotations
 
 import math
 
-from dino_hf.metrics import CollapseMonitor, GradientSpikeMonitor
+from dino_hf.metrics import CollapseMonitor, GradientSpikeMonitor, metric_keys
 
 
 def test_collapse_monitor_warns_once_after_patience():
@@ -91,3 +92,25 @@ def test_one_hot_collapse_counts_the_prototypes_in_use():
     assert "one-hot" in message and "about 1.8 of K = 1024 prototypes" in message
     assert "--center_momentum 0.9 (now 1" in message
     assert CollapseMonitor(num_prototypes=1024, patience_steps=0).update(0, {"teacher_mean_entropy": 0.8}) is None
+
+
+def test_collapse_monitor_watches_the_ibot_head():
+    monitor = CollapseMonitor(num_prototypes=64, patience_steps=20, ibot_num_prototypes=128)
+    healthy = {"loss": 2.0, "teacher_entropy": 1.0, "teacher_mean_entropy": 3.0}
+    patches_uniform = {**healthy, "ibot_teacher_entropy": math.log(128) - 0.01, "ibot_teacher_mean_entropy": 4.8}
+    assert monitor.update(10, patches_uniform) is None
+    message = monitor.update(30, patches_uniform)
+    assert message and "uniform, iBOT head" in message and "4.84" in message
+    patches_one_hot = {**healthy, "ibot_teacher_entropy": 0.0, "ibot_teacher_mean_entropy": 0.02}
+    assert monitor.update(40, patches_one_hot) is None
+    assert "one-hot, iBOT head" in monitor.update(60, patches_one_hot)
+    # without an iBOT head the iBOT columns are not watched
+    assert CollapseMonitor(64, 0).update(0, patches_one_hot) is None
+
+
+def test_metric_keys_follow_the_objective():
+    base = ("loss", "grad_norm", "teacher_entropy", "teacher_mean_entropy", "student_entropy", "teacher_student_kl")
+    assert metric_keys() == base  # DINO: as before
+    assert metric_keys(ibot=True, koleo=True) == (
+        *base, "dino_loss", "ibot_loss", "ibot_teacher_entropy", "ibot_teacher_mean_entropy", "koleo_loss")
+    assert metric_keys(koleo=True)[-2:] == ("dino_loss", "koleo_loss")

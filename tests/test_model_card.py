@@ -72,3 +72,15 @@ def test_architecture_row_follows_the_actual_config_and_local_sets_stay_out_of_t
     assert "model-index" not in card.data.to_dict() and "datasets" not in card.data.to_dict()
     assert "`fashion`" in card.text and "`images`" in card.text and "secret_place" not in card.text
     assert 'model_kwargs={"add_pooling_layer": False}' in card.text
+
+
+def test_card_names_dinov2s_terms_when_the_run_used_them(tmp_path):
+    run = write_training_output(tmp_path / "run")
+    config = json.loads((run / "config.json").read_text())
+    assert "Objective |" not in str(render_model_card(run, "tester/tiny-dino"))  # DINO alone: as before
+    config.update(ibot_loss_weight=1.0, ibot_separate_head=True, ibot_num_prototypes=256, koleo_loss_weight=0.1,
+                  teacher_centering="sinkhorn_knopp")
+    (run / "config.json").write_text(json.dumps(config))
+    text = str(render_model_card(run, "tester/tiny-dinov2"))
+    assert ("| Objective | DINO + iBOT masked patches (weight 1, own head, K 256) + KoLeo (weight 0.1), teachers: "
+            "sinkhorn-knopp |") in text

@@ -5,7 +5,7 @@ import pytest
 import torch
 from tiny_models import tiny_dino_config
 
-from dino_hf import DinoForPreTraining, DinoHead
+from dino_hf import DinoForPreTraining, DinoHead, KoLeoLoss
 from dino_hf.modeling_dino import WeightNormalizedLinear
 
 BATCH = 3
@@ -267,3 +267,82 @@ def test_update_teacher_accepts_a_tensor_momentum(model):
     students = dict(model.student.named_parameters())
     for name, tensor in model.teacher.named_parameters():
         assert torch.allclose(tensor, 0.75 * before[name] + 0.25 * students[name], atol=1e-6), name
+
+
+# ------------------------------------------------------------------------------ DINOv2's objective
+def _dinov2_model(separate_head: bool, centering: str = "centering") -> DinoForPreTraining:
+    torch.manual_seed(0)
+    config = tiny_dino_config(drop_path_rate=0.0, ibot_loss_weight=0.7, koleo_loss_weight=0.3,
+                              ibot_separate_head=separate_head, teacher_centering=centering,
+                              ibot_num_prototypes=40 if separate_head else None)
+    return DinoForPreTraining(config).eval()
+
+
+def _masks(batch: int = BATCH, seed: int = 0) -> torch.Tensor:
+    generator = torch.Generator().manual_seed(seed)
+    masks = torch.rand(2, batch, 4, 4, generator=generator) < 0.4  # the 4x4 patch grid of 32 px crops
+    masks[0, 0, 0, 0] = True
+    return masks
+
+
+@pytest.mark.parametrize("separate_head", [False, True], ids=["shared_head", "separate_head"])
+@pytest.mark.parametrize("centering", ["centering", "sinkhorn_knopp"])
+def test_dinov2_objective_matches_its_terms_recomputed_from_the_parts(separate_head, centering):
+    """loss = dino + w_ibot * ibot + w_koleo * sum over global crops of KoLeo; the iBOT term pairs the
+    student's masked view with the teacher's unmasked one on the masked patches only."""
+    model = _dinov2_model(separate_head, centering)
+    with torch.no_grad():
+        for parameter in model.teacher.parameters():
+            parameter.add_(0.05 * torch.randn_like(parameter))  # teacher != student
+    global_crops, local_crops = make_crops()
+    masks = _masks()
+    output = model(global_crops, local_crops, teacher_temperature=0.04, masks=masks, update_center=False)
+    flat_masks = masks.reshape(2 * BATCH, 16)
+    global_flat = global_crops.flatten(0, 1)
+    with torch.no_grad():
+        student_class, student_patches = model.student.embed_tokens(global_flat, flat_masks)
+        _, teacher_patches = model.teacher.embed_tokens(global_flat)
+        patch_head = (model.student.ibot_head, model.teacher.ibot_head) if separate_head else \
+            (model.student.head, model.teacher.head)
+        student_patch_logits = patch_head[0](student_patches[flat_masks])
+        teacher_patch_logits = patch_head[1](teacher_patches[flat_masks])
+        expected_ibot = model.ibot_loss_fn(student_patch_logits, teacher_patch_logits, flat_masks, 0.04,
+                                           update_center=False)
+        expected_koleo = torch.stack([KoLeoLoss()(crop) for crop in student_class.view(2, BATCH, -1)])
+    assert output.ibot_loss.shape == () and output.koleo_loss.shape == ()
+    torch.testing.assert_close(output.ibot_loss, expected_ibot, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.koleo_loss, expected_koleo.mean(), rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(output.loss, output.dino_loss + 0.7 * output.ibot_loss + 0.3 * expected_koleo.sum(),
+                               rtol=1e-6, atol=1e-6)
+    assert output.ibot_num_masked_patches.item() == int(masks.sum())
+    assert output.ibot_teacher_logits_sum.shape == (1, 40 if separate_head else 64)
+    assert 0.0 <= output.ibot_teacher_entropy.item() <= output.ibot_teacher_mean_entropy.item() + 1e-5
+
+
+def test_dinov2_heads_centers_and_gradients(tmp_path):
+    model = _dinov2_model(separate_head=True).train()
+    assert model.student.ibot_head.last_layer.weight_v.shape == (40, 16)
+    assert model.ibot_loss_fn.center.shape == (1, 40)
+    output = model(*make_crops(), teacher_temperature=0.04, masks=_masks())
+    output.loss.backward()
+    assert model.student.ibot_head.mlp[0].weight.grad is not None
+    assert model.student.backbone.embeddings.mask_token.grad.abs().sum() > 0
+    assert all(parameter.grad is None for parameter in model.teacher.parameters())
+    assert torch.count_nonzero(model.ibot_loss_fn.center) > 0  # training mode: both centers updated
+    model.cancel_last_layer_gradients()
+    assert model.student.ibot_head.last_layer.weight_v.grad is None
+    model.save_pretrained(tmp_path / "model")
+    loaded = DinoForPreTraining.from_pretrained(tmp_path / "model")
+    for name, tensor in model.state_dict().items():
+        assert torch.equal(tensor, loaded.state_dict()[name]), name
+    assert "ibot_loss_fn.center" in model.state_dict() and "student.ibot_head.last_layer.weight_v" in model.state_dict()
+    shared = _dinov2_model(separate_head=False)
+    assert shared.student.ibot_head is None and not any("ibot_head" in key for key in shared.state_dict())
+
+
+def test_dinov2_model_without_masks_has_no_patch_term():
+    model = _dinov2_model(separate_head=False)
+    output = model(*make_crops(), teacher_temperature=0.04)
+    assert output.ibot_loss.item() == 0.0 and output.ibot_teacher_entropy is None
+    with pytest.raises(ValueError, match="masks must be a bool tensor"):
+        model(*make_crops(), masks=_masks().float())

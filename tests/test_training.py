@@ -364,6 +364,13 @@ def _bad_input_cases(webdataset: Path) -> list[tuple[list[str], str]]:
         (["--config_overrides", "no_such_key=1"], "--config_overrides"),
         (["--train_split", "validation"], "--train_split"),
         (["--augmentation_working_size", "64"], "--augmentation_working_size"),
+        # DINOv2's objective
+        (["--ibot_loss_weight", "1", "--mask_ratio_min_max", "0.1", "1.5"], "--mask_ratio_min_max"),
+        (["--ibot_loss_weight", "1", "--mask_ratio_min_max", "0.5", "0.1"], "--mask_ratio_min_max"),
+        (["--ibot_loss_weight", "1", "--mask_sample_probability", "0"], "--mask_sample_probability 0"),
+        (["--model_config", "resnet50", "--ibot_loss_weight", "1"], "--ibot_loss_weight: iBOT masks patch tokens"),
+        (["--ibot_loss_weight", "1", "--ibot_num_prototypes", "32"], "--ibot_separate_head true"),
+        (["--teacher_centering", "sinkhorn"], "--teacher_centering"),
     ]
     if not torch.cuda.is_available():
         cases.append((["--mixed_precision", "fp16"], "--mixed_precision bf16"))
@@ -468,6 +475,21 @@ def test_no_token_is_kept_in_training_args_json(dataset, tiny_config_file, tmp_p
     text = (tmp_path / "run" / "training_args.json").read_text()
     assert token not in text and "not-hf-shaped-but-secret-token" not in text
     assert json.loads(text)["tracker_project_name"] == "hf_*** ***"
+
+
+def test_fsdp_on_a_single_process_exits_2_with_one_sentence(dataset, tiny_config_file, tmp_path, capsys, monkeypatch):
+    """What ``accelerate launch --use_fsdp --num_processes 1`` passes on: refused, naming --use_fsdp."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    status = _load_script().main(["--dataset_name", str(dataset), "--output_dir", str(tmp_path / "out"),
+                                  "--model_config", str(tiny_config_file), "--max_steps", "2"])
+    err = capsys.readouterr().err
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert status == 2 and len(lines) == 1 and "--use_fsdp" in lines[0] and "Traceback" not in err, err
+    AcceleratorState._reset_state(reset_partial_state=True)
 
 
 # ------------------------------------------------------------------------------ extras

@@ -155,6 +155,15 @@ def test_report_to_takes_any_accelerate_tracker_and_several():
         (REQUIRED + ["--max_train_minutes", "0"], "--max_train_minutes"),
         (REQUIRED + ["--max_train_minutes", "5", "--max_steps", "100"], "--max_train_minutes"),
         (REQUIRED + ["--max_train_minutes", "5", "--num_train_epochs", "3"], "--num_train_epochs"),
+        (REQUIRED + ["--mask_ratio_min_max", "0.5", "0.1"], "--mask_ratio_min_max"),
+        (REQUIRED + ["--mask_ratio_min_max", "-0.1", "0.5"], "--mask_ratio_min_max"),
+        (REQUIRED + ["--mask_ratio_min_max", "0.1", "1.5"], "--mask_ratio_min_max"),
+        (REQUIRED + ["--mask_ratio_min_max", "0.1"], "--mask_ratio_min_max"),
+        (REQUIRED + ["--mask_sample_probability", "1.5"], "--mask_sample_probability"),
+        (REQUIRED + ["--ibot_loss_weight", "-1"], "--ibot_loss_weight"),
+        (REQUIRED + ["--koleo_loss_weight", "nan"], "--koleo_loss_weight"),
+        (REQUIRED + ["--sinkhorn_iterations", "0"], "--sinkhorn_iterations"),
+        (REQUIRED + ["--teacher_centering", "mean"], "--teacher_centering"),
     ],
 )
 def test_invalid_values_raise_one_sentence_naming_the_flag(flags, flag_named):
@@ -163,6 +172,18 @@ def test_invalid_values_raise_one_sentence_naming_the_flag(flags, flag_named):
     message = str(error.value)
     assert flag_named in message
     assert message.endswith(".") and message.count(". ") == 0 and "\n" not in message
+
+
+def test_dinov2_flags_parse_and_default_to_the_model_config():
+    args = parse_training_args(REQUIRED)
+    assert (args.ibot_loss_weight, args.koleo_loss_weight, args.teacher_centering, args.ibot_separate_head) == (
+        None, None, None, None)  # the model config's (DINO v1)
+    assert args.mask_ratio_min_max == [0.1, 0.5] and args.mask_sample_probability == 0.5  # DINOv2's
+    args = parse_training_args(REQUIRED + ["--ibot_loss_weight", "1", "--koleo_loss_weight", "0.1", "--teacher_centering",
+                                           "sinkhorn_knopp", "--sinkhorn_iterations", "5", "--ibot_separate_head",
+                                           "true", "--ibot_num_prototypes", "4096"])
+    assert (args.ibot_loss_weight, args.koleo_loss_weight, args.teacher_centering, args.sinkhorn_iterations,
+            args.ibot_separate_head, args.ibot_num_prototypes) == (1.0, 0.1, "sinkhorn_knopp", 5, True, 4096)
 
 
 def test_usage_errors_are_one_line_and_exit_2(capsys):

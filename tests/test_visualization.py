@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from PIL import Image
-from tiny_models import tiny_vit
+from tiny_models import tiny_backbone_config, tiny_vit
 
 from dino_hf.visualization import attention_maps, plot_training_curves, save_attention_maps, threshold_attention
 
@@ -26,6 +26,20 @@ def test_attention_maps_shape_from_eager_model():
     with torch.no_grad():
         last = model(torch.zeros(1, 3, 32, 32), output_attentions=True).attentions[-1]
     torch.testing.assert_close(attention_maps(model, torch.zeros(1, 3, 32, 32)), last[:, :, 0, 1:].reshape(1, 2, 4, 4))
+
+
+@pytest.mark.parametrize("model_type", ["dinov2_with_registers", "dinov3_vit"])
+def test_attention_maps_leave_the_registers_out(model_type):
+    """CLS attention over the patches only: the 2 register tokens between CLS and the patches are skipped."""
+    from transformers import AutoModel
+
+    torch.manual_seed(0)
+    model = AutoModel.from_config(tiny_backbone_config(model_type), attn_implementation="eager").eval()
+    pixels = torch.randn(1, 3, 32, 32)
+    with torch.no_grad():
+        last = model(pixel_values=pixels, output_attentions=True).attentions[-1]
+    assert last.shape[-1] == 1 + 2 + 16
+    torch.testing.assert_close(attention_maps(model, pixels), last[:, :, 0, 3:].reshape(1, 2, 4, 4))
 
 
 def test_attention_maps_switch_an_sdpa_model_temporarily():

@@ -9,7 +9,7 @@ import torch
 from tiny_models import tiny_dino_config
 
 from dino_hf import DinoForPreTraining
-from dino_hf.vit_forward import vit_layer_forward
+from dino_hf.vit_forward import encode_tokens, vit_layer_forward
 
 
 @pytest.mark.parametrize("attention", ["sdpa", "eager"])
@@ -33,6 +33,29 @@ def test_class_token_only_last_block_matches_the_full_backbone(attention, size):
             assert ours_gradient is None
         else:
             torch.testing.assert_close(ours_gradient, full_gradient, rtol=1e-9, atol=1e-10)
+
+
+@pytest.mark.parametrize("size", [32, 16])
+def test_every_token_with_masked_patches_matches_the_full_backbone(size):
+    """encode_tokens() (the iBOT path: the last block in full, masked patches replaced by the mask
+    token) is ViTModel(..., bool_masked_pos): values and gradients, the mask token's included."""
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_dino_config(drop_path_rate=0.0, ibot_loss_weight=1.0)).to(torch.float64)
+    backbone = model.student.backbone
+    with torch.no_grad():
+        backbone.embeddings.mask_token.normal_()
+    images = torch.randn(5, 3, size, size, dtype=torch.float64)
+    masks = torch.rand(5, (size // 8) ** 2) < 0.5
+    ours = encode_tokens(backbone, images, masks)
+    full = backbone(pixel_values=images, bool_masked_pos=masks, interpolate_pos_encoding=True).last_hidden_state
+    torch.testing.assert_close(ours, full, rtol=1e-10, atol=1e-10)
+    weights = torch.randn_like(ours)
+    parameters = [p for p in backbone.parameters() if p.requires_grad]
+    ours_gradients = torch.autograd.grad((ours * weights).sum(), parameters)
+    full_gradients = torch.autograd.grad((full * weights).sum(), parameters)
+    for ours_gradient, full_gradient in zip(ours_gradients, full_gradients, strict=True):
+        torch.testing.assert_close(ours_gradient, full_gradient, rtol=1e-9, atol=1e-10)
+    assert ours_gradients[[id(p) for p in parameters].index(id(backbone.embeddings.mask_token))].abs().sum() > 0
 
 
 @pytest.mark.parametrize("checkpointing", [False, True])

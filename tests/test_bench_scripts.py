@@ -105,6 +105,7 @@ def test_batched_augmentation_benchmark_records(tmp_path: Path) -> None:
     assert len(_rows(results_file, "bench_batched_augmentation")) == 1
 
 
+@pytest.mark.slow  # 30 s of three short CPU trainings; the script's GPU half needs a GPU anyway
 def test_gpu_check_cpu_path(tmp_path: Path) -> None:
     results_table = BENCHMARKS / "RESULTS.md"
     before = results_table.read_text() if results_table.exists() else None

@@ -406,7 +406,7 @@ def _assert_one_sentence(script, argv: list[str], capsys, expected: str) -> str:
     from accelerate.state import AcceleratorState
 
     AcceleratorState._reset_state(reset_partial_state=True)
-    status = script.main(argv)
+    status = script.main(argv, prog="train.py")  # the name scripts/train.py gives when run as a script
     err = capsys.readouterr().err
     lines = [line for line in err.splitlines() if line.strip()]
     error_lines = [line for line in lines if line.startswith("train.py: error:")]

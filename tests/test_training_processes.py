@@ -122,7 +122,8 @@ def test_sigkill_after_a_checkpoint_then_resume_ends_bit_identical(dataset, tiny
     )
 
 
-@pytest.mark.parametrize("model_type", ["dinov2_with_registers", "convnext"])
+# dinov2_with_registers in the slow run only: the DINOv2-objective process test resumes that family exactly too
+@pytest.mark.parametrize("model_type", [pytest.param("dinov2_with_registers", marks=pytest.mark.slow), "convnext"])
 def test_kill_and_resume_is_exact_for_other_backbone_families(model_type, dataset, tmp_path):
     """The same promise for a DINOv2 with registers (native drop path, layer scale) and a ConvNeXt."""
     config_dir = tmp_path / "config"
@@ -234,6 +235,7 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(dataset, tmp_path):
         assert fsdp_row["grad_norm"] == pytest.approx(ddp_row["grad_norm"], rel=1e-4)
 
 
+@pytest.mark.slow  # the SIGKILL-and-resume tests of the default run cover the loop; this one the device augmentation's generator
 def test_kill_and_resume_is_exact_with_on_device_augmentation(dataset, tiny_config_file, tmp_path):
     """--augmentation_device cpu: the crops' generator is part of the checkpoint."""
     _assert_kill_and_resume_is_exact(
@@ -395,6 +397,7 @@ def test_a_process_group_sigterm_with_loader_workers_saves_the_current_step_and_
     )
 
 
+@pytest.mark.slow  # the process-group SIGTERM with loader workers (default run) resumes exactly as well
 def test_a_process_group_sigterm_without_workers_resumes_bit_exact(dataset, tiny_config_file, tmp_path):
     _assert_group_sigterm_then_resume_is_exact(
         [sys.executable], 1,
@@ -429,6 +432,7 @@ def test_torchrun_on_a_machine_without_gpu_trains_as_two_real_processes(dataset,
 
 
 # ------------------------------------------------------------------------------ one run per output folder
+@pytest.mark.slow  # RunLock's refusal is unit-tested in test_checkpointing, its takeover in the default run
 def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_untouched(dataset, tiny_config_file,
                                                                                    tmp_path):
     output_dir, pause = tmp_path / "run", tmp_path / "pause"

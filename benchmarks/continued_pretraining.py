@@ -172,6 +172,21 @@ def final_knn(backbone_dir: Path, domain: Path) -> float:
     return knn_accuracy(*features["train"], *features["test"], k=(20,))[20]
 
 
+def monitor_knn(backbone_dir: Path, eval_flags: list[str]) -> float:
+    """Weighted 20-NN of an exported backbone with the in-training evaluation's own protocol (the
+    `KnnMonitor` that ``eval_flags`` give every run: the same seeded subsets and processor), so that a
+    run's curve can be compared with its starting point."""
+    from dino_hf.backbones import image_processor_dict, load_backbone
+    from dino_hf.builders import build_knn_monitor
+    from dino_hf.training_args import parse_training_args
+
+    args = parse_training_args(["--config", str(RECIPE), "--output_dir", str(backbone_dir.parent / "unused"),
+                                *eval_flags])
+    # with the processor a run continued from this folder evaluates with (DinoForPreTraining.from_backbone's)
+    monitor = build_knn_monitor(args, image_processor=image_processor_dict(backbone_dir))
+    return monitor.evaluate(load_backbone(backbone_dir))["knn_top1_k20"]
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     work_dir = Path(args.output_dir)
@@ -188,7 +203,9 @@ def main(argv: list[str] | None = None) -> dict:
         start_dir, _, start_wall = run_training(
             f"{architecture}_pretrain_a", [*model, "--dataset_name", str(domain_a), "--eval_dataset_name", "",
                                            "--max_train_minutes", str(args.pretrain_minutes)], work_dir)
-        entry = {"start": final_knn(start_dir / "backbone", domain_b), "pretrain_minutes": round(start_wall / 60, 2)}
+        entry = {"start": final_knn(start_dir / "backbone", domain_b),
+                 "start_in_training_protocol": monitor_knn(start_dir / "backbone", b_eval),
+                 "pretrain_minutes": round(start_wall / 60, 2)}
         continued = {name: VARIANTS[name] for name in args.variants}
         for name, flags in continued.items():
             output_dir, rows, _ = run_training(
@@ -210,6 +227,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {"pretrain_minutes": args.pretrain_minutes, "continue_minutes": args.continue_minutes}
     for architecture, entry in results.items():
         metrics[f"{architecture}_start"] = round(entry["start"], 4)
+        metrics[f"{architecture}_start_in_training_protocol"] = round(entry["start_in_training_protocol"], 4)
         for name in args.variants:
             metrics[f"{architecture}_{name}_final"] = round(entry[name]["final"], 4)
             metrics[f"{architecture}_{name}_lowest_in_training"] = round(entry[name]["minimum"], 4)
@@ -218,7 +236,7 @@ def main(argv: list[str] | None = None) -> dict:
         "Fashion-MNIST domain shift: pre-trained on classes 0-4,6 for pretrain_minutes (demo recipe), continued on "
         "classes 5,7,8,9 for continue_minutes per run through scripts/train.py --model_name_or_path; weighted 20-NN "
         "on B (memory B train 24k, classified B test 4k) of the exported teacher (*_final), and the lowest in-training "
-        "20-NN (4000/4000 images) of each run; today = fresh heads, no warm-up, full backbone rate; default = dino_hf's "
+        "20-NN (4000/4000 images) of each run, to compare with *_start_in_training_protocol (the start backbone on those images); today = fresh heads, no warm-up, full backbone rate; default = dino_hf's "
         "continued-pre-training defaults; scratch = same budget from random weights. Curves in outputs/"
         f"{BENCHMARK}/results.json."
     )

@@ -67,7 +67,7 @@ bench: $(VENV)/.installed $(DATA_DIR)/.prepared
 bench-quality: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/quality_fashion_mnist.py --data_dir $(DATA_DIR)
 
-# DINOv2's objective against DINO v1 on Fashion-MNIST, 9 minutes each on the CPU (benchmarks/RESULTS.md).
+# DINOv2's objective against DINO v1 on Fashion-MNIST, 8 minutes each on the CPU (benchmarks/RESULTS.md).
 bench-dinov2: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/dinov2_fashion_mnist.py --data_dir $(DATA_DIR)
 

@@ -16,7 +16,7 @@ next to raw pixels and the same ViT with random weights, and records one row in 
 The machine may be shared: both runs share the invocation, so they see comparable load, but each
 one's step count is what its calibration measured. Run it on a quiet machine for a fair comparison:
 
-    .venv/bin/python benchmarks/dinov2_fashion_mnist.py                                  # 2 x 9 minutes
+    .venv/bin/python benchmarks/dinov2_fashion_mnist.py                                  # 2 x 8 minutes
     .venv/bin/python benchmarks/dinov2_fashion_mnist.py --budget_minutes 1 --no_record   # smoke run
 """
 
@@ -47,7 +47,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
     )
-    parser.add_argument("--budget_minutes", type=float, default=9.0,
+    parser.add_argument("--budget_minutes", type=float, default=8.0,
                         help="Wall-clock budget of each training run (scripts/train.py --max_train_minutes).")
     parser.add_argument("--data_dir", default=str(REPO_ROOT / "data" / "fashion_mnist"),
                         help="Fashion-MNIST parquet (written by scripts/prepare_fashion_mnist.py when missing).")

@@ -56,7 +56,9 @@ class MetricsAccumulator:
     Args:
         device: where the sums live.
         keys: what to average (:func:`metric_keys`): ``loss`` and ``grad_norm`` are `StepStatistics`
-            fields, the others entries of its ``loss_statistics`` (NaN, not counted, where absent).
+            fields, the others entries of its ``loss_statistics``. Each key is averaged over the
+            applied steps that gave it a finite value (e.g. the iBOT teacher's entropies skip a step
+            without masked patches), so an absent value neither counts nor lowers the mean.
     """
 
     def __init__(self, device: torch.device, keys: tuple[str, ...] = BASE_METRIC_KEYS) -> None:
@@ -67,6 +69,7 @@ class MetricsAccumulator:
 
     def _reset(self) -> None:
         self.sums = torch.zeros(len(self.keys), device=self.device)
+        self.counts = torch.zeros(len(self.keys), device=self.device)  # steps that gave each key a value
         self.finite_steps = torch.zeros((), device=self.device)
         self.grad_norm_max = torch.zeros((), device=self.device)
         self.steps = 0
@@ -79,7 +82,9 @@ class MetricsAccumulator:
             for key in self.keys
         ])
         finite = statistics.finite
-        self.sums += torch.where(finite & torch.isfinite(values), values, torch.zeros_like(values))
+        valid = finite & torch.isfinite(values)
+        self.sums += torch.where(valid, values, torch.zeros_like(values))
+        self.counts += valid.float()
         self.finite_steps += finite.float()
         grad_norm = statistics.grad_norm.float()
         self.grad_norm_max = torch.maximum(self.grad_norm_max, torch.where(finite, grad_norm, torch.zeros_like(grad_norm)))
@@ -89,14 +94,16 @@ class MetricsAccumulator:
 
     def flush(self, accelerator: Accelerator) -> dict[str, float]:
         """Means since the last flush over steps and processes; resets the sums."""
-        packed = torch.cat([self.sums, self.grad_norm_max.reshape(1), self.finite_steps.reshape(1)])
+        packed = torch.cat([self.sums, self.counts, self.grad_norm_max.reshape(1), self.finite_steps.reshape(1)])
         packed = accelerator.reduce(packed, reduction="sum") if accelerator.num_processes > 1 else packed
         values = packed.tolist()
         processes = accelerator.num_processes
         finite_steps = values[-1] / processes
+        num_keys = len(self.keys)
         row: dict[str, float] = {}
         for index, key in enumerate(self.keys):
-            row[key] = values[index] / max(values[-1], 1.0) if finite_steps > 0 else float("nan")
+            count = values[num_keys + index]
+            row[key] = values[index] / count if count > 0 else float("nan")
         # the gradient norm is taken after the all-reduce, so every process holds the same maximum
         row["grad_norm_max"] = values[-2] / processes if finite_steps > 0 else float("nan")
         row["nonfinite_steps"] = round(self.steps - finite_steps)
@@ -106,16 +113,20 @@ class MetricsAccumulator:
 
     def state_dict(self) -> dict[str, Any]:
         """The sums since the last logging step (so that a resumed run logs the same rows)."""
-        return {"sums": self.sums.cpu(), "finite_steps": self.finite_steps.cpu(), "steps": self.steps,
-                "grad_norm_max": self.grad_norm_max.cpu(),
+        return {"keys": list(self.keys), "sums": self.sums.cpu(), "counts": self.counts.cpu(),
+                "finite_steps": self.finite_steps.cpu(), "steps": self.steps, "grad_norm_max": self.grad_norm_max.cpu(),
                 "current_run": self.current_run.cpu(), "longest_run": self.longest_run.cpu()}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        if state["sums"].numel() != len(self.keys):
-            # a checkpoint written before the loss reported its present statistics: the window it was
-            # in starts again from zero (its first logged row averages fewer steps)
+        saved_keys = tuple(state.get("keys", BASE_METRIC_KEYS[: state["sums"].numel()]))
+        if saved_keys != self.keys:
+            # other statistics than this run logs (a checkpoint from before the loss reported its
+            # present ones, or a resume that changed the loss terms): the window it was in starts again
+            # from zero rather than putting sums in the wrong columns (its first row averages fewer steps)
             return
         self.sums = state["sums"].to(self.device)
+        # (a checkpoint without counts: every applied step gave every key a value)
+        self.counts = state.get("counts", state["finite_steps"].expand(len(self.keys))).clone().to(self.device)
         self.grad_norm_max = state.get("grad_norm_max", torch.zeros(())).to(self.device)
         self.finite_steps = state["finite_steps"].to(self.device)
         self.steps = int(state["steps"])
@@ -200,6 +211,7 @@ class CollapseMonitor:
                  ibot_num_prototypes: int | None = None) -> None:
         self.num_prototypes = num_prototypes
         self.log_k = math.log(num_prototypes)
+        self.ibot_num_prototypes = ibot_num_prototypes
         self.ibot_log_k = math.log(ibot_num_prototypes) if ibot_num_prototypes else None
         self.patience_steps = patience_steps
         self.teacher_temperature = teacher_temperature
@@ -235,18 +247,22 @@ class CollapseMonitor:
         return message
 
     def remedies(self, kind: str, row: dict[str, float] | None = None) -> list[str]:
-        """The flag changes that address a ``"uniform"`` or ``"one-hot"`` collapse of this run."""
+        """The flag changes that address a ``"uniform"`` or ``"one-hot"`` collapse of this run (of its
+        iBOT head for ``"uniform, iBOT head"`` / ``"one-hot, iBOT head"``)."""
         row = row or {}
         temperature = row.get("teacher_temperature") or self.teacher_temperature
+        kind, _, head = kind.partition(", ")
         if kind == "uniform":
             # A flat teacher: sharpen it (lower temperature, from the first step), give it fewer
             # prototypes to spread over, and let it follow the student sooner (lower EMA momentum).
             sharper = _round_significant(0.75 * temperature)
             remedies = [f"--teacher_temperature {sharper} --warmup_teacher_temperature {sharper} "
                         f"(now {temperature:g}: a sharper teacher from the first step)"]
-            if self.num_prototypes > 256:
-                fewer = max(256, min(4096, self.num_prototypes // 4))
-                remedies.append(f"--config_overrides num_prototypes={fewer} (now K = {self.num_prototypes})")
+            num_prototypes = self.ibot_num_prototypes if head else self.num_prototypes
+            if num_prototypes > 256:
+                fewer = max(256, min(4096, num_prototypes // 4))
+                remedies.append(f"--ibot_separate_head true --ibot_num_prototypes {fewer} (now iBOT K = {num_prototypes})"
+                                if head else f"--config_overrides num_prototypes={fewer} (now K = {num_prototypes})")
             if self.teacher_momentum > 0.99:
                 faster = round(1.0 - 2.5 * (1.0 - self.teacher_momentum), 4)
                 remedies.append(f"--teacher_momentum {faster:g} (now {self.teacher_momentum:g}: a teacher that "
@@ -281,7 +297,7 @@ class CollapseMonitor:
                       f"nats (about {math.exp(row['teacher_mean_entropy']):.1f} of K = {self.num_prototypes} prototypes "
                       "in effective use)")
         return (f"Training looks collapsed ({kind}) for {steps} steps: {detail}. Remedies for this run: "
-                + "; ".join(self.remedies(kind.split(",")[0], row)) + ".")
+                + "; ".join(self.remedies(kind, row)) + ".")
 
 
 def _round_significant(value: float, digits: int = 2) -> float:

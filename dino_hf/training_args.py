@@ -83,8 +83,9 @@ class DinoTrainingArguments:
         default=None,
         metadata=_help(
             "YAML or JSON file with any of these arguments (keys are the flag names without '--'), or "
-            "the name of a recipe shipped with dino_hf (fashion_mnist_cpu, vit_small_patch16_100ep, "
-            "vit_small_patch16_boost, vit_base_patch16); flags given on the command line override it."
+            "the name of a recipe shipped with dino_hf (fashion_mnist_cpu, fashion_mnist_dinov2_cpu, "
+            "vit_small_patch16_100ep, vit_small_patch16_boost, vit_base_patch16, resnet50, "
+            "dinov2_vit_small_patch14_reg4); flags given on the command line override it."
         ),
     )
 

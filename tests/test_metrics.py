@@ -106,6 +106,46 @@ def test_collapse_monitor_watches_the_ibot_head():
     assert "one-hot, iBOT head" in monitor.update(60, patches_one_hot)
     # without an iBOT head the iBOT columns are not watched
     assert CollapseMonitor(64, 0).update(0, patches_one_hot) is None
+    # the remedies of an iBOT-head collapse name the iBOT head's size, not the DINO head's
+    large = CollapseMonitor(num_prototypes=1024, patience_steps=1, ibot_num_prototypes=8192)
+    ibot = " ".join(large.remedies("uniform, iBOT head", {"teacher_temperature": 0.04}))
+    assert "--ibot_num_prototypes 2048 (now iBOT K = 8192)" in ibot and "num_prototypes=256" not in ibot
+    assert "num_prototypes=256 (now K = 1024)" in " ".join(large.remedies("uniform", {"teacher_temperature": 0.04}))
+
+
+def _statistics(loss, finite=True, **loss_statistics):
+    import torch
+
+    from dino_hf.train_step import StepStatistics
+
+    return StepStatistics(loss=torch.tensor(loss), grad_norm=torch.tensor(1.0), finite=torch.tensor(finite),
+                          loss_statistics={key: torch.tensor(value) for key, value in loss_statistics.items()})
+
+
+def test_each_key_is_averaged_over_the_steps_that_gave_it_and_a_resume_keeps_the_columns(fresh_accelerate_state):
+    import torch
+    from accelerate import Accelerator
+
+    from dino_hf.metrics import MetricsAccumulator
+
+    keys = metric_keys(ibot=True)
+    accumulator = MetricsAccumulator(torch.device("cpu"), keys)
+    accumulator.add(_statistics(2.0, ibot_teacher_entropy=1.0, ibot_loss=0.5))
+    accumulator.add(_statistics(4.0, ibot_loss=0.0))  # no masked patch this step: no iBOT entropy
+    accumulator.add(_statistics(float("nan"), finite=False, ibot_teacher_entropy=9.0))  # skipped: not counted
+    state = accumulator.state_dict()
+    row = accumulator.flush(Accelerator(cpu=True))
+    assert row["loss"] == 3.0 and row["ibot_teacher_entropy"] == 1.0 and row["ibot_loss"] == 0.25
+    assert row["nonfinite_steps"] == 1 and "koleo_loss" not in row
+    resumed = MetricsAccumulator(torch.device("cpu"), keys)
+    resumed.load_state_dict(state)
+    assert resumed.flush(Accelerator(cpu=True))["ibot_teacher_entropy"] == 1.0  # the same window, same columns
+    # other loss terms, as many columns: a fresh window, not sums in the wrong columns
+    other_keys = (*metric_keys(koleo=True), "ibot_loss", "ibot_teacher_entropy")
+    assert len(other_keys) == len(keys)
+    other = MetricsAccumulator(torch.device("cpu"), other_keys)
+    other.load_state_dict(state)
+    assert other.steps == 0 and other.sums.abs().sum() == 0
 
 
 def test_metric_keys_follow_the_objective():

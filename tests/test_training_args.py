@@ -109,6 +109,8 @@ def test_config_takes_a_shipped_recipe_by_name_from_any_directory(tmp_path, monk
     assert by_name.global_crop_size == 28 and by_name.dataset_name == "data/fashion_mnist"
     assert parse_training_args(["--config", "scripts/configs/fashion_mnist_cpu.yaml"]).global_crop_size == 28
     assert set(shipped_recipes()) == {path.stem for path in CONFIGS}  # scripts/configs is the package's folder
+    help_text = DinoTrainingArguments.__dataclass_fields__["config"].metadata["help"]
+    assert all(name in help_text for name in shipped_recipes())  # --help names every shipped recipe
 
 
 def test_old_spellings_are_aliases_on_the_command_line_and_in_config_files(tmp_path):

@@ -150,6 +150,7 @@ def test_train_step_benchmark_with_torch_compile(tmp_path: Path, bench_train_ste
     assert metrics["ours_compiled_images_per_second"] > 0
 
 
+@pytest.mark.slow  # a benchmark's smoke run (15 s); the loop it drives is tested in the default run
 def test_bench_end_to_end_smoke(tmp_path):
     """The end-to-end benchmark drives scripts/train.py and reads its metrics (tiny parquet data)."""
     from tests.image_datasets import write_parquet_dataset

@@ -153,6 +153,7 @@ def test_shapes_that_match_no_vit_raise_one_sentence(tmp_path):
         backbone_from_official({"fc.weight": torch.zeros(2, 2)})
 
 
+@pytest.mark.slow  # seven script processes (17 s); convert_checkpoint's errors are unit-tested in the default run
 def test_script_reports_bad_input_with_exit_status_2(tmp_path):
     bogus = tmp_path / "bogus.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, bogus)

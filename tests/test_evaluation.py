@@ -236,6 +236,7 @@ def run_script(name: str, *args: str) -> subprocess.CompletedProcess:
     )
 
 
+@pytest.mark.slow  # the script in a process; the dino-hf-eval CLI test runs it in the default run
 def test_eval_knn_script_on_saved_backbone(tmp_path, tiny_backbone, labelled_parquet):
     output = tmp_path / "results.json"
     common = ["--model", str(tiny_backbone), "--dataset_name", str(labelled_parquet)]

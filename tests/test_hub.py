@@ -150,6 +150,7 @@ print(json.dumps({
 """
 
 
+@pytest.mark.slow  # a fresh interpreter (16 s); push and load against the loopback Hub run in the default run
 def test_push_then_load_by_repo_id_in_a_fresh_process(hub, training_output, tmp_path):
     repo_id = f"{hub.user}/tiny-dino"
     reference = _cls_features(training_output / "backbone")

@@ -13,6 +13,7 @@ import sys
 import sysconfig
 from pathlib import Path
 
+import pytest
 from hub_server import LoopbackHub
 from tiny_models import TOKEN
 
@@ -46,6 +47,7 @@ print(type(AutoConfig.from_pretrained({str(tmp_path / "dino")!r})).__name__)
     assert result.stdout.strip().splitlines()[-1] == "DinoConfig"
 
 
+@pytest.mark.slow  # builds a wheel and a venv (36 s); make test's editable install covers the package's own files
 def test_the_wheel_installs_in_a_fresh_venv_and_its_commands_train_eval_and_push(
     tmp_path, dataset, tiny_config_file, labelled_parquet
 ):

@@ -31,8 +31,8 @@ from official_dino import DataAugmentationDINO
 from recording import record_result
 from synthetic_images import make_jpegs, write_parquet
 
-from dino_hf.augmentation import MultiCropAugmentation
-from dino_hf.data import create_train_dataloader
+from dino_hf.data.augmentation import MultiCropAugmentation
+from dino_hf.data.loader import create_train_dataloader
 
 
 # ------------------------------------------------------------------------------------------------

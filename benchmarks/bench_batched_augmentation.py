@@ -7,7 +7,7 @@ stacked crop-major, as the model takes them:
 - ``reference``: the official ``DataAugmentationDINO`` (facebookresearch/dino ``main_dino.py``)
   written out with torchvision v1 transforms on PIL images, one image at a time, then the views
   stacked crop-major (what the DataLoader's collate does). Single-threaded, as one loader worker.
-- ``per_image``: ``dino_hf.augmentation.MultiCropAugmentation`` on uint8 tensors, one image at a
+- ``per_image``: ``dino_hf.data.augmentation.MultiCropAugmentation`` on uint8 tensors, one image at a
   time (skipped when that module is unavailable).
 - ``batched_cpu_1thread`` / ``batched_cpu``: ``BatchedMultiCropAugmentation`` on the whole
   ``(B, 3, S, S)`` uint8 batch on the CPU with 1 thread (per-core comparison) and with all threads.
@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules i
 from official_dino import DataAugmentationDINO
 from recording import record_result, write_metrics_json
 
-from dino_hf.batched_augmentation import BatchedMultiCropAugmentation
+from dino_hf.data.batched_augmentation import BatchedMultiCropAugmentation
 
 
 def stack_crop_major(views_per_image: list[list[torch.Tensor]], num_global: int = 2) -> dict[str, torch.Tensor | None]:
@@ -143,7 +143,7 @@ def main(argv: list[str] | None = None) -> dict:
         )
         variants["reference"] = _with_threads(1, lambda: stack_crop_major([official(image) for image in pil_images]))
         try:
-            from dino_hf.augmentation import MultiCropAugmentation
+            from dino_hf.data.augmentation import MultiCropAugmentation
         except ImportError:  # the per-image module is optional for this benchmark
             MultiCropAugmentation = None
         if MultiCropAugmentation is not None:

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """How long a checkpoint takes to save and to verify, and what its checksums cost.
 
-Saves a real checkpoint with ``dino_hf.checkpointing.save_checkpoint`` (the full DINO model: student,
+Saves a real checkpoint with ``dino_hf.train.checkpointing.save_checkpoint`` (the full DINO model: student,
 teacher and center; AdamW state after one step; RNG and stream state; the completion marker with every
 file's SHA-256), then measures, on the files it wrote:
 
@@ -38,10 +38,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from recording import record_result  # noqa: E402
 
-from dino_hf.builders import apply_config_overrides, build_optimizer  # noqa: E402
-from dino_hf.checkpointing import _checkpoint_files, _manifest, save_checkpoint, verify_checkpoint  # noqa: E402
-from dino_hf.configuration_dino import DinoConfig  # noqa: E402
-from dino_hf.modeling_dino import DinoForPreTraining  # noqa: E402
+from dino_hf.models.configuration_dino import DinoConfig  # noqa: E402
+from dino_hf.models.modeling_dino import DinoForPreTraining  # noqa: E402
+from dino_hf.train.builders import apply_config_overrides, build_optimizer  # noqa: E402
+from dino_hf.train.checkpointing import _checkpoint_files, _manifest, save_checkpoint, verify_checkpoint  # noqa: E402
 
 _EDGE_BYTES = 1 << 20
 

@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # the helper modules i
 from official_dino import OfficialDINOLoss
 from recording import record_result
 
-from dino_hf.loss import DinoLoss
+from dino_hf.losses.dino import DinoLoss
 
 STUDENT_TEMPERATURE = 0.1
 TEACHER_TEMPERATURE = 0.04

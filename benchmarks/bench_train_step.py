@@ -67,9 +67,9 @@ from lightly_dino import LightlyTimmStep, copy_dino_hf_weights, lightly_availabl
 from official_dino import OfficialDINOLoss, OfficialMultiCropWrapper, official_clip_gradients
 from recording import record_result, write_metrics_json
 
-from dino_hf.batched_augmentation import BatchedMultiCropAugmentation
-from dino_hf.configuration_dino import DinoConfig
-from dino_hf.modeling_dino import DinoForPreTraining
+from dino_hf.data.batched_augmentation import BatchedMultiCropAugmentation
+from dino_hf.models.configuration_dino import DinoConfig
+from dino_hf.models.modeling_dino import DinoForPreTraining
 
 CLIP_GRAD = 3.0
 TEACHER_MOMENTUM = 0.996

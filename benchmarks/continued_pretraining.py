@@ -116,8 +116,8 @@ def architecture_flags(name: str, work_dir: Path) -> list[str]:
 def _dinov2_config_folder(work_dir: Path) -> Path:
     from transformers import Dinov2Config
 
-    from dino_hf.builders import build_model_config
-    from dino_hf.training_args import parse_training_args
+    from dino_hf.train.argument_parsing import parse_training_args
+    from dino_hf.train.builders import build_model_config
 
     recipe = build_model_config(parse_training_args(["--config", str(RECIPE)]))
     vit = recipe.backbone_config
@@ -157,9 +157,9 @@ def final_knn(backbone_dir: Path, domain: Path) -> float:
     """Weighted 20-NN of an exported backbone on all of B (memory: B train, classified: B test)."""
     import torch
 
-    from dino_hf.backbones import load_backbone, load_image_processor
-    from dino_hf.data import load_image_dataset
-    from dino_hf.evaluation import extract_features, knn_accuracy, make_eval_dataloader
+    from dino_hf.data.streaming import load_image_dataset
+    from dino_hf.eval.evaluation import extract_features, knn_accuracy, make_eval_dataloader
+    from dino_hf.eval.loading import load_backbone, load_image_processor
 
     torch.set_num_threads(2)
     backbone = load_backbone(backbone_dir)
@@ -176,9 +176,10 @@ def monitor_knn(backbone_dir: Path, eval_flags: list[str]) -> float:
     """Weighted 20-NN of an exported backbone with the in-training evaluation's own protocol (the
     `KnnMonitor` that ``eval_flags`` give every run: the same seeded subsets and processor), so that a
     run's curve can be compared with its starting point."""
-    from dino_hf.backbones import image_processor_dict, load_backbone
-    from dino_hf.builders import build_knn_monitor
-    from dino_hf.training_args import parse_training_args
+    from dino_hf.eval.loading import load_backbone
+    from dino_hf.models.backbones import image_processor_dict
+    from dino_hf.train.argument_parsing import parse_training_args
+    from dino_hf.train.builders import build_knn_monitor
 
     args = parse_training_args(["--config", str(RECIPE), "--output_dir", str(backbone_dir.parent / "unused"),
                                 *eval_flags])

@@ -202,7 +202,7 @@ def run_training(command: list[str], output_dir: Path, timeout_s: float) -> tupl
 # --------------------------------------------------------------------------------------------------
 def feature_scores(backbone, processor, data, k: int) -> dict[str, float]:
     """20-NN and linear-probe accuracy of a backbone's L2-normalised CLS features."""
-    from dino_hf.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
+    from dino_hf.eval.evaluation import extract_features, knn_accuracy, linear_probe_accuracy
 
     def batches(images, labels, batch_size: int = 500):
         for start in range(0, len(labels), batch_size):
@@ -221,7 +221,7 @@ def feature_scores(backbone, processor, data, k: int) -> dict[str, float]:
 def pixel_scores(data, k: int) -> dict[str, float]:
     import torch.nn.functional as F
 
-    from dino_hf.evaluation import knn_accuracy, linear_probe_accuracy
+    from dino_hf.eval.evaluation import knn_accuracy, linear_probe_accuracy
 
     (train_images, train_labels), (test_images, test_labels) = data
 

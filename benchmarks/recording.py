@@ -29,7 +29,7 @@ def describe_machine() -> str:
     """The host as a section title: CPU model, usable cores, SIMD level, native bf16, and the GPU if any."""
     import torch
 
-    from dino_hf.hardware import describe_cpu
+    from dino_hf.train.hardware import describe_cpu
 
     description = describe_cpu().describe()
     if torch.cuda.is_available():

@@ -1,13 +1,14 @@
 """dino_hf: self-supervised DINO pre-training of vision backbones on the Hugging Face stack.
 
+The package in subpackages that import downhill only (README, "Layout"):
+``cli -> train -> eval -> hub -> models -> losses / data -> base`` (``errors``, ``progress``,
+``run_folder``).
+
 ``import dino_hf`` registers ``DinoConfig`` and ``DinoForPreTraining`` with ``transformers``'
 ``AutoConfig``, ``AutoModel`` and ``AutoModelForPreTraining``, so that a run folder or a pushed
 ``DinoForPreTraining`` loads with the auto classes. transformers has no lazy registration (its auto
-mappings hold classes, and even ``PreTrainedConfig`` imports torch), so this imports torch and the
-model code: 5-7 s on a busy 2-core machine, against 5 ms before (``python -X importtime -c
-"import dino_hf"``). A post-import hook on transformers' auto module would defer it, but fires inside
-transformers' own imports (``modeling_utils`` half-initialised): not worth the fragility. The other
-public names are still imported on first use.
+mappings hold classes), so this imports torch and the model code; the other public names are
+imported on first use.
 """
 
 from __future__ import annotations
@@ -19,19 +20,19 @@ __version__ = "0.1.0"
 
 # public name -> submodule that defines it
 _LAZY_EXPORTS = {
-    "DinoConfig": "configuration_dino",
-    "DinoForPreTraining": "modeling_dino",
-    "DinoForPreTrainingOutput": "modeling_dino",
-    "DinoHead": "modeling_dino",
-    "DinoLoss": "loss",
-    "IBOTPatchLoss": "loss",
-    "KoLeoLoss": "loss",
-    "MaskingGenerator": "masking",
-    "DinoSchedules": "schedules",
-    "MultiCropAugmentation": "augmentation",
-    "create_train_dataloader": "data",
-    "load_image_dataset": "data",
-    "DinoTrainingArguments": "training_args",
+    "DinoConfig": "models.configuration_dino",
+    "DinoForPreTraining": "models.modeling_dino",
+    "DinoForPreTrainingOutput": "models.modeling_dino",
+    "DinoHead": "models.modeling_dino",
+    "DinoLoss": "losses.dino",
+    "IBOTPatchLoss": "losses.ibot",
+    "KoLeoLoss": "losses.koleo",
+    "MaskingGenerator": "data.masking",
+    "DinoSchedules": "train.schedules",
+    "MultiCropAugmentation": "data.augmentation",
+    "create_train_dataloader": "data.loader",
+    "load_image_dataset": "data.streaming",
+    "DinoTrainingArguments": "train.arguments",
 }
 
 __all__ = [
@@ -51,18 +52,21 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:  # pragma: no cover - for static analysers only
-    from .augmentation import MultiCropAugmentation
-    from .configuration_dino import DinoConfig
-    from .data import create_train_dataloader, load_image_dataset
-    from .loss import DinoLoss, IBOTPatchLoss, KoLeoLoss
-    from .masking import MaskingGenerator
-    from .modeling_dino import DinoForPreTraining, DinoForPreTrainingOutput, DinoHead
-    from .schedules import DinoSchedules
-    from .training_args import DinoTrainingArguments
+    from dino_hf.data.augmentation import MultiCropAugmentation
+    from dino_hf.data.loader import create_train_dataloader
+    from dino_hf.data.masking import MaskingGenerator
+    from dino_hf.data.streaming import load_image_dataset
+    from dino_hf.losses.dino import DinoLoss
+    from dino_hf.losses.ibot import IBOTPatchLoss
+    from dino_hf.losses.koleo import KoLeoLoss
+    from dino_hf.models.configuration_dino import DinoConfig
+    from dino_hf.models.modeling_dino import DinoForPreTraining, DinoForPreTrainingOutput, DinoHead
+    from dino_hf.train.arguments import DinoTrainingArguments
+    from dino_hf.train.schedules import DinoSchedules
 
 
 # The registration (AutoConfig, AutoModel, AutoModelForPreTraining) runs at the end of modeling_dino.
-importlib.import_module(".modeling_dino", __name__)
+importlib.import_module(".models.modeling_dino", __name__)
 
 
 def __getattr__(name: str) -> Any:
@@ -75,4 +79,5 @@ def __getattr__(name: str) -> Any:
 
 
 def __dir__() -> list[str]:
-    return sorted(list(globals()) + __all__)
+    # The public names only: not this module's own imports (importlib, typing's names).
+    return sorted([*__all__, "__version__"])

@@ -158,7 +158,7 @@ def raw_pixel_accuracy(args: argparse.Namespace, data) -> float:
     """k-NN accuracy on the flattened pixel intensities in [0, 1] (cosine, as for features)."""
     import torch.nn.functional as F
 
-    from dino_hf.evaluation import knn_accuracy
+    from dino_hf.eval.evaluation import knn_accuracy
 
     (train_images, train_labels), (test_images, test_labels) = data
 
@@ -181,8 +181,8 @@ def random_weight_accuracy(args: argparse.Namespace, config, processor, data) ->
 
 
 def backbone_accuracy(args: argparse.Namespace, backbone, processor, data) -> float:
-    """k-NN accuracy of a backbone's L2-normalised CLS features (``dino_hf.evaluation``)."""
-    from dino_hf.evaluation import extract_features, knn_accuracy
+    """k-NN accuracy of a backbone's L2-normalised CLS features (``dino_hf.eval.evaluation``)."""
+    from dino_hf.eval.evaluation import extract_features, knn_accuracy
 
     def batches(images, labels) -> Iterator[tuple]:
         for start in range(0, len(labels), args.batch_size):

@@ -11,7 +11,7 @@ import torch
 from image_datasets import write_parquet_dataset
 from tiny_models import save_tiny_backbone, tiny_dino_config, write_training_output
 
-from dino_hf.modeling_dino import DinoForPreTraining
+from dino_hf.models.modeling_dino import DinoForPreTraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -55,7 +55,7 @@ def model() -> DinoForPreTraining:
 # ------------------------------------------------------------------------------ evaluation
 @pytest.fixture(scope="module")
 def labelled_parquet(tmp_path_factory) -> Path:
-    pytest.importorskip("dino_hf.data")
+    pytest.importorskip("dino_hf.data.streaming")
 
     directory = tmp_path_factory.mktemp("labelled")
     write_parquet_dataset(directory, num_images=24, image_size=20, num_shards=1, num_classes=3)

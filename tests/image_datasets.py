@@ -7,7 +7,7 @@ Import from any test module (pytest puts ``tests/`` on ``sys.path``)::
     path = write_parquet_dataset(tmp_path / "data", num_images=64, image_size=40, num_shards=2)
     dataset = datasets.load_dataset(str(path), split="train", streaming=True)
 
-Every writer returns the path to hand to ``datasets.load_dataset`` / ``dino_hf.data.load_image_dataset``
+Every writer returns the path to hand to ``datasets.load_dataset`` / ``dino_hf.data.streaming.load_image_dataset``
 (a folder; ``load_dataset(folder)`` infers the format and the ``train`` split from the file names).
 
 Conventions shared by all writers

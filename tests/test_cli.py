@@ -3,15 +3,17 @@ backbone taking a run folder or a DinoForPreTraining folder too (teacher by defa
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
 from PIL import Image
 from tiny_models import tiny_args
 
-from dino_hf.cli import attention, embed, evaluate, push
+from dino_hf.cli import attention, convert, embed, evaluate, push
 
 
 @pytest.fixture(scope="module")
@@ -19,7 +21,7 @@ def finished_run(dataset, tiny_config_file, tmp_path_factory) -> Path:
     """A real 2-step run's --output_dir (backbone/, config.json, model.safetensors, training_args.json)."""
     from accelerate.state import AcceleratorState, GradientState
 
-    from dino_hf.training import train
+    from dino_hf.train.loop import train
 
     output_dir = tmp_path_factory.mktemp("finished") / "run"
     AcceleratorState._reset_state(reset_partial_state=True)
@@ -42,8 +44,8 @@ def _evaluate(tmp_path: Path, model: Path, dataset: Path, *extra: str) -> dict:
 
 
 def test_eval_on_a_run_folder_a_dino_folder_and_either_network(finished_run, labelled_parquet, tmp_path, capsys):
-    from dino_hf.backbones import load_backbone
-    from dino_hf.modeling_dino import DinoForPreTraining
+    from dino_hf.eval.loading import load_backbone
+    from dino_hf.models.modeling_dino import DinoForPreTraining
 
     exported = _evaluate(tmp_path, finished_run / "backbone", labelled_parquet)
     teacher = _evaluate(tmp_path, finished_run, labelled_parquet)
@@ -96,22 +98,57 @@ def test_old_spellings_are_aliases_of_the_shared_vocabulary():
         assert parser.parse_args(old) == parser.parse_args(new), parser.prog
 
 
-def test_every_command_says_bad_input_in_one_sentence_with_status_2(tmp_path, capsys):
+def _bad_inputs(tmp_path: Path) -> tuple[str, list[tuple[ModuleType, list[str]]]]:
+    """A missing path, and every command given it."""
     missing = str(tmp_path / "missing")
-    for command, argv in (
+    return missing, [
         (evaluate, ["--model_name_or_path", missing, "--dataset_name", missing]),
         (attention, ["--model_name_or_path", missing, "--image", missing]),
         (embed, ["--model_name_or_path", missing, "--dataset_name", missing, "--output_dir", str(tmp_path / "o")]),
         (push, ["--output_dir", missing, "--hub_model_id", "me/x", "--dry_run"]),
-    ):
+        (convert, ["--checkpoint", missing, "--output_dir", str(tmp_path / "o")]),
+    ]
+
+
+def test_every_command_says_bad_input_in_one_sentence_with_status_2(tmp_path, capsys):
+    missing, commands = _bad_inputs(tmp_path)
+    for command, argv in commands:
         assert command.main(argv) == 2, command.PROG
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert lines[-1].startswith(f"{command.PROG}: error: ") and "Traceback" not in "\n".join(lines), lines
         assert missing in lines[-1] or "--" in lines[-1], lines
 
 
+def test_every_command_shows_the_traceback_with_debug(tmp_path):
+    _, commands = _bad_inputs(tmp_path)
+    for command, argv in commands:
+        with pytest.raises((ValueError, FileNotFoundError, NotADirectoryError)):
+            command.main([*argv, "--debug"])
+
+
+@pytest.mark.parametrize("prefix", [True, False])
+def test_a_refused_push_is_one_sentence_without_the_token_and_debug_raises(prefix, capsys):
+    from dino_hf.cli.console import CommandParser, run_main
+    from dino_hf.hub.push import MissingTokenError
+
+    def build_parser(prog: str) -> CommandParser:
+        parser = CommandParser(prog=prog)
+        parser.add_argument("--token", default=None)
+        return parser
+
+    def refuse(args: argparse.Namespace) -> int:
+        raise MissingTokenError(f"the Hub refused {args.token}", repo_id="me/x")
+
+    token = "hf_NotARealToken0123456789abcdef"
+    assert run_main("prog", ["--token", token], build_parser, refuse, prefix_hub_errors=prefix) == 2
+    error = capsys.readouterr().err
+    assert error == ("prog: error: " if prefix else "") + "the Hub refused ***\n"
+    with pytest.raises(MissingTokenError):
+        run_main("prog", ["--token", token, "--debug"], build_parser, refuse, prefix_hub_errors=prefix)
+
+
 def test_push_exports_the_chosen_network_of_a_dino_folder(finished_run, tmp_path, capsys):
-    from dino_hf.modeling_dino import DinoForPreTraining
+    from dino_hf.models.modeling_dino import DinoForPreTraining
 
     dino_folder = tmp_path / "dino"
     DinoForPreTraining.from_pretrained(finished_run).save_pretrained(dino_folder)  # no backbone/ inside

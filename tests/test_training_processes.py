@@ -26,7 +26,7 @@ from image_datasets import write_parquet_dataset
 from safetensors.torch import load_file
 from tiny_models import tiny_family_config
 
-from dino_hf.checkpointing import list_checkpoints, verify_checkpoint
+from dino_hf.train.checkpointing import list_checkpoints, verify_checkpoint
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN = REPO / "scripts" / "train.py"

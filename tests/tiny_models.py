@@ -30,9 +30,9 @@ from transformers import (
     ViTModel,
 )
 
-from dino_hf.backbones import build_image_processor
-from dino_hf.configuration_dino import DinoConfig, dino_backbone_config
-from dino_hf.training_args import DinoTrainingArguments
+from dino_hf.models.backbones import build_image_processor
+from dino_hf.models.configuration_dino import DinoConfig, dino_backbone_config
+from dino_hf.train.arguments import DinoTrainingArguments
 
 #: A Hub token written into the fake run's training_args.json: it must never reach the Hub or a log.
 TOKEN = "hf_LoopbackSecretToken0123456789abcdef"
@@ -84,7 +84,7 @@ def tiny_backbone_config(model_type: str) -> PreTrainedConfig:
     return builders[model_type]()
 
 
-#: Every family of dino_hf.backbones, by model_type.
+#: Every family of dino_hf.models.backbones, by model_type.
 FAMILY_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit", "convnext", "dinov3_convnext",
                       "resnet")
 
@@ -162,7 +162,7 @@ def read_rows(output_dir: Path) -> list[dict]:
 
 # ------------------------------------------------------------------------------ run output folders
 def write_training_output(output_dir: Path, *, eval_results: bool = True, **arg_overrides) -> Path:
-    """A tiny training output directory with the layout dino_hf/run_output.py names (random weights)."""
+    """A tiny training output directory with the layout dino_hf/base/run_folder.py names (random weights)."""
     torch.manual_seed(0)
     backbone_dir = output_dir / "backbone"
     ViTModel(tiny_vit_config(), add_pooling_layer=False).save_pretrained(backbone_dir)

@@ -28,10 +28,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from image_datasets import read_image_index  # noqa: E402
 
-import dino_hf.builders as builders  # noqa: E402
-import dino_hf.training as training  # noqa: E402
-from dino_hf.augmentation import MultiCropAugmentation  # noqa: E402
-from dino_hf.training_args import parse_training_args  # noqa: E402
+import dino_hf.train.builders as builders  # noqa: E402
+import dino_hf.train.loop as training  # noqa: E402
+from dino_hf.data.augmentation import MultiCropAugmentation  # noqa: E402
+from dino_hf.train.argument_parsing import parse_training_args  # noqa: E402
 
 
 class RecordingAugmentation(MultiCropAugmentation):

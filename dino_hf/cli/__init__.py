@@ -13,5 +13,6 @@
 same thing (``--model_name_or_path``, ``--dataset_name``, ``--image_column``, ``--output_dir``...),
 accepts a backbone folder, a Hub id, a run folder or a ``DinoForPreTraining`` folder wherever it
 takes a backbone, answers bad input with one sentence and exit status 2 (``--debug`` shows the
-traceback), and shows progress bars only on a terminal (:mod:`dino_hf.cli.console`).
+traceback), and shows progress bars only on a terminal (:mod:`dino_hf.cli.console`). The flags that name
+a model and the backbone they load are declared once, in :mod:`dino_hf.cli.arguments`.
 """

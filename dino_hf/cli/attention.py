@@ -20,18 +20,16 @@ import argparse
 import sys
 from pathlib import Path
 
-from .console import CommandParser, configure_output, first_line, is_main_process, run_command, wants_debug
+from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
+from dino_hf.cli.console import CommandParser, run_main
 
 PROG = "dino-hf-attention"
 
 
 def build_parser(prog: str = PROG) -> CommandParser:
+    """The ``dino-hf-attention`` flags; ``--model`` is the old spelling of ``--model_name_or_path``."""
     parser = CommandParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", "--model", dest="model_name_or_path", required=True,
-                        help="Backbone folder or Hub id, a training run's --output_dir, or a DinoForPreTraining folder.")
-    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                        help="Network of a DINO run or model to draw.")
-    parser.add_argument("--revision", default=None, help="Hub revision of --model_name_or_path.")
+    add_model_arguments(parser, use="draw")
     parser.add_argument("--image", required=True, nargs="+", help="Image file(s).")
     parser.add_argument("--output_dir", default="attention", help="Where the PNG files go.")
     parser.add_argument("--image_size", type=int, default=None,
@@ -58,9 +56,10 @@ def draw_attention(args: argparse.Namespace) -> list[Path]:
     import torch
     from PIL import Image, UnidentifiedImageError
 
-    from ..augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    from ..backbones import config_image_size, config_patch_size, load_backbone, load_image_processor
-    from ..visualization import attention_maps, save_attention_maps
+    from dino_hf.data.augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+    from dino_hf.eval.loading import load_image_processor
+    from dino_hf.eval.visualization import attention_maps, save_attention_maps
+    from dino_hf.models.backbones import config_image_size, config_patch_size
 
     images = []
     for path in args.image:
@@ -70,18 +69,7 @@ def draw_attention(args: argparse.Namespace) -> list[Path]:
         except (OSError, UnidentifiedImageError) as error:
             reason = "no such file" if isinstance(error, FileNotFoundError) else "not a readable image"
             raise ValueError(f"--image {path!r}: {reason}") from None
-    try:
-        backbone = load_backbone(args.model_name_or_path, attn_implementation="eager", revision=args.revision,
-                                 which=args.which)
-    except (OSError, ValueError, KeyError) as error:
-        message = first_line(error)
-        if "--which" in message:
-            raise ValueError(message) from None
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a loadable backbone, run folder "
-                         f"or Hub id ({message})") from None
-    if not hasattr(backbone.config, "patch_size"):
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a ViT-style backbone "
-                         "(its config has no patch_size)")
+    backbone = load_model_backbone(args, requires="patch_size", attn_implementation="eager")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
 
@@ -121,15 +109,8 @@ def _resize_to_patches(image, shorter_side: int, patch: int):
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
-    configure_output(is_main_process())
-
-    def body() -> int:
-        draw_attention(args)
-        return 0
-
-    return run_command(prog, body, wants_debug(argv))
+    """Run ``dino-hf-attention`` on ``argv``; returns the exit status (2: bad input, one sentence on stderr)."""
+    return run_main(prog, argv, build_parser, draw_attention)
 
 
 if __name__ == "__main__":

@@ -1,9 +1,11 @@
 """What every command shares: its argument parser, one-sentence errors, and the output a person reads.
 
 - :class:`CommandParser`: argparse whose usage errors are one line and exit status 2;
+- :func:`run_main`: a command's ``main``: parses, sets up the output and runs the command through
+  :func:`run_command`, a refused Hub push (``HubPushError``) also becoming one sentence and status 2;
 - :func:`run_command`: runs a command's body; bad input (``ValueError``, ``FileNotFoundError``...)
   becomes ``PROG: error: <one sentence>`` on stderr and status 2, ``--debug`` re-raises;
-- :func:`dino_hf.progress.configure_output` (re-exported): logging, warnings and library progress bars.
+- :func:`dino_hf.base.progress.configure_output` (re-exported): logging, warnings and library progress bars.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ import os
 import sys
 from collections.abc import Callable
 
-from ..progress import configure_output
+from dino_hf.base.progress import configure_output
 
 __all__ = ["CommandParser", "configure_output", "first_line", "is_main_process", "report_error", "run_command",
-           "wants_debug"]
+           "run_main", "wants_debug"]
 
 #: Errors that mean "the input was wrong": one sentence, exit status 2, nothing written.
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -42,6 +44,7 @@ def is_main_process() -> bool:
 
 
 def wants_debug(argv: list[str]) -> bool:
+    """Whether ``argv`` asks for tracebacks (``--debug``), read before the arguments are parsed."""
     return any(arg == "--debug" or arg.startswith("--debug=") for arg in argv)
 
 
@@ -58,19 +61,66 @@ def report_error(prog: str, message: str) -> None:
         sys.stderr.write(f"{prog}: error: {message}{'' if message.endswith(('.', ')')) else '.'}\n")
 
 
-def run_command(prog: str, body: Callable[[], int], debug: bool) -> int:
-    """Run ``body`` (returns the exit status); bad input -> one sentence and 2, Ctrl-C -> 130."""
+def run_command(prog: str, body: Callable[[], int], debug: bool, token: str | None = None) -> int:
+    """Run ``body`` (returns the exit status); bad input -> one sentence and 2, Ctrl-C -> 130.
+
+    The sentence never shows ``token`` nor anything shaped like a Hugging Face token.
+    """
     try:
         return body()
     except BAD_INPUT_ERRORS as error:
         if debug:
             raise
-        from ..run_output import scrub_secrets
+        from dino_hf.base.run_folder import scrub_secrets
 
-        report_error(prog, scrub_secrets(first_line(error)))
+        report_error(prog, scrub_secrets(first_line(error), token))
         return 2
     except KeyboardInterrupt:
         if debug:
             raise
         report_error(prog, "interrupted")
         return 130
+
+
+def run_main(
+    prog: str,
+    argv: list[str] | None,
+    build_parser: Callable[[str], argparse.ArgumentParser],
+    command: Callable[[argparse.Namespace], object],
+    *,
+    prefix_hub_errors: bool = True,
+) -> int:
+    """The ``main`` of a command: parse ``argv`` (default ``sys.argv[1:]``), set up the output, run ``command``.
+
+    Args:
+        prog: the command's name in its messages.
+        argv: the arguments, without the program name.
+        build_parser: the command's parser, given ``prog``.
+        command: runs the command on the parsed arguments; an int it returns is the exit status,
+            anything else (a summary, the written files) means 0.
+        prefix_hub_errors: write a refused push as ``PROG: error: <sentence>``; ``dino-hf-push`` writes
+            the Hub's sentence alone (its whole stderr is, e.g., the login hint).
+    Returns:
+        The exit status: 2 with one sentence on stderr for bad input (:func:`run_command`) and for a
+        refused Hub push (:class:`dino_hf.hub.push.HubPushError`, whose message already names the
+        repository and any HTTP status); ``--debug`` re-raises instead. ``--token`` is never shown.
+    """
+    args = build_parser(prog).parse_args(list(sys.argv[1:] if argv is None else argv))
+    configure_output(is_main_process())
+    from dino_hf.base.run_folder import scrub_secrets
+    from dino_hf.hub.push import HubPushError
+
+    token = getattr(args, "token", None)
+
+    def body() -> int:
+        status = command(args)
+        return status if isinstance(status, int) else 0
+
+    try:
+        return run_command(prog, body, args.debug, token)
+    except HubPushError as error:  # MissingTokenError too
+        if args.debug:
+            raise
+        message = scrub_secrets(str(error), token)
+        print(f"{prog}: error: {message}" if prefix_hub_errors else message, file=sys.stderr)
+        return 2

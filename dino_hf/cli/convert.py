@@ -9,14 +9,16 @@ The folder loads with ``transformers.AutoModel.from_pretrained(output_dir, add_p
 
 from __future__ import annotations
 
+import argparse
 import sys
 
-from .console import CommandParser, configure_output, is_main_process, run_command, wants_debug
+from dino_hf.cli.console import CommandParser, run_main
 
 PROG = "dino-hf-convert"
 
 
 def build_parser(prog: str = PROG) -> CommandParser:
+    """The ``dino-hf-convert`` flags; ``--which`` is the old spelling of ``--checkpoint_key``."""
     parser = CommandParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--checkpoint", required=True, help="Official DINO .pth file (bare backbone or checkpoint.pth).")
     parser.add_argument("--output_dir", required=True, help="Folder for the exported ViTModel backbone.")
@@ -32,25 +34,24 @@ def build_parser(prog: str = PROG) -> CommandParser:
     return parser
 
 
+def convert(args: argparse.Namespace) -> int:
+    """Convert the checkpoint ``args`` name and say where the backbone went; returns the exit status."""
+    from dino_hf.hub.convert import convert_checkpoint
+
+    output_dir = convert_checkpoint(
+        args.checkpoint,
+        args.output_dir,
+        checkpoint_key=args.checkpoint_key,
+        num_attention_heads=args.num_attention_heads,
+        save_training_model=args.save_training_model,
+    )
+    print(f"Backbone written to {output_dir} (load with AutoModel.from_pretrained(..., add_pooling_layer=False)).")
+    return 0
+
+
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    arguments = build_parser(prog).parse_args(argv)
-    configure_output(is_main_process())
-
-    def body() -> int:
-        from ..convert import convert_checkpoint
-
-        output_dir = convert_checkpoint(
-            arguments.checkpoint,
-            arguments.output_dir,
-            checkpoint_key=arguments.checkpoint_key,
-            num_attention_heads=arguments.num_attention_heads,
-            save_training_model=arguments.save_training_model,
-        )
-        print(f"Backbone written to {output_dir} (load with AutoModel.from_pretrained(..., add_pooling_layer=False)).")
-        return 0
-
-    return run_command(prog, body, wants_debug(argv))
+    """Run ``dino-hf-convert`` on ``argv``; returns the exit status (2: bad input, one sentence on stderr)."""
+    return run_main(prog, argv, build_parser, convert)
 
 
 if __name__ == "__main__":

@@ -17,18 +17,16 @@ from __future__ import annotations
 import argparse
 import sys
 
-from .console import CommandParser, configure_output, first_line, is_main_process, run_command, wants_debug
+from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
+from dino_hf.cli.console import CommandParser, first_line, run_main
 
 PROG = "dino-hf-embed"
 
 
 def build_parser(prog: str = PROG) -> CommandParser:
+    """The ``dino-hf-embed`` flags; old spellings (``--model``, ``--num_workers``) are aliases."""
     parser = CommandParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", "--model", dest="model_name_or_path", required=True,
-                        help="Backbone folder or Hub id, a training run's --output_dir, or a DinoForPreTraining folder.")
-    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                        help="Network of a DINO run or model to embed with.")
-    parser.add_argument("--revision", default=None, help="Hub revision of --model_name_or_path.")
+    add_model_arguments(parser, use="embed with")
     parser.add_argument("--dataset_name", required=True,
                         help="Local folder (imagefolder or parquet), *.parquet, *.tar shards, or a Hub dataset id.")
     parser.add_argument("--dataset_config_name", default=None, help="Hub dataset configuration.")
@@ -70,10 +68,10 @@ def embed(args: argparse.Namespace) -> int:
         raise ValueError("--push_to_hub needs --hub_dataset_id USER/NAME to know where to push")
     import torch
 
-    from ..backbones import load_backbone, load_image_processor
-    from ..data import detect_image_column, load_image_dataset
-    from ..embedding import export_embeddings, push_embeddings
-    from ..run_output import portable_path
+    from dino_hf.base.run_folder import portable_path
+    from dino_hf.data.streaming import detect_image_column, load_image_dataset
+    from dino_hf.eval.embedding import export_embeddings, push_embeddings
+    from dino_hf.eval.loading import load_image_processor
 
     try:
         dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, split=args.split,
@@ -91,14 +89,7 @@ def embed(args: argparse.Namespace) -> int:
     if args.max_samples is not None:
         dataset = dataset.take(args.max_samples) if not hasattr(dataset, "__len__") else dataset.select(
             range(min(args.max_samples, len(dataset))))
-    try:
-        backbone = load_backbone(args.model_name_or_path, revision=args.revision, which=args.which)
-    except (OSError, ValueError, KeyError) as error:
-        message = first_line(error)
-        if "--which" in message:
-            raise ValueError(message) from None
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a loadable backbone, run folder "
-                         f"or Hub id ({message})") from None
+    backbone = load_model_backbone(args)
     backbone.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
     processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.revision)
     settings = {
@@ -118,19 +109,8 @@ def embed(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
-    configure_output(is_main_process())
-    from ..hub import HubPushError
-    from ..run_output import scrub_secrets
-
-    try:
-        return run_command(prog, lambda: embed(args), wants_debug(argv))
-    except HubPushError as error:
-        if wants_debug(argv):
-            raise
-        print(f"{prog}: error: {scrub_secrets(str(error), args.token)}", file=sys.stderr)
-        return 2
+    """Run ``dino-hf-embed`` on ``argv``; returns the exit status (2: bad input or a refused push, one sentence)."""
+    return run_main(prog, argv, build_parser, embed)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 Works on an exported backbone folder, a Hub ViT backbone id, a training run's ``--output_dir`` or a
 ``DinoForPreTraining`` folder (the teacher by default, ``--which student``), with the official DINO
 protocol: CLS features of ``last_hidden_state``, L2-normalised; the k nearest training images (cosine
-similarity) vote for their class with weight exp(sim / 0.07).
+similarity) vote for their class with weight exp(sim / T), T the official temperature
+(:data:`dino_hf.base.official_recipe.OFFICIAL_KNN_TEMPERATURE`) unless ``--temperature`` says otherwise.
 
     dino-hf-eval --model_name_or_path outputs/demo --dataset_name data/fashion_mnist
     dino-hf-eval --model_name_or_path facebook/dino-vits16 --dataset_name frgfm/imagenette \\
@@ -22,18 +23,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .console import CommandParser, configure_output, first_line, is_main_process, run_command, wants_debug
+from dino_hf.base.official_recipe import OFFICIAL_KNN_TEMPERATURE
+from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
+from dino_hf.cli.console import CommandParser, first_line, run_main
 
 PROG = "dino-hf-eval"
 
 
 def build_parser(prog: str = PROG) -> CommandParser:
+    """The ``dino-hf-eval`` flags; old spellings (``--model``, ``--test_split``, ``--num_workers``...) are aliases."""
     parser = CommandParser(prog=prog, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--model_name_or_path", "--model", dest="model_name_or_path", required=True,
-                        help="Backbone folder or Hub id, a training run's --output_dir, or a DinoForPreTraining folder.")
-    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                        help="Network of a DINO run or model to evaluate (the teacher is the official choice).")
-    parser.add_argument("--revision", default=None, help="Hub revision of --model_name_or_path.")
+    add_model_arguments(parser, use="evaluate (the teacher is the official choice)")
     parser.add_argument("--dataset_name", required=True,
                         help="Local folder (imagefolder or parquet), *.parquet, *.tar shards, or a Hub dataset id.")
     parser.add_argument("--dataset_config_name", default=None, help="Hub dataset configuration.")
@@ -46,8 +46,8 @@ def build_parser(prog: str = PROG) -> CommandParser:
     parser.add_argument("--k", type=int, nargs="+", default=[10, 20, 100, 200],
                         help="Numbers of neighbours (the official DINO evaluation reports 10, 20, 100, 200; "
                         "20 is the headline figure). All share one nearest-neighbour search.")
-    parser.add_argument("--temperature", type=float, default=0.07,
-                        help="Vote temperature T: weights exp(sim / T). 0.07 is the official value.")
+    parser.add_argument("--temperature", type=float, default=OFFICIAL_KNN_TEMPERATURE,
+                        help=f"Vote temperature T: weights exp(sim / T). {OFFICIAL_KNN_TEMPERATURE} is the official value.")
     parser.add_argument("--image_size", type=int, default=None,
                         help="Evaluation resolution; default the model's image processor (or config) size.")
     parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass and process.")
@@ -89,9 +89,9 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     import torch
     from accelerate import Accelerator
 
-    from ..backbones import load_backbone, load_image_processor
-    from ..data import detect_image_column, load_image_dataset
-    from ..evaluation import (
+    from dino_hf.base.run_folder import portable_paths
+    from dino_hf.data.streaming import detect_image_column, load_image_dataset
+    from dino_hf.eval.evaluation import (
         LabelEncoder,
         check_columns,
         extract_features,
@@ -100,7 +100,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         linear_probe_accuracy,
         make_eval_dataloader,
     )
-    from ..run_output import portable_paths
+    from dino_hf.eval.loading import load_image_processor
 
     if args.mixed_precision == "fp16" and not torch.cuda.is_available():
         raise ValueError("--mixed_precision fp16 needs a CUDA device; use bf16 or no on the CPU")
@@ -121,17 +121,8 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         check_columns(dataset, [image_column, args.label_column], ["--image_column", "--label_column"])
         datasets[name] = limit_examples(dataset, max_samples, args.seed)
 
-    try:  # after the data checks: a wrong column fails before the model loads
-        backbone = load_backbone(args.model_name_or_path, revision=args.revision, which=args.which)
-    except (OSError, ValueError, KeyError) as error:
-        message = first_line(error)
-        if "--which" in message:
-            raise ValueError(message) from None
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a loadable backbone, run folder "
-                         f"or Hub id ({message})") from None
-    if not hasattr(backbone.config, "hidden_size"):
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a ViT-style backbone "
-                         "(its config has no hidden_size)")
+    # after the data checks: a wrong column fails before the model loads
+    backbone = load_model_backbone(args, requires="hidden_size")
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # after the input checks
     backbone.to(accelerator.device)
     processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.revision)
@@ -189,15 +180,8 @@ def _processor_size(processor: Any) -> dict | None:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
-    configure_output(is_main_process())
-
-    def body() -> int:
-        evaluate(args)
-        return 0
-
-    return run_command(prog, body, wants_debug(argv))
+    """Run ``dino-hf-eval`` on ``argv``; returns the exit status (2: bad input, one sentence on stderr)."""
+    return run_main(prog, argv, build_parser, evaluate)
 
 
 if __name__ == "__main__":

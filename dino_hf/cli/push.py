@@ -20,14 +20,16 @@ import sys
 import tempfile
 from pathlib import Path
 
-from .console import CommandParser, configure_output, is_main_process, run_command, wants_debug
+from dino_hf.cli.arguments import add_which_argument
+from dino_hf.cli.console import CommandParser, run_main
 
 PROG = "dino-hf-push"
 
 
 def build_parser(prog: str = PROG) -> CommandParser:
-    from ..model_card import DEFAULT_LICENSE
-    from ..run_output import TRAINING_MODEL_SUBFOLDER
+    """The ``dino-hf-push`` flags; old spellings (``--model_dir``, ``--repo_id``, ``--private``) are aliases."""
+    from dino_hf.base.run_folder import TRAINING_MODEL_SUBFOLDER
+    from dino_hf.hub.model_card import DEFAULT_LICENSE
 
     parser = CommandParser(prog=prog, description=__doc__.split("\n\n")[0])
     parser.add_argument("--output_dir", "--model_dir", dest="output_dir", required=True,
@@ -38,8 +40,7 @@ def build_parser(prog: str = PROG) -> CommandParser:
                         "Created if it does not exist.")
     parser.add_argument("--hub_private_repo", "--private", dest="hub_private_repo", action="store_true",
                         help="Create the repository as private (no effect on an existing repository).")
-    parser.add_argument("--which", choices=["teacher", "student"], default="teacher",
-                        help="Network to push as the backbone (the teacher is what DINO evaluates and exports).")
+    add_which_argument(parser, "Network to push as the backbone (the teacher is what DINO evaluates and exports).")
     parser.add_argument("--revision", default=None, help="Branch to commit to (default main); created from main if missing.")
     parser.add_argument("--commit_message", default=None,
                         help="Commit message (default: 'Upload DINO backbone (step N) with dino_hf').")
@@ -59,8 +60,8 @@ def build_parser(prog: str = PROG) -> CommandParser:
 def _exported_backbone(args: argparse.Namespace, scratch: Path) -> Path | None:
     """The backbone folder to push when it is not the run's ``backbone/``: the ``--which`` network of a
     DinoForPreTraining folder (or a run's student), exported into ``scratch``; else None."""
-    from ..backbones import resolve_backbone_source
-    from ..modeling_dino import DinoForPreTraining
+    from dino_hf.eval.loading import resolve_backbone_source
+    from dino_hf.models.modeling_dino import DinoForPreTraining
 
     folder = Path(args.output_dir)
     if not folder.is_dir():
@@ -79,9 +80,9 @@ def _exported_backbone(args: argparse.Namespace, scratch: Path) -> Path | None:
 
 def push(args: argparse.Namespace) -> int:
     """Push (or with ``--dry_run`` show) what ``args`` describe; returns the exit status."""
-    from ..hub import push_training_output
-    from ..model_card import render_model_card
-    from ..run_output import read_training_output
+    from dino_hf.base.run_folder import read_training_output
+    from dino_hf.hub.model_card import render_model_card
+    from dino_hf.hub.push import push_training_output
 
     with tempfile.TemporaryDirectory(prefix="dino_hf_push_") as scratch:
         backbone_dir = _exported_backbone(args, Path(scratch))
@@ -103,19 +104,9 @@ def push(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = PROG) -> int:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = build_parser(prog).parse_args(argv)
-    configure_output(is_main_process())
-    from ..hub import HubPushError
-    from ..run_output import scrub_secrets
-
-    try:
-        return run_command(prog, lambda: push(args), wants_debug(argv))
-    except HubPushError as error:  # already one sentence naming the repository and the HTTP status
-        if wants_debug(argv):
-            raise
-        print(scrub_secrets(str(error), args.token), file=sys.stderr)
-        return 2
+    """Run ``dino-hf-push`` on ``argv``; returns the exit status (2: nothing pushed, one sentence on stderr)."""
+    # a refused push is the Hub's sentence alone (no "PROG: error:"): e.g. exactly the login hint
+    return run_main(prog, argv, build_parser, push, prefix_hub_errors=False)
 
 
 if __name__ == "__main__":

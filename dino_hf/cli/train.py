@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import sys
 
-from .console import report_error, run_command, wants_debug
+from dino_hf.cli.console import report_error, run_command, wants_debug
 
 PROG = "dino-hf-train"
 
@@ -29,8 +29,8 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
     debug = wants_debug(argv)
 
     def body() -> int:
-        from ..training import NonFiniteLossError, train
-        from ..training_args import parse_training_args
+        from dino_hf.train.argument_parsing import parse_training_args
+        from dino_hf.train.loop import NonFiniteLossError, train
 
         args = parse_training_args(argv, prog=prog)
         try:
@@ -45,7 +45,7 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
         except OSError as error:  # one the library did not expect: still one sentence, naming the file
             if debug:
                 raise
-            from ..errors import describe_os_error
+            from dino_hf.base.errors import describe_os_error
 
             report_error(prog, describe_os_error(error, error.filename or "a file", "training",
                                                  "rerun with --debug for details"))

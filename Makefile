@@ -63,6 +63,7 @@ bench: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/bench_train_step.py
 	$(PYTHON) benchmarks/bench_checkpoint.py
 	$(PYTHON) benchmarks/bench_end_to_end.py --data_dir $(DATA_DIR)
+	$(PYTHON) benchmarks/bench_mfu.py --record
 
 bench-quality: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/quality_fashion_mnist.py --data_dir $(DATA_DIR)

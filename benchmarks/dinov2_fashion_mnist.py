@@ -97,7 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics: dict = {"budget_minutes": args.budget_minutes}
     for name, run in runs.items():
         folder = work_dir / name / "backbone"
-        backbone = AutoModel.from_pretrained(folder, add_pooling_layer=False).eval()
+        backbone = AutoModel.from_pretrained(folder).eval()
         scores = feature_scores(backbone, AutoImageProcessor.from_pretrained(folder), data, args.k)
         last = run["rows"][-1] if run["rows"] else {}
         metrics.update({

@@ -276,7 +276,7 @@ def main(argv: list[str] | None = None) -> dict:
     print("final scores on the full test set...", flush=True)
     torch.set_num_threads(max(os.cpu_count() or 1, 1))
     data = (load_split(data_dir, "train"), load_split(data_dir, "test"))
-    backbone = AutoModel.from_pretrained(run_dir / "backbone", add_pooling_layer=False).eval()
+    backbone = AutoModel.from_pretrained(run_dir / "backbone").eval()
     processor = AutoImageProcessor.from_pretrained(run_dir / "backbone")
     trained = feature_scores(backbone, processor, data, args.k)
     pixels = pixel_scores(data, args.k)

@@ -33,6 +33,8 @@ _LAZY_EXPORTS = {
     "create_train_dataloader": "data.loader",
     "load_image_dataset": "data.streaming",
     "DinoTrainingArguments": "train.arguments",
+    "DinoTrainer": "train.trainer",
+    "TrainingResult": "train.loop",
 }
 
 __all__ = [
@@ -42,7 +44,9 @@ __all__ = [
     "DinoHead",
     "DinoLoss",
     "DinoSchedules",
+    "DinoTrainer",
     "DinoTrainingArguments",
+    "TrainingResult",
     "IBOTPatchLoss",
     "KoLeoLoss",
     "MaskingGenerator",
@@ -62,7 +66,9 @@ if TYPE_CHECKING:  # pragma: no cover - for static analysers only
     from dino_hf.models.configuration_dino import DinoConfig
     from dino_hf.models.modeling_dino import DinoForPreTraining, DinoForPreTrainingOutput, DinoHead
     from dino_hf.train.arguments import DinoTrainingArguments
+    from dino_hf.train.loop import TrainingResult
     from dino_hf.train.schedules import DinoSchedules
+    from dino_hf.train.trainer import DinoTrainer
 
 
 # The registration (AutoConfig, AutoModel, AutoModelForPreTraining) runs at the end of modeling_dino.

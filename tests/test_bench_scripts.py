@@ -185,3 +185,31 @@ def test_checkpoint_benchmark_saves_verifies_and_records(tmp_path: Path) -> None
     assert metrics["checkpoint_mb"] > 0 and metrics["save_seconds"] > metrics["full_sha256_seconds"] > 0
     assert metrics["verify_cold_seconds"] > 0 and metrics["header_and_size_seconds"] > 0
     assert len(_rows(results_file, "bench_checkpoint")) == 1
+
+
+def test_mfu_benchmark_counts_times_profiles_and_records(tmp_path: Path) -> None:
+    """One tiny DINO step counted, timed and profiled (a process of its own: it makes an Accelerator)."""
+    results_file = tmp_path / "RESULTS.md"
+    completed = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "bench_mfu.py"), "--model_config", "vit_tiny_patch16",
+         "--config_overrides", "backbone_config.num_hidden_layers=2,head_hidden_size=64", "--num_prototypes", "64",
+         "--global_crop_size", "32", "--local_crop_size", "16", "--num_local_crops", "2",
+         "--per_device_train_batch_size", "2", "--mixed_precision", "no", "--steps", "1", "--threads", "1",
+         "--peak_size", "256", "--profile", "--record", "--results_file", str(results_file)],
+        capture_output=True, text=True, timeout=300, check=False,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert completed.returncode == 0, completed.stdout[-3000:] + completed.stderr[-3000:]
+    assert "MFU" in completed.stdout and "profile of one step" in completed.stdout
+    record = json.loads(completed.stdout.strip().splitlines()[-1])  # the last line is the JSON record
+    assert 0 < record["mfu"] and record["step_flops"] > 0 and record["peak_flops_per_s"] > 0
+    assert record["achieved_flops_per_s"] == pytest.approx(record["step_flops"] / record["step_seconds_median"])
+    assert record["attention_flop_share"] > 0  # the CPU SDPA kernel is counted
+    assert record["dtype"] == "float32" and record["threads"] == 1 and record["num_prototypes"] == 64
+    assert record["cpu"] and record["torch"] == torch.__version__
+    shares = {key.removeprefix("profile_share_"): value for key, value in record.items()
+              if key.startswith("profile_share_")}
+    assert sum(shares.values()) == pytest.approx(1.0, abs=1e-3)
+    for category in ("attention", "last_layer", "layer_norm", "other_matmuls", "clipping", "optimizer", "ema"):
+        assert shares[category] > 0, category
+    assert len(_rows(results_file, "bench_mfu")) == 1

@@ -77,7 +77,7 @@ def test_the_wheel_installs_in_a_fresh_venv_and_its_commands_train_eval_and_push
     work = tmp_path / "elsewhere"  # no source tree here or above
     work.mkdir()
     where = subprocess.run(
-        [str(python), "-c", "import dino_hf, dino_hf.train.arguments as t; print(dino_hf.__file__); "
+        [str(python), "-c", "import dino_hf, dino_hf.train.recipes as t; print(dino_hf.__file__); "
                             "print(t.resolve_config_path('fashion_mnist_cpu'))"],
         capture_output=True, text=True, cwd=work, env=_clean_env())
     assert where.returncode == 0, where.stderr[-3000:]

@@ -8,6 +8,7 @@ step (step, loss, images/s, ETA) and :func:`progress_bar` is silent.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import sys
@@ -17,18 +18,29 @@ from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TrainingProgress", "configure_output", "format_duration", "is_interactive", "progress_bar"]
+__all__ = ["TrainingProgress", "configure_output", "format_duration", "in_notebook", "is_interactive", "output_restored",
+           "progress_bar"]
 
 T = TypeVar("T")
 
 
+def in_notebook() -> bool:
+    """Whether this process is a Jupyter kernel (where stderr is no terminal, yet a bar redraws in place)."""
+    shell = sys.modules.get("IPython")
+    get_ipython = getattr(shell, "get_ipython", None)
+    instance = get_ipython() if callable(get_ipython) else None
+    return instance is not None and "IPKernelApp" in getattr(instance, "config", {})
+
+
 def is_interactive() -> bool:
-    """Whether stderr (where bars and logs go) is a terminal."""
+    """Whether progress shows as live bars: stderr is a terminal, or this is a Jupyter notebook
+    (``tqdm.auto`` then draws its notebook bar)."""
     stream = sys.stderr
-    return bool(getattr(stream, "isatty", None)) and stream.isatty()
+    return (bool(getattr(stream, "isatty", None)) and stream.isatty()) or in_notebook()
 
 
 def format_duration(seconds: float) -> str:
@@ -70,8 +82,12 @@ class TrainingProgress:
         self._clock = clock
         self._started, self._first_step = clock(), initial
         self._bar: Any = None
+        self._redirect: Any = None
         if self.interactive:
             self._bar = tqdm(total=total, initial=initial, desc="DINO", unit="step", dynamic_ncols=True)
+            # log lines (k-NN results, checkpoints, warnings) print above the bar, not into it
+            self._redirect = logging_redirect_tqdm(tqdm_class=type(self._bar))
+            self._redirect.__enter__()
 
     def update(self, steps: int = 1) -> None:
         self.step += steps
@@ -105,6 +121,9 @@ class TrainingProgress:
                     loss_text, images_per_second, format_duration(eta) if eta is not None else "?")
 
     def close(self) -> None:
+        if self._redirect is not None:
+            self._redirect.__exit__(None, None, None)
+            self._redirect = None
         if self._bar is not None:
             self._bar.close()
 
@@ -141,3 +160,45 @@ def configure_output(main_process: bool) -> None:
     if not main_process:
         transformers.utils.logging.set_verbosity_error()
     transformers.utils.logging.disable_progress_bar()
+
+
+#: The loggers :func:`configure_output` sets a level on.
+_CONFIGURED_LOGGERS = ("", "dino_hf", "transformers", "datasets", "accelerate", "huggingface_hub", "py.warnings")
+
+
+@contextlib.contextmanager
+def output_restored() -> Iterator[None]:
+    """Undo, on exit, what :func:`configure_output` changes: the root logger's handlers and every
+    configured logger's level, Python warnings' capture and filters, and the progress-bar settings of
+    ``datasets``, ``transformers`` and ``huggingface_hub`` — so that a notebook or a script that trains
+    from Python keeps its own logging and bars."""
+    import datasets
+    import huggingface_hub.utils
+    import transformers
+
+    root = logging.getLogger()
+    handlers = list(root.handlers)
+    levels = {name: logging.getLogger(name).level for name in _CONFIGURED_LOGGERS}
+    capturing = getattr(warnings.showwarning, "__module__", "") == "logging"
+    datasets_bars = datasets.utils.are_progress_bars_disabled()
+    hub_bars = huggingface_hub.utils.are_progress_bars_disabled()
+    transformers_bar = transformers.utils.logging.is_progress_bar_enabled()
+    transformers_verbosity = transformers.utils.logging.get_verbosity()
+    with warnings.catch_warnings():  # restores the filters and showwarning on exit
+        try:
+            yield
+        finally:
+            if not capturing:
+                logging.captureWarnings(False)
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    for name, level in levels.items():
+        logging.getLogger(name).setLevel(level)
+    (datasets.disable_progress_bars if datasets_bars else datasets.enable_progress_bars)()
+    (huggingface_hub.utils.disable_progress_bars if hub_bars else huggingface_hub.utils.enable_progress_bars)()
+    transformers.utils.logging.set_verbosity(transformers_verbosity)
+    if transformers_bar:
+        transformers.utils.logging.enable_progress_bar()
+    else:
+        transformers.utils.logging.disable_progress_bar()

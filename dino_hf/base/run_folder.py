@@ -11,6 +11,7 @@
       eval_results.json      the final evaluation, when an evaluation set was given
       training_curves.png    loss, accuracy, entropies and learning rate against steps
       attention/step_N/      the teacher's attention on a few fixed evaluation images
+      initial_model/         the model object a Python caller started from (DinoTrainer(model=...)), saved
       .dino_hf.lock          the run lock (dino_hf.train.checkpointing.RunLock): host, pid and start of its holder
 
 This module is the one place that names those files (:class:`RunFolder`) and reads them back
@@ -53,6 +54,7 @@ BACKBONE_DIRNAME = "backbone"
 EVAL_RESULTS_NAME = "eval_results.json"
 TRAINING_CURVES_NAME = "training_curves.png"
 ATTENTION_DIRNAME = "attention"
+INITIAL_MODEL_DIRNAME = "initial_model"
 LOCK_NAME = ".dino_hf.lock"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
@@ -92,6 +94,8 @@ RUN_FACT_KEYS = (
     "calibrated_evaluation_seconds",
     "calibration_steps",
     "calibration_seconds",
+    "replans",
+    "replanned_seconds_per_step",
     "hardware",
     "train_runtime",
     "resolved_mixed_precision",
@@ -100,6 +104,8 @@ RUN_FACT_KEYS = (
     "machine_device",
     "machine_cpu",
     "machine_cpu_bf16_speedup",
+    "train_data",
+    "eval_data",
 )
 
 
@@ -108,6 +114,11 @@ class RunFolder:
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root)
+
+    @property
+    def initial_model(self) -> Path:
+        """Where ``DinoTrainer`` saves a model object it was given, to start (and resume) from it."""
+        return self.root / INITIAL_MODEL_DIRNAME
 
     @property
     def checkpoints(self) -> Path:

@@ -13,7 +13,8 @@ import argparse
 from torch import nn
 
 from dino_hf.cli.console import first_line
-from dino_hf.eval.loading import NETWORKS, load_backbone
+from dino_hf.eval.loading import NETWORKS, backbone_config_of, load_backbone
+from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, family_of
 
 __all__ = ["add_model_arguments", "add_which_argument", "load_model_backbone"]
 
@@ -37,29 +38,41 @@ def add_model_arguments(parser: argparse.ArgumentParser, use: str) -> None:
     parser.add_argument("--revision", default=None, help="Hub revision of --model_name_or_path.")
 
 
-def load_model_backbone(args: argparse.Namespace, *, requires: str | None = None,
-                        attn_implementation: str | None = None) -> nn.Module:
-    """The ``--which`` backbone of ``--model_name_or_path`` at ``--revision`` (flags of :func:`add_model_arguments`).
+def load_model_backbone(args: argparse.Namespace, *, attention: bool = False) -> nn.Module:
+    """The ``--which`` backbone of ``--model_name_or_path`` at ``--revision`` (flags of :func:`add_model_arguments`),
+    of any family dino_hf trains (or another ``AutoModel`` backbone).
 
     Args:
         args: the parsed arguments.
-        requires: a config attribute the command needs (``hidden_size``, ``patch_size``); a model whose
-            config lacks it is refused as not ViT-style.
-        attn_implementation: as :func:`dino_hf.eval.loading.load_backbone` (``"eager"`` for attention maps).
+        attention: the command draws attention maps: a backbone without self-attention (a ConvNet) is refused
+            before its weights load, and the backbone is loaded with the eager attention, which returns them.
     Raises:
         ValueError: one sentence naming ``--which`` or ``--model_name_or_path`` (a path or id that holds
-            no model, transformers' ``OSError`` included).
+            no model, transformers' ``OSError`` included; a ConvNet given to an attention command).
     """
     try:
-        backbone = load_backbone(args.model_name_or_path, attn_implementation=attn_implementation,
+        if attention:
+            _check_attention(args, backbone_config_of(args.model_name_or_path, args.which, args.revision))
+        backbone = load_backbone(args.model_name_or_path, attn_implementation="eager" if attention else None,
                                  revision=args.revision, which=args.which)
     except (OSError, ValueError, KeyError) as error:
         message = first_line(error)
-        if "--which" in message:
+        if "--which" in message or "--model_name_or_path" in message:
             raise ValueError(message) from None
         raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a loadable backbone, run folder "
                          f"or Hub id ({message})") from None
-    if requires is not None and not hasattr(backbone.config, requires):
-        raise ValueError(f"--model_name_or_path {args.model_name_or_path!r} is not a ViT-style backbone "
-                         f"(its config has no {requires})")
     return backbone
+
+
+def _check_attention(args: argparse.Namespace, config) -> None:
+    """``ValueError`` (one sentence) for a backbone of a family without self-attention maps."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        return  # another AutoModel: its forward says whether it returns attentions
+    family = family_of(config)
+    if not family.has_attention:
+        with_attention = ", ".join(family_of(t).name_of(t) for t in SUPPORTED_MODEL_TYPES if family_of(t).has_attention)
+        raise ValueError(
+            f"--model_name_or_path {args.model_name_or_path!r} is a {family.name_of(config.model_type)} backbone "
+            f"({family.usage(config).model_class}), which has no self-attention to draw: attention maps need one of "
+            f"{with_attention}"
+        )

@@ -1,5 +1,6 @@
-"""``dino-hf-attention``: the last layer's CLS self-attention maps of a ViT backbone over images, as in the
-DINO paper.
+"""``dino-hf-attention``: the last layer's CLS self-attention maps of a transformer backbone (ViT, DeiT,
+DINOv2, DINOv3 ViT; registers skipped) over images, as in the DINO paper. A ConvNet (ConvNeXt, ResNet)
+has no self-attention: it is refused in one sentence, with status 2.
 
 For each image: one heat-map overlay per head and for the mean over heads, the thresholded maps
 (the most attended patches holding --threshold of the attention mass, 0.6 in the paper) and a titled
@@ -69,7 +70,7 @@ def draw_attention(args: argparse.Namespace) -> list[Path]:
         except (OSError, UnidentifiedImageError) as error:
             reason = "no such file" if isinstance(error, FileNotFoundError) else "not a readable image"
             raise ValueError(f"--image {path!r}: {reason}") from None
-    backbone = load_model_backbone(args, requires="patch_size", attn_implementation="eager")
+    backbone = load_model_backbone(args, attention=True)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
 

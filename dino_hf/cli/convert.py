@@ -4,7 +4,8 @@
     dino-hf-convert --checkpoint checkpoint.pth --output_dir run \\
         --save_training_model   # also the full student/teacher DinoForPreTraining, to continue training
 
-The folder loads with ``transformers.AutoModel.from_pretrained(output_dir, add_pooling_layer=False)``.
+The folder loads with plain ``transformers.AutoModel.from_pretrained(output_dir)`` (an identity pooler:
+``pooler_output`` is the CLS token, the DINO embedding).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ def convert(args: argparse.Namespace) -> int:
         num_attention_heads=args.num_attention_heads,
         save_training_model=args.save_training_model,
     )
-    print(f"Backbone written to {output_dir} (load with AutoModel.from_pretrained(..., add_pooling_layer=False)).")
+    print(f"Backbone written to {output_dir} (load with AutoModel.from_pretrained(...)).")
     return 0
 
 

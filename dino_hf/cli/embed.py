@@ -1,4 +1,4 @@
-"""``dino-hf-embed``: embeddings of every image of a dataset, as a ``datasets`` parquet set (id, embedding).
+"""``dino-hf-embed``: embeddings of every image of a dataset, as a ``datasets`` parquet set (id, label, embedding).
 
     dino-hf-embed --model_name_or_path outputs/demo --dataset_name data/fashion_mnist --split test \\
         --output_dir outputs/demo/embeddings
@@ -7,7 +7,9 @@
         --hub_dataset_id USER/imagenette-dino
 
 ``--model_name_or_path`` takes a backbone folder or Hub id, a run's ``--output_dir`` or a
-``DinoForPreTraining`` folder (the teacher, or ``--which student``). The export is resumable: rerun
+``DinoForPreTraining`` folder (the teacher, or ``--which student``), of any family: the embedding is the
+family's DINO embedding (a ViT's CLS token, a ConvNet's pooled output). The dataset's id and label
+columns are carried along when it has them. The export is resumable: rerun
 the same command after an interruption and the shards already written are skipped. Read it back with
 ``datasets.load_dataset(OUTPUT_DIR, split=SPLIT)``. Bad input exits with status 2 and one sentence.
 """
@@ -21,6 +23,8 @@ from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
 from dino_hf.cli.console import CommandParser, first_line, run_main
 
 PROG = "dino-hf-embed"
+#: Columns that identify a row, looked for in this order when --id_column is unset (webdataset's key last).
+ID_COLUMNS = ("id", "image_id", "img_id", "file_name", "filename", "__key__")
 
 
 def build_parser(prog: str = PROG) -> CommandParser:
@@ -34,8 +38,11 @@ def build_parser(prog: str = PROG) -> CommandParser:
     parser.add_argument("--image_column", default=None,
                         help="Column holding the images; unset finds 'image', 'img' or the first Image column.")
     parser.add_argument("--id_column", default=None,
-                        help="Column whose values identify the rows ('id' when the dataset has one); unset and "
-                        "absent, the row's index in the split.")
+                        help=f"Column whose values identify the rows; unset, the first of {', '.join(ID_COLUMNS)} "
+                        "the dataset has, else the row's index in the split.")
+    parser.add_argument("--label_column", default=None,
+                        help="Column carried into the export as 'label' (a ClassLabel keeps its names); unset, "
+                        "'label' when the dataset has one. 'none': no label column.")
     parser.add_argument("--output_dir", required=True, help="Folder of the export (data/SPLIT-NNNNN.parquet).")
     parser.add_argument("--overwrite_output_dir", action="store_true",
                         help="Start over instead of resuming an export in --output_dir.")
@@ -83,9 +90,15 @@ def embed(args: argparse.Namespace) -> int:
         raise ValueError(message) from None
     image_column = detect_image_column(dataset, args.image_column, args.dataset_name)
     columns = getattr(dataset, "column_names", None) or []
-    id_column = args.id_column or ("id" if "id" in columns else None)
+    id_column = args.id_column or next((name for name in ID_COLUMNS if name in columns), None)
     if id_column is not None and columns and id_column not in columns:
         raise ValueError(f"--id_column {id_column!r} is not a column of the dataset (its columns: {', '.join(columns)})")
+    label_column = args.label_column or ("label" if "label" in columns else None)
+    if label_column == "none":
+        label_column = None
+    if label_column is not None and columns and label_column not in columns:
+        raise ValueError(f"--label_column {label_column!r} is not a column of the dataset (its columns: "
+                         f"{', '.join(columns)}); pass 'none' to export without labels")
     if args.max_samples is not None:
         dataset = dataset.take(args.max_samples) if not hasattr(dataset, "__len__") else dataset.select(
             range(min(args.max_samples, len(dataset))))
@@ -98,7 +111,8 @@ def embed(args: argparse.Namespace) -> int:
         "image_size": args.image_size, "max_samples": args.max_samples,
     }
     export = export_embeddings(backbone, processor, dataset, args.output_dir, split=args.split,
-                               image_column=image_column, id_column=id_column, rows_per_shard=args.rows_per_shard,
+                               image_column=image_column, id_column=id_column, label_column=label_column,
+                               rows_per_shard=args.rows_per_shard,
                                batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
                                l2_normalize=args.l2_normalize, settings=settings, overwrite=args.overwrite_output_dir)
     print(f"{export.num_rows} embeddings of dimension {export.embedding_dim} in {len(export.shards)} shard(s) under "

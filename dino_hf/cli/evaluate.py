@@ -1,10 +1,13 @@
 """``dino-hf-eval``: weighted k-NN (and optionally linear-probe) accuracy of a frozen backbone.
 
-Works on an exported backbone folder, a Hub ViT backbone id, a training run's ``--output_dir`` or a
-``DinoForPreTraining`` folder (the teacher by default, ``--which student``), with the official DINO
-protocol: CLS features of ``last_hidden_state``, L2-normalised; the k nearest training images (cosine
-similarity) vote for their class with weight exp(sim / T), T the official temperature
-(:data:`dino_hf.base.official_recipe.OFFICIAL_KNN_TEMPERATURE`) unless ``--temperature`` says otherwise.
+Works on an exported backbone folder or Hub id of any family dino_hf trains (ViT, DeiT, DINOv2, DINOv3,
+ConvNeXt, ResNet), a training run's ``--output_dir`` or a ``DinoForPreTraining`` folder (the teacher by
+default, ``--which student``), with the official DINO protocol: the family's DINO embedding (a ViT's CLS
+token, a ConvNet's pooled output), in float32 unless ``--mixed_precision`` says otherwise, L2-normalised;
+the k nearest training images (cosine similarity) vote for their class with weight exp(sim / T), T the
+official temperature (:data:`dino_hf.base.official_recipe.OFFICIAL_KNN_TEMPERATURE`) unless
+``--temperature`` says otherwise. On the same data, splits and subset (``--max_*_samples``, ``--seed``)
+it gives the figure the run's in-training monitor recorded (the model card prints the command).
 
     dino-hf-eval --model_name_or_path outputs/demo --dataset_name data/fashion_mnist
     dino-hf-eval --model_name_or_path facebook/dino-vits16 --dataset_name frgfm/imagenette \\
@@ -122,7 +125,7 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
         datasets[name] = limit_examples(dataset, max_samples, args.seed)
 
     # after the data checks: a wrong column fails before the model loads
-    backbone = load_model_backbone(args, requires="hidden_size")
+    backbone = load_model_backbone(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # after the input checks
     backbone.to(accelerator.device)
     processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.revision)

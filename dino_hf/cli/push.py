@@ -4,9 +4,11 @@
         [--which student] [--revision BRANCH] [--commit_message MSG] [--include_training_model]
 
 ``--output_dir`` is a training run's output folder, a ``DinoForPreTraining`` folder (its teacher,
-or ``--which student``, is exported on the fly) or an exported backbone folder. The pushed repository
-loads with plain transformers: ``AutoModel.from_pretrained("USER/NAME", add_pooling_layer=False)``;
-the embedding is the CLS token of ``last_hidden_state``. Authentication: ``hf auth login`` or
+or ``--which student``, is exported on the fly) or an exported backbone folder, of any family. The
+pushed repository loads with plain transformers, ``AutoModel.from_pretrained("USER/NAME")``; its model
+card says how to get the embedding of its family (a ViT's CLS token, a ConvNet's pooled output) and
+``--dry_run`` saves that card into the folder (``README.md``, and ``backbone/README.md`` of a run)
+without pushing. Authentication: ``hf auth login`` or
 ``HF_TOKEN`` (preferred over ``--token``, which other users of the machine can see in the process
 list). ``HF_ENDPOINT`` selects another Hub endpoint.
 
@@ -53,7 +55,8 @@ def build_parser(prog: str = PROG) -> CommandParser:
                         help=f"License id for the card metadata (default: {DEFAULT_LICENSE}). Check the terms of "
                         "your training data.")
     parser.add_argument("--dry_run", action="store_true",
-                        help="Print the files that would be pushed and the model card; push nothing (no token needed).")
+                        help="Print the files that would be pushed and the model card, and save the card as the "
+                        "folder's README.md (and backbone/README.md); push nothing (no token needed).")
     return parser
 
 
@@ -61,6 +64,7 @@ def _exported_backbone(args: argparse.Namespace, scratch: Path) -> Path | None:
     """The backbone folder to push when it is not the run's ``backbone/``: the ``--which`` network of a
     DinoForPreTraining folder (or a run's student), exported into ``scratch``; else None."""
     from dino_hf.eval.loading import resolve_backbone_source
+    from dino_hf.hub.model_card import bare_backbone_dir
     from dino_hf.models.modeling_dino import DinoForPreTraining
 
     folder = Path(args.output_dir)
@@ -73,7 +77,7 @@ def _exported_backbone(args: argparse.Namespace, scratch: Path) -> Path | None:
             raise
         return None
     if not is_dino:
-        return None
+        return bare_backbone_dir(folder)  # a backbone folder on its own (any family), else the run's backbone/
     # The model's own export keeps the processor the backbone came with (a DINOv2's resize and mean/std).
     return DinoForPreTraining.from_pretrained(source).save_backbone(scratch / "backbone", which=args.which)
 
@@ -81,7 +85,7 @@ def _exported_backbone(args: argparse.Namespace, scratch: Path) -> Path | None:
 def push(args: argparse.Namespace) -> int:
     """Push (or with ``--dry_run`` show) what ``args`` describe; returns the exit status."""
     from dino_hf.base.run_folder import read_training_output
-    from dino_hf.hub.model_card import render_model_card
+    from dino_hf.hub.model_card import write_run_cards
     from dino_hf.hub.push import push_training_output
 
     with tempfile.TemporaryDirectory(prefix="dino_hf_push_") as scratch:
@@ -92,8 +96,10 @@ def push(args: argparse.Namespace) -> int:
             for path_in_repo, local_path in sorted({"README.md": "(model card)", **run.files}.items()):
                 print(f"{path_in_repo}  <-  {local_path}")
             print()
-            print(render_model_card(args.output_dir, args.hub_model_id, license=args.license,
-                                    include_training_model=args.include_training_model, backbone_dir=backbone_dir))
+            saved = write_run_cards(args.output_dir, args.hub_model_id, license=args.license, backbone_dir=backbone_dir,
+                                    include_training_model=args.include_training_model)
+            print(saved[-1].read_text(encoding="utf-8"))
+            print(f"Model card saved to {', '.join(str(path) for path in saved if Path(scratch) not in path.parents)}.")
             return 0
         url = push_training_output(args.output_dir, args.hub_model_id, private=args.hub_private_repo,
                                    revision=args.revision, commit_message=args.commit_message, token=args.token,

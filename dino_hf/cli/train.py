@@ -1,4 +1,5 @@
-"""``dino-hf-train``: self-supervised DINO pre-training of a ViT backbone on the Hugging Face stack.
+"""``dino-hf-train``: self-supervised DINO pre-training of a vision backbone on the Hugging Face stack:
+the arguments parsed, then ``DinoTrainer(args=args).train()`` (the Python API's one code path).
 
     dino-hf-train --config fashion_mnist_cpu --dataset_name data/fashion_mnist --output_dir outputs/demo
     accelerate launch -m dino_hf.cli.train --config vit_small_patch16_100ep \\
@@ -30,11 +31,12 @@ def main(argv: list[str] | None = None, prog: str = PROG) -> int:
 
     def body() -> int:
         from dino_hf.train.argument_parsing import parse_training_args
-        from dino_hf.train.loop import NonFiniteLossError, train
+        from dino_hf.train.loop import NonFiniteLossError
+        from dino_hf.train.trainer import DinoTrainer
 
         args = parse_training_args(argv, prog=prog)
         try:
-            result = train(args)
+            result = DinoTrainer(args=args).train()
         except NonFiniteLossError as error:
             if debug:
                 raise

@@ -34,7 +34,8 @@ from dino_hf.data.augmentation import MultiCropAugmentation
 from dino_hf.data.batched_augmentation import DeviceMultiCrop, letterbox
 from dino_hf.data.decoding import BadImageError, decode_image
 from dino_hf.data.masking import MaskSampler
-from dino_hf.data.streaming import count_local_examples, detect_image_column, load_image_dataset
+from dino_hf.data.sources import open_image_source
+from dino_hf.data.streaming import detect_image_column
 
 logger = logging.getLogger(__name__)
 
@@ -413,7 +414,7 @@ class DinoDataLoader:
 # Entry point
 # --------------------------------------------------------------------------------------------------
 def create_train_dataloader(
-    dataset_name: str,
+    dataset_name: Any,
     *,
     augmentation: Callable[..., Any] | None,
     batch_size: int,
@@ -435,7 +436,8 @@ def create_train_dataloader(
     """Build this process's training loader of DINO multi-crop batches (or of decoded images).
 
     Args:
-        dataset_name: local folder / parquet or tar file / Hub id (see :func:`load_image_dataset`).
+        dataset_name: the images: a local folder / parquet or tar file / Hub id / ``save_to_disk``
+            folder, or a ``datasets`` or torch dataset object (:func:`dino_hf.data.sources.open_image_source`).
         augmentation: a :class:`~dino_hf.data.augmentation.MultiCropAugmentation`, or any callable taking an
             RGB ``(3, H, W)`` uint8 tensor and returning its views (global views first; an attribute
             ``num_global_crops`` says how many, default 2). ``None`` together with ``working_size``
@@ -472,22 +474,16 @@ def create_train_dataloader(
         raise ValueError(f"working_size must be at least 2 pixels, got {working_size}.")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
-    dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+    opened = open_image_source(dataset_name, split, dataset_config_name, streaming=streaming)
+    dataset, num_examples, dataset_name = opened.dataset, opened.num_examples, opened.description
     image_column = detect_image_column(dataset, image_column, dataset_name)
     dataset = dataset.select_columns([image_column])
     if isinstance(dataset.features.get(image_column) if dataset.features else None, ImageFeature):
         dataset = dataset.cast_column(image_column, ImageFeature(decode=False))  # we decode, and catch errors
 
-    if isinstance(dataset, IterableDataset):
-        num_examples = None
-        if dataset.info.splits and split in dataset.info.splits and dataset.info.splits[split].num_examples:
-            num_examples = dataset.info.splits[split].num_examples
-        if num_examples is None:
-            num_examples = count_local_examples(dataset_name, dataset_config_name, split)
-    else:  # a non-streamed Dataset: make as many shards as needed (a multiple of the readers)
+    if not isinstance(dataset, IterableDataset):  # a map-style Dataset: as many shards as needed (a multiple of the readers)
         num_workers = num_workers(None) if callable(num_workers) else num_workers
         readers = num_processes * max(1, num_workers)
-        num_examples = len(dataset)
         num_shards = max(1, min(num_examples, readers * math.ceil(64 / readers)))
         dataset = dataset.to_iterable_dataset(num_shards=num_shards)
     per_process_examples = None if num_examples is None else num_examples // num_processes

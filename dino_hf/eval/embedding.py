@@ -1,17 +1,19 @@
 """Bulk embeddings: every image of a dataset through a backbone, written as a ``datasets`` parquet set.
 
 ``export_embeddings`` writes ``output_dir/data/{split}-{index:05d}.parquet`` shards of ``rows_per_shard``
-source rows, each row ``{"id": ..., "embedding": [D floats]}`` (the CLS token of
-``last_hidden_state``, the DINO embedding), plus ``embedding_config.json`` (what was embedded, with
-what) and a ``README.md`` dataset card, so that ``datasets.load_dataset(output_dir)`` reads it back and
-the folder can be pushed as a Hub dataset (:func:`push_embeddings`).
+source rows, each row ``{"id": ..., "label": ..., "embedding": [D floats]}`` (the DINO embedding of the
+backbone's family, :func:`dino_hf.models.backbones.backbone_embedding`: a ViT's CLS token, a ConvNet's
+pooled output), plus ``embedding_config.json`` (what was embedded, with what) and a ``README.md``
+dataset card, so that ``datasets.load_dataset(output_dir)`` reads it back and the folder can be pushed
+as a Hub dataset (:func:`push_embeddings`).
 
 Resumable: a shard is written to a temporary file and renamed, so each shard on disk is complete; a
 rerun with the same settings skips the shards already written (without decoding their images) and
 continues with the first missing one. Other settings over an existing export are refused.
 
-Ids are the dataset's ``id_column`` (``id`` when it has one) or else the row's index in the split.
-Images that do not decode are skipped, counted and reported (their ids are absent).
+Ids are the dataset's ``id_column`` (``dino-hf-embed`` finds ``id``, ``image_id``... when it has one) or
+else the row's index in the split; a ``label_column`` is carried with its feature (a ``ClassLabel``
+keeps its names). Images that do not decode are skipped, counted and reported (their ids are absent).
 """
 
 from __future__ import annotations
@@ -32,7 +34,7 @@ from torch import nn
 
 from dino_hf.base.progress import progress_bar
 from dino_hf.data.decoding import BadImageError, decode_image, to_pil_image
-from dino_hf.models.backbones import backbone_forward
+from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, backbone_embedding, backbone_forward, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -78,15 +80,20 @@ def _check_settings(output_dir: Path, settings: dict[str, Any], overwrite: bool)
 
 
 class _Collate:
-    """Rows ``{image_column, id_column?}`` -> ``(pixel_values (B, 3, H, W) or None, decoded mask, ids)``;
-    the pixels hold only the images that decoded."""
+    """Rows ``{image_column, id_column?, label_column?}`` -> ``(pixel_values (B, 3, H, W) or None, decoded
+    mask, ids, labels)``; the pixels hold only the images that decoded."""
 
-    def __init__(self, processor: Any, image_column: str, id_column: str | None) -> None:
+    def __init__(self, processor: Any, image_column: str, id_column: str | None, label_column: str | None = None) -> None:
         self.processor = processor
         self.image_column = image_column
         self.id_column = id_column
+        self.label_column = label_column
 
-    def __call__(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor | None, list[bool], list[Any]]:
+    @property
+    def columns(self) -> list[str]:
+        return [self.image_column] + [column for column in (self.id_column, self.label_column) if column]
+
+    def __call__(self, rows: list[dict[str, Any]]) -> tuple[torch.Tensor | None, list[bool], list[Any], list[Any]]:
         images, decoded = [], []
         for row in rows:
             try:
@@ -95,11 +102,13 @@ class _Collate:
             except BadImageError:
                 decoded.append(False)
         pixel_values = self.processor(images=images, return_tensors="pt")["pixel_values"] if images else None
-        return pixel_values, decoded, [row[self.id_column] for row in rows] if self.id_column else []
+        ids = [row[self.id_column] for row in rows] if self.id_column else []
+        labels = [row[self.label_column] for row in rows] if self.label_column else []
+        return pixel_values, decoded, ids, labels
 
 
 def _batches(dataset: Any, first_row: int, batch_size: int, num_workers: int,
-             collate: _Collate) -> Iterator[tuple[torch.Tensor | None, list[bool], list[Any]]]:
+             collate: _Collate) -> Iterator[tuple[torch.Tensor | None, list[bool], list[Any], list[Any]]]:
     """Batches from row ``first_row`` on, in the dataset's order (see :class:`_Collate`)."""
     import datasets
 
@@ -107,7 +116,7 @@ def _batches(dataset: Any, first_row: int, batch_size: int, num_workers: int,
         remaining = dataset.select(range(first_row, len(dataset)))
     else:
         remaining, num_workers = dataset.skip(first_row), 0  # one stream keeps the order of the rows
-    remaining = remaining.select_columns([collate.image_column] + ([collate.id_column] if collate.id_column else []))
+    remaining = remaining.select_columns(collate.columns)
     if isinstance((remaining.features or {}).get(collate.image_column), datasets.Image):
         remaining = remaining.cast_column(collate.image_column, datasets.Image(decode=False))  # decoded by us
     yield from torch.utils.data.DataLoader(remaining, batch_size=batch_size, shuffle=False, num_workers=num_workers,
@@ -124,6 +133,7 @@ def export_embeddings(
     split: str,
     image_column: str,
     id_column: str | None = None,
+    label_column: str | None = None,
     rows_per_shard: int = 10_000,
     batch_size: int = 64,
     num_workers: int = 0,
@@ -134,12 +144,13 @@ def export_embeddings(
     """Embed every image of ``dataset`` into parquet shards (see the module docstring).
 
     Args:
-        backbone: a ViT-style model in eval mode, on its device (``last_hidden_state[:, 0]`` is used).
+        backbone: a backbone in eval mode, on its device (its family's embedding is used).
         processor: the image processor that feeds it (``load_image_processor``).
         dataset: a ``datasets.Dataset`` or ``IterableDataset`` (streamed: read in order, no workers).
         output_dir: the export's folder.
         split: name of the split in the shard names.
         image_column, id_column: columns of ``dataset``; without ``id_column`` the ids are row indices.
+        label_column: a column of ``dataset`` carried into the export as ``label`` (``None``: none).
         rows_per_shard: source rows per parquet file (the unit of resumption).
         batch_size: images per forward pass.
         num_workers: DataLoader workers decoding images (map-style datasets).
@@ -158,6 +169,8 @@ def export_embeddings(
     output_dir = Path(output_dir)
     settings = {**(settings or {}), "split": split, "image_column": image_column, "id_column": id_column,
                 "rows_per_shard": rows_per_shard, "l2_normalize": l2_normalize}
+    if label_column is not None:  # absent otherwise: an export made before labels were carried still resumes
+        settings["label_column"] = label_column
     _check_settings(output_dir, settings, overwrite)
     total_rows = len(dataset) if isinstance(dataset, datasets.Dataset) else None
     num_shards = math.ceil(total_rows / rows_per_shard) if total_rows is not None else None
@@ -170,19 +183,21 @@ def export_embeddings(
     if done:
         logger.info("Resuming: %d shard(s) of %s already written; starting at row %d.", done, output_dir, first_row)
     device = next(backbone.parameters()).device
-    id_type = _id_feature(dataset, id_column)
+    columns = _Columns(_id_feature(dataset, id_column), _label_feature(dataset, label_column))
     shards = [shard_path(output_dir, split, index) for index in range(done)]
-    buffer_ids: list[Any] = []
-    buffer_embeddings: list[np.ndarray] = []
+    buffer: dict[str, list[Any]] = {"id": [], "label": [], "embedding": []}
     row, shard_index, bad_images, dim = first_row, done, 0, None
     remaining_rows = None if total_rows is None else max(total_rows - first_row, 0)
-    batches = _batches(dataset, first_row, batch_size, num_workers, _Collate(processor, image_column, id_column))
+    collate = _Collate(processor, image_column, id_column, label_column)
+    batches = _batches(dataset, first_row, batch_size, num_workers, collate)
     total_batches = None if remaining_rows is None else math.ceil(remaining_rows / batch_size)
-    for pixel_values, decoded, ids in progress_bar(batches, total=total_batches, desc="embeddings", unit="batch"):
+    dtype = next(backbone.parameters()).dtype
+    for pixel_values, decoded, ids, labels in progress_bar(batches, total=total_batches, desc="embeddings",
+                                                           unit="batch"):
         embeddings = None
         if pixel_values is not None:
-            output = backbone_forward(backbone, pixel_values.to(device))
-            embeddings = output.last_hidden_state[:, 0].float()
+            output = backbone_forward(backbone, pixel_values.to(device, dtype))
+            embeddings = backbone_embedding(backbone, output).float()
             if l2_normalize:
                 embeddings = F.normalize(embeddings, dim=-1)
             embeddings = embeddings.cpu().numpy()
@@ -190,23 +205,40 @@ def export_embeddings(
         kept = 0
         for position, ok in enumerate(decoded):
             if ok:
-                buffer_ids.append(ids[position] if id_column else row)
-                buffer_embeddings.append(embeddings[kept])
+                buffer["id"].append(ids[position] if id_column else row)
+                buffer["label"].append(labels[position] if label_column else None)
+                buffer["embedding"].append(embeddings[kept])
                 kept += 1
             else:
                 bad_images += 1
             row += 1
             if row % rows_per_shard == 0:
-                shards.append(_write_shard(output_dir, split, shard_index, buffer_ids, buffer_embeddings, id_type, dim))
-                buffer_ids, buffer_embeddings, shard_index = [], [], shard_index + 1
-    if buffer_ids:  # the last, partial shard
-        shards.append(_write_shard(output_dir, split, shard_index, buffer_ids, buffer_embeddings, id_type, dim))
+                shards.append(_write_shard(output_dir, split, shard_index, buffer, columns, dim))
+                buffer, shard_index = {"id": [], "label": [], "embedding": []}, shard_index + 1
+    if buffer["id"]:  # the last, partial shard
+        shards.append(_write_shard(output_dir, split, shard_index, buffer, columns, dim))
     if bad_images:
         logger.warning("Skipped %d image(s) that did not decode; their ids are not in the export.", bad_images)
     num_rows, dim = _count_rows(shards, dim)
-    _write_card(output_dir, settings, num_rows, dim)
+    _write_card(output_dir, settings, num_rows, dim, _embedding_text(backbone))
     logger.info("Wrote %d embeddings of dimension %s to %s (%d shard(s)).", num_rows, dim, output_dir, len(shards))
     return EmbeddingExport(output_dir, num_rows, dim or 0, shards, done, bad_images)
+
+
+def _embedding_text(backbone: nn.Module) -> str:
+    """What the embedding is, for the dataset card (the family's words, else a generic description)."""
+    config = getattr(backbone, "config", None)
+    if getattr(config, "model_type", None) in SUPPORTED_MODEL_TYPES:
+        return family_of(config).usage(config).embedding
+    return "the CLS token of `last_hidden_state`, or the pooled output of a model without one"
+
+
+@dataclass(frozen=True)
+class _Columns:
+    """The features of the export's ``id`` and ``label`` columns (``label``: ``None`` when not carried)."""
+
+    id: Any
+    label: Any | None
 
 
 def _id_feature(dataset: Any, id_column: str | None) -> Any:
@@ -218,16 +250,31 @@ def _id_feature(dataset: Any, id_column: str | None) -> Any:
     return feature if isinstance(feature, Value) else Value("string")
 
 
-def _write_shard(output_dir: Path, split: str, index: int, ids: list[Any], embeddings: list[np.ndarray],
-                 id_type: Any, dim: int | None) -> Path:
+def _label_feature(dataset: Any, label_column: str | None) -> Any | None:
+    """The label column's own feature (a ``ClassLabel`` keeps its names), else ``string``."""
+    from datasets import ClassLabel, Value
+
+    if label_column is None:
+        return None
+    feature = (dataset.features or {}).get(label_column)
+    return feature if isinstance(feature, (ClassLabel, Value)) else Value("string")
+
+
+def _write_shard(output_dir: Path, split: str, index: int, rows: dict[str, list[Any]], columns: _Columns,
+                 dim: int | None) -> Path:
     """One shard through ``datasets`` (parquet), written to a temporary name and renamed when complete."""
     from datasets import Dataset, Features, List, Value
 
     path = shard_path(output_dir, split, index)
     path.parent.mkdir(parents=True, exist_ok=True)
-    features = Features({"id": id_type, "embedding": List(Value("float32"), length=dim or -1)})
+    embeddings = rows["embedding"]
     matrix = np.stack(embeddings).astype(np.float32) if embeddings else np.zeros((0, dim or 0), np.float32)
-    shard = Dataset.from_dict({"id": ids, "embedding": list(matrix)}, features=features)
+    values: dict[str, Any] = {"id": rows["id"]}
+    schema: dict[str, Any] = {"id": columns.id}
+    if columns.label is not None:
+        values["label"], schema["label"] = rows["label"], columns.label
+    values["embedding"], schema["embedding"] = list(matrix), List(Value("float32"), length=dim or -1)
+    shard = Dataset.from_dict(values, features=Features(schema))
     temporary = path.with_name(f".{path.name}.tmp")
     shard.to_parquet(str(temporary))
     os.replace(temporary, path)
@@ -247,27 +294,30 @@ def _count_rows(shards: list[Path], dim: int | None) -> tuple[int, int | None]:
     return rows, dim
 
 
-def _write_card(output_dir: Path, settings: dict[str, Any], num_rows: int, dim: int | None) -> None:
+def _write_card(output_dir: Path, settings: dict[str, Any], num_rows: int, dim: int | None,
+                embedding: str = "the DINO embedding") -> None:
     """``README.md``: a dataset card that says what the embeddings are and how to load them."""
     from huggingface_hub import DatasetCard, DatasetCardData
 
     split = settings["split"]
-    data = DatasetCardData(
-        tags=["embeddings", "dino", "dino_hf"],
-        configs=[{"config_name": "default", "data_files": [{"split": split, "path": f"{DATA_DIRNAME}/{split}-*.parquet"}]}],
-    )
+    # No `configs:` entry: `datasets` finds the split in the shard names (data/{split}-NNNNN.parquet), and a
+    # config named in the card would make it cache a local folder by its name alone, so that a new export in
+    # a folder of the same name would be read back from the cache of the old one.
+    data = DatasetCardData(tags=["embeddings", "dino", "dino_hf"])
     model, which = settings.get("model"), settings.get("which", "teacher")
     source = settings.get("dataset_name")
     text = "\n".join([
         "---", data.to_yaml(), "---", "",
         "# DINO embeddings", "",
         f"{num_rows:,} embeddings of dimension {dim} of split `{split}` of `{source}`, computed with the "
-        f"{which} backbone `{model}` by dino_hf: the CLS token of `last_hidden_state`"
+        f"{which} backbone `{model}` by dino_hf: {embedding}"
         + (", L2-normalised." if settings.get("l2_normalize") else " (not normalised)."),
         "",
         "Columns: `id` (the dataset's "
         + (f"`{settings['id_column']}` column" if settings.get("id_column") else "row index in the split")
-        + ") and `embedding`.", "",
+        + ")"
+        + (f", `label` (the dataset's `{settings['label_column']}` column)" if settings.get("label_column") else "")
+        + " and `embedding`.", "",
         "```python", "from datasets import load_dataset", "",
         f'embeddings = load_dataset("REPO_OR_FOLDER", split="{split}")', "```", "",
     ])

@@ -34,10 +34,11 @@ from dino_hf.base.official_recipe import OFFICIAL_KNN_TEMPERATURE
 from dino_hf.base.progress import progress_bar
 from dino_hf.data.decoding import decode_image, to_pil_image
 from dino_hf.data.loader import IgnoreStopSignals
-from dino_hf.data.streaming import detect_image_column, load_image_dataset
+from dino_hf.data.sources import describe_image_source, open_image_source
+from dino_hf.data.streaming import detect_image_column
 from dino_hf.eval.loading import load_image_processor
 from dino_hf.eval.visualization import attention_grid, attention_maps, save_attention_maps
-from dino_hf.models.backbones import backbone_embedding, backbone_forward
+from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, backbone_embedding, backbone_forward, family_of
 
 logger = logging.getLogger(__name__)
 
@@ -191,11 +192,13 @@ def extract_features(
     *,
     normalize: bool = True,
     description: str | None = "features",
+    autocast: bool = True,
 ) -> tuple[Tensor, Tensor]:
-    """CLS features of every image a loader yields.
+    """DINO features (:func:`backbone_embedding`: a ViT's CLS token, a ConvNet's pooled output) of every
+    image a loader yields.
 
     Args:
-        backbone: a ViT-style model whose output has ``last_hidden_state`` (B, 1 + T, D).
+        backbone: a backbone of any family (or another model with ``last_hidden_state`` / ``pooler_output``).
         images_loader: yields ``{"pixel_values": (B, 3, H, W), "labels": (B,)}`` or
             ``(pixel_values, labels)``. With an ``accelerator`` of several processes, a torch
             ``DataLoader`` is sharded here (``accelerate.data_loader.prepare_data_loader``, without
@@ -206,6 +209,8 @@ def extract_features(
         accelerator: optional ``accelerate.Accelerator``: device, autocast and gathering.
         normalize: L2-normalise the features (the official k-NN protocol).
         description: label of the progress bar (on a terminal, main process; ``None``: no bar).
+        autocast: run the forward passes under the accelerator's mixed precision; ``False``: in the
+            backbone's own dtype (fp32 for a model in training), whatever precision the run trains in.
     Returns:
         ``features`` (N, D) float32 and ``labels`` (N,) int64, on the compute device.
     """
@@ -226,10 +231,11 @@ def extract_features(
                 process_index=accelerator.process_index,
                 put_on_device=True,
             )
-        autocast = accelerator.autocast  # a fresh context manager per batch
+        autocast_context = accelerator.autocast if autocast else contextlib.nullcontext  # fresh per batch
     else:
         device = next(backbone.parameters()).device
-        autocast = contextlib.nullcontext
+        autocast_context = contextlib.nullcontext
+    dtype = None if accelerator is not None and autocast else next(backbone.parameters()).dtype
 
     was_training = backbone.training
     backbone.eval()
@@ -245,9 +251,9 @@ def extract_features(
     try:
         for batch in batches:
             pixel_values, labels = _split_batch(batch)
-            pixel_values = pixel_values.to(device, non_blocking=True)
+            pixel_values = pixel_values.to(device, dtype, non_blocking=True)
             labels = torch.as_tensor(labels).to(device, non_blocking=True)
-            with autocast():
+            with autocast_context():
                 output = backbone_forward(backbone, pixel_values)
             features = backbone_embedding(backbone, output).float()
             if normalize:
@@ -453,12 +459,15 @@ class KnnMonitor:
 
     The datasets are opened (and their columns checked) at construction, so a wrong name fails before
     training starts. On the first :meth:`evaluate` the images are decoded and preprocessed once (RGB,
-    resize to the backbone's resolution, ImageNet mean/std: what ``save_backbone``'s processor does,
-    so the figure matches ``scripts/eval_knn.py`` on the exported backbone) and kept as float16
-    tensors when they fit in ``cache_max_bytes``; later evaluations only run the backbone.
+    resize to the backbone's resolution, ImageNet mean/std: what ``save_backbone``'s processor does)
+    and kept, exactly (float32), when they fit in ``cache_max_bytes``; later evaluations only run the
+    backbone. The features are computed in float32 whatever precision the run trains in (the official
+    ``eval_knn.py`` and ``dino-hf-eval``'s default), so that the figure is the one ``dino-hf-eval`` gives
+    on the exported backbone with the same data, subset (``max_*_samples``, ``seed``) and resolution.
 
     Args:
-        dataset_name: local folder / parquet / tar or Hub id (``dino_hf.data.streaming.load_image_dataset``).
+        dataset_name: local folder / parquet / tar / Hub id / ``save_to_disk`` folder, or a dataset object
+            with both splits (``dino_hf.data.sources.open_image_source``).
         dataset_config_name: Hub configuration name.
         train_split: split whose features are the k-NN memory.
         test_split: split that is classified.
@@ -517,20 +526,23 @@ class KnnMonitor:
             ("train", train_split, max_train_samples),
             ("test", test_split, max_test_samples),
         ):
-            dataset = load_image_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
-            self.image_column = image_column = detect_image_column(dataset, image_column, dataset_name)
+            dataset = open_image_source(dataset_name, split, dataset_config_name, streaming=streaming,
+                                        flag="--eval_dataset_name").dataset
+            self.image_column = image_column = detect_image_column(dataset, image_column,
+                                                                   describe_image_source(dataset_name))
             check_columns(dataset, [image_column, label_column], ["--image_column", "--label_column"])
             self.datasets[name] = limit_examples(dataset, max_samples, seed)
         self._cache: dict[str, tuple[Tensor, Tensor]] = {}
         self._uncacheable: set[str] = set()
         self._processor: Any = None
+        self._said_no_attention = False
 
     def _loader(self, name: str, backbone: nn.Module, accelerator: Any | None) -> Iterable[Any]:
         """Loader of split ``name`` ("train" / "test"), from the in-memory cache when possible."""
         if name in self._cache:
             pixel_values, labels = self._cache[name]
             return torch.utils.data.DataLoader(
-                _HalfTensorDataset(pixel_values, labels), batch_size=self.batch_size, shuffle=False
+                _CachedTensorDataset(pixel_values, labels), batch_size=self.batch_size, shuffle=False
             )
         if self._processor is None:
             self._processor = load_image_processor(
@@ -555,14 +567,14 @@ class KnnMonitor:
         return self._caching(name, loader)
 
     def _caching(self, name: str, loader: Iterable[dict[str, Tensor]]) -> Iterator[dict[str, Tensor]]:
-        """Yield the batches of ``loader`` and keep them (float16) for the next evaluations."""
+        """Yield the batches of ``loader`` and keep them (as they are: float32) for the next evaluations."""
         pixel_chunks: list[Tensor] = []
         label_chunks: list[Tensor] = []
         stored_bytes = 0
         for batch in loader:
-            stored_bytes += batch["pixel_values"].numel() * 2
+            stored_bytes += batch["pixel_values"].numel() * batch["pixel_values"].element_size()
             if stored_bytes <= self.cache_max_bytes:
-                pixel_chunks.append(batch["pixel_values"].half())
+                pixel_chunks.append(batch["pixel_values"])
                 label_chunks.append(batch["labels"])
             else:
                 pixel_chunks, label_chunks = [], []
@@ -576,12 +588,12 @@ class KnnMonitor:
         """``{"train": (features (N, D), labels (N,)), "test": (...)}`` of ``backbone``."""
         return {
             name: extract_features(backbone, self._loader(name, backbone, accelerator), accelerator,
-                                   description=f"k-NN features ({name})")
+                                   description=f"k-NN features ({name})", autocast=False)
             for name in ("train", "test")
         }
 
     def evaluate(self, backbone: nn.Module, accelerator: Any | None = None) -> dict[str, float]:
-        """k-NN top-1 accuracy of ``backbone`` (the teacher's ``ViTModel``, unwrapped or not).
+        """k-NN top-1 accuracy of ``backbone`` (the teacher's backbone of any family, unwrapped or not).
 
         Returns ``{"knn_top1_k20": 0.8, ...}`` (plus ``linear_probe_top1`` when enabled), identical on
         every process. The backbone's train/eval mode is restored afterwards.
@@ -604,8 +616,16 @@ class KnnMonitor:
 
         The same images at every evaluation, so the maps show how attention evolves: writes
         ``output_dir/image{i}-*.png`` (see :func:`save_attention_maps`) and returns one grid picture
-        per image (:func:`attention_grid`).
+        per image (:func:`attention_grid`). A backbone without self-attention (a ConvNet) has no maps:
+        nothing is drawn and ``[]`` returned, which the first call says in one info line.
         """
+        model_type = getattr(getattr(backbone, "config", None), "model_type", None)
+        if model_type in SUPPORTED_MODEL_TYPES and not family_of(model_type).has_attention:
+            if not self._said_no_attention:
+                logger.info("No attention maps during training: a %s backbone has no self-attention.",
+                            family_of(model_type).name_of(model_type))
+                self._said_no_attention = True
+            return []
         if self._processor is None:
             self._processor = load_image_processor(
                 None, backbone.config, self.image_size, image_processor=self.image_processor
@@ -632,8 +652,8 @@ class KnnMonitor:
 
 
 
-class _HalfTensorDataset(torch.utils.data.Dataset):
-    """Cached float16 pixels served as float32 ``{"pixel_values", "labels"}`` rows."""
+class _CachedTensorDataset(torch.utils.data.Dataset):
+    """Cached pixels served as float32 ``{"pixel_values", "labels"}`` rows."""
 
     def __init__(self, pixel_values: Tensor, labels: Tensor) -> None:
         self.pixel_values = pixel_values

@@ -19,13 +19,13 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, PreTrainedCo
 from transformers.models.auto.modeling_auto import MODEL_MAPPING
 
 from dino_hf.base.run_folder import BACKBONE_DIRNAME, CHECKPOINTS_DIRNAME, CONFIG_NAME
-from dino_hf.models.backbones import build_image_processor, config_image_size
+from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, build_image_processor, config_image_size, family_of
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.modeling_dino import DinoForPreTraining
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NETWORKS", "load_backbone", "load_image_processor", "resolve_backbone_source"]
+__all__ = ["NETWORKS", "backbone_config_of", "load_backbone", "load_image_processor", "resolve_backbone_source"]
 
 #: Which network of a DINO model a tool uses: the teacher (the official evaluation's choice) or the student.
 NETWORKS = ("teacher", "student")
@@ -86,8 +86,10 @@ def load_backbone(
 ) -> nn.Module:
     """Load a backbone with ``transformers.AutoModel`` (in eval mode).
 
-    ``add_pooling_layer=False`` is passed to model classes that accept it (``ViTModel`` and friends), so
-    no randomly initialised pooler is created; the DINO embedding is the CLS token anyway.
+    A backbone of a family dino_hf trains is loaded with its family's arguments
+    (:meth:`dino_hf.models.backbones.BackboneFamily.from_pretrained_kwargs`: an export with the identity
+    pooler as it is, a ViT without one with ``add_pooling_layer=False``); another model class that accepts
+    ``add_pooling_layer`` gets ``False``, so that no randomly initialised pooler is created.
 
     Args:
         model_name_or_path: a folder written by ``save_backbone`` / ``save_pretrained``, a Hub id, a
@@ -109,11 +111,23 @@ def load_backbone(
     kwargs: dict[str, Any] = {"revision": revision}
     if attn_implementation is not None:
         kwargs["attn_implementation"] = attn_implementation
-    model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
-    if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
-        kwargs["add_pooling_layer"] = False
+    if config.model_type in SUPPORTED_MODEL_TYPES:  # the family's own call: nothing missing, unexpected or random
+        kwargs.update(family_of(config).from_pretrained_kwargs(config))
+    else:
+        model_class = MODEL_MAPPING[type(config)] if type(config) in MODEL_MAPPING else None
+        if model_class is not None and "add_pooling_layer" in inspect.signature(model_class.__init__).parameters:
+            kwargs["add_pooling_layer"] = False
     model = AutoModel.from_pretrained(model_name_or_path, config=config, **kwargs)
     return model.eval()
+
+
+def backbone_config_of(model_name_or_path: str | Path, which: str = "teacher",
+                           revision: str | None = None) -> PreTrainedConfig:
+    """The backbone config of what a tool was pointed at (:func:`resolve_backbone_source`), without loading
+    weights: an exported backbone's ``config.json``, or a DinoForPreTraining's ``backbone_config``."""
+    source, is_dino = resolve_backbone_source(model_name_or_path, which, revision)
+    config = AutoConfig.from_pretrained(source, revision=revision)
+    return config.backbone_config if is_dino else config
 
 
 def load_image_processor(

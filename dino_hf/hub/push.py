@@ -33,7 +33,7 @@ from dino_hf.base.run_folder import (
     scrub_secrets,
     strip_secret_fields,
 )
-from dino_hf.hub.model_card import render_card
+from dino_hf.hub.model_card import bare_backbone_dir, render_card
 
 __all__ = [
     "HubPushError",
@@ -178,7 +178,7 @@ def push_training_output(
     DinoForPreTraining under ``training_model/``.
 
     Args:
-        model_dir: training output directory, or an exported backbone folder.
+        model_dir: training output directory, or an exported backbone folder (of any family).
         repo_id: ``user/name`` (a bare ``name`` is put under the token's account).
         private: create a new repository as private.
         revision: branch to commit to (default ``main``); created from ``main`` when missing.
@@ -195,7 +195,8 @@ def push_training_output(
         FileNotFoundError, ValueError: the directory does not hold a pushable backbone.
     """
     resolved_token = resolve_token(token)
-    run = read_training_output(model_dir, include_training_model=include_training_model, backbone_dir=backbone_dir)
+    run = read_training_output(model_dir, include_training_model=include_training_model,
+                               backbone_dir=backbone_dir or bare_backbone_dir(model_dir))
     api = HfApi(token=resolved_token)
     target = repo_id
     try:

@@ -13,6 +13,14 @@ adding an entry):
 | ``convnext``, ``dinov3_convnext`` | the pooled output | native | at least the network's stride | none (no patch tokens) |
 | ``resnet`` | the pooled output | none | any size | none |
 
+Attention maps exist for the transformers (:attr:`BackboneFamily.has_attention`), not for the ConvNets.
+An export (:func:`save_backbone`) is the stock class of the input (``ViTModel``, ``Dinov2Model``...) that
+plain ``AutoModel.from_pretrained(folder)`` loads with nothing missing or unexpected; a ViT or DeiT,
+which DINO trains without a pooler, gets an identity pooler (``pooler_act="linear"``, weights I, bias 0),
+so that ``pooler_output`` and ``pipeline("image-feature-extraction", pool=True)`` are the DINO embedding
+in every family. How a person loads and uses an export of each family, the code the model card shows
+and the tools follow, is :meth:`BackboneFamily.usage` (:class:`BackboneUsage`).
+
 The patch tokens (the iBOT input) are ``last_hidden_state`` after the prefix tokens (CLS, DeiT's
 distillation token, registers): :meth:`BackboneFamily.embed_tokens`.
 
@@ -36,6 +44,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoImageProcessor,
     AutoModel,
     PreTrainedConfig,
@@ -43,7 +52,7 @@ from transformers import (
     ViTImageProcessor,
 )
 from transformers.image_utils import PILImageResampling
-from transformers.models.auto.modeling_auto import MODEL_MAPPING
+from transformers.models.auto.modeling_auto import MODEL_MAPPING, MODEL_MAPPING_NAMES
 
 from dino_hf.base.run_folder import PROCESSOR_CONFIG_NAME
 from dino_hf.data.augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
@@ -54,6 +63,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "FAMILIES",
     "BackboneFamily",
+    "BackboneUsage",
     "backbone_embedding",
     "backbone_forward",
     "build_image_processor",
@@ -80,7 +90,8 @@ class BackboneFamily:
         fast_embedding: the backbone has ViT-style blocks: :func:`embed_class_token` applies (unless
             its blocks are sharded by FSDP, whose hooks fire only through the modules' own forward).
         has_attention: attention maps exist (and the attention implementation can be switched).
-        load_kwargs: extra ``from_pretrained`` / constructor arguments (no random pooler for ViT).
+        load_kwargs: extra constructor arguments of a backbone in training (no pooler for ViT), and of
+            ``from_pretrained`` for a folder without the export's identity pooler (:meth:`from_pretrained_kwargs`).
         block_pattern: regular expression whose first group is a parameter's block index (for
             layer-wise learning-rate decay); parameters before the first block (embeddings) are 0,
             after the last (final norms) ``num_blocks + 1``.
@@ -99,6 +110,72 @@ class BackboneFamily:
     load_kwargs: Mapping[str, Any] = None  # type: ignore[assignment]
     block_pattern: str = r"(?:^|\.)(?:layers|layer)\.(\d+)\."
     mask_token: str | None = None
+    names: tuple[str, ...] = ()
+    pooler: str | None = None
+
+    # ---- what a person calls it ---------------------------------------------------------------------
+    def name_of(self, model_type: str) -> str:
+        """The family's name for ``model_type`` as the card and the tools' messages say it (``"DINOv2 ViT"``)."""
+        names = dict(zip(self.model_types, self.names, strict=False))
+        return names.get(model_type, model_type)
+
+    def usage(self, config: PreTrainedConfig | Mapping[str, Any]) -> BackboneUsage:
+        """How plain ``transformers`` loads and uses an export of this family whose ``config.json`` is ``config``
+        (a config or its dict): the class, the ``from_pretrained`` and pipeline calls, the embedding."""
+        values = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+        model_type = str(values.get("model_type"))
+        identity_pooler = self.pooler == "identity" and has_identity_pooler(values)
+        no_pooler = self.pooler == "identity" and not identity_pooler  # an export of an earlier dino_hf
+        view = _AttributeView(values)
+        prefix = self.num_prefix_tokens(view)
+        notes = []
+        if self.embedding == "class_token":
+            embedding_code = "outputs.last_hidden_state[:, 0]"
+            text = "the CLS token of `last_hidden_state` (after the final layer norm)"
+            others = prefix - 1 - int(model_type == "deit")
+            if model_type == "deit":
+                notes.append("The distillation token that follows it is not part of it.")
+            if others:
+                notes.append(f"The {others} register tokens that follow it are not part of it.")
+            if identity_pooler:
+                notes.append("`pooler_output` is the same vector: the export's pooler is the identity.")
+            elif not no_pooler:
+                notes.append("`pooler_output` is the same vector.")
+        else:
+            embedding_code = "outputs.pooler_output" + (".flatten(1)" if model_type == "resnet" else "")
+            if model_type == "resnet":
+                text = "the pooled output (`pooler_output`: the last stage's feature map averaged over space, flattened)"
+            elif model_type == "convnext":
+                text = ("the pooled output (`pooler_output`: the last stage's feature map averaged over space, then "
+                        "layer-normalised)")
+            else:
+                text = "the pooled output (`pooler_output`: the last stage's feature map averaged over space)"
+                notes.append("It is also the first token of `last_hidden_state`.")
+        kwargs = dict(self.load_kwargs or {}) if no_pooler else {}
+        if no_pooler:
+            pipeline_call, pipeline_kwargs = 'extractor("image.jpg", return_tensors=True)[:, 0]', kwargs
+        else:
+            pipeline_call = 'extractor("image.jpg", pool=True, return_tensors=True)' + (
+                ".flatten(1)" if model_type == "resnet" else "")
+            pipeline_kwargs = {}
+        return BackboneUsage(
+            model_type=model_type, name=self.name_of(model_type),
+            model_class=MODEL_MAPPING_NAMES.get(model_type, "AutoModel"),
+            embedding=text, embedding_notes=" ".join(notes), embedding_code=embedding_code,
+            embedding_size=self.embedding_size(view),
+            from_pretrained_kwargs=kwargs, pipeline_kwargs=pipeline_kwargs, pipeline_call=pipeline_call,
+            has_attention=self.has_attention, num_prefix_tokens=prefix,
+            interpolate_pos_encoding=self.fast_embedding, crops=self.crops,
+            patch_size=config_patch_size(view)[0] if self.embedding == "class_token" else None,
+            min_input_size=_total_stride(view) if self.crops == "stride" else None,
+        )
+
+    def from_pretrained_kwargs(self, config: PreTrainedConfig | Mapping[str, Any]) -> dict[str, Any]:
+        """Arguments ``from_pretrained`` needs for a folder of this family so that nothing is missing, unexpected
+        or random: ``add_pooling_layer=False`` for a ViT/DeiT folder without a pooler, nothing otherwise."""
+        if self.pooler == "identity" and has_identity_pooler(config):
+            return {}
+        return dict(self.load_kwargs or {})
 
     # ---- building -----------------------------------------------------------------------------------
     def build(self, config: PreTrainedConfig, drop_path_rate: float = 0.0, mask_token: bool = False) -> PreTrainedModel:
@@ -119,8 +196,13 @@ class BackboneFamily:
         return backbone
 
     def load(self, model_name_or_path: str | Path, **kwargs: Any) -> PreTrainedModel:
-        """``AutoModel.from_pretrained`` with the family's arguments (no random pooler for ViT/DeiT)."""
-        return AutoModel.from_pretrained(model_name_or_path, **{**dict(self.load_kwargs or {}), **kwargs})
+        """``AutoModel.from_pretrained`` with the family's arguments (:meth:`from_pretrained_kwargs`: no random
+        pooler for a ViT/DeiT, no unexpected one for an export carrying the identity pooler)."""
+        config = kwargs.pop("config", None)
+        if config is None:
+            config = AutoConfig.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+        return AutoModel.from_pretrained(model_name_or_path, config=config,
+                                         **{**self.from_pretrained_kwargs(config), **kwargs})
 
     def state_dict_for_loading(self, backbone: PreTrainedModel) -> dict[str, torch.Tensor]:
         """The weights a DINO network takes from a loaded backbone (without a pooler DINO does not use)."""
@@ -273,6 +355,137 @@ class BackboneFamily:
 MASK_TOKEN_KEY = "embeddings.mask_token"
 
 
+@dataclass(frozen=True)
+class BackboneUsage:
+    """How plain ``transformers`` loads and uses one export (:meth:`BackboneFamily.usage`): what the model
+    card shows, as code that runs without dino_hf.
+
+    Attributes:
+        model_type, name, model_class: ``"dinov2"``, ``"DINOv2 ViT"``, ``"Dinov2Model"``.
+        embedding: what the DINO embedding is, in words (Markdown, a phrase: "the CLS token of ...").
+        embedding_notes: sentences that complete it (registers, distillation token, ``pooler_output``).
+        embedding_code: the embedding as an expression on the model's ``outputs``.
+        embedding_size: its width.
+        from_pretrained_kwargs: what ``AutoModel.from_pretrained`` needs besides the repository ({} for an
+            export of this dino_hf: plain loading reports nothing).
+        pipeline_kwargs: the ``model_kwargs`` of ``pipeline("image-feature-extraction", ...)``.
+        pipeline_call: the embedding from the pipeline ``extractor`` of an image file ``"image.jpg"``.
+        has_attention: self-attention maps exist (the transformers, not the ConvNets).
+        num_prefix_tokens: tokens before the patches in ``last_hidden_state`` (CLS, distillation, registers).
+        interpolate_pos_encoding: other resolutions need ``interpolate_pos_encoding=True`` (ViT, DeiT).
+        crops: the family's rule for input sides (:attr:`BackboneFamily.crops`).
+        patch_size: the patch side of a transformer (``None`` for a ConvNet).
+        min_input_size: the smallest input side of a ConvNeXt-style network (its total stride).
+    """
+
+    model_type: str
+    name: str
+    model_class: str
+    embedding: str
+    embedding_notes: str
+    embedding_code: str
+    embedding_size: int
+    from_pretrained_kwargs: Mapping[str, Any]
+    pipeline_kwargs: Mapping[str, Any]
+    pipeline_call: str
+    has_attention: bool
+    num_prefix_tokens: int
+    interpolate_pos_encoding: bool
+    crops: str = "any"
+    patch_size: int | None = None
+    min_input_size: int | None = None
+
+    @staticmethod
+    def _arguments(values: Mapping[str, Any]) -> str:
+        return "".join(f", {key}={_python(value)}" for key, value in values.items())
+
+    def resolution(self, input_size: int | None) -> str:
+        """What input sizes the model takes, in one or two sentences (``input_size``: the processor's)."""
+        trained = f"the processor resizes to {input_size} px, the training resolution" if input_size else ""
+        if self.interpolate_pos_encoding:
+            return ("The position embeddings are sized for " + (f"{input_size} px inputs " if input_size else "the "
+                    "configured input size ") + f"(the processor resizes to that); for other sizes (multiples of the "
+                    f"{self.patch_size} px patch) pass `interpolate_pos_encoding=True` to the model.")
+        if self.crops == "patch_multiple":
+            text = (f"The model interpolates its position embeddings to other input sizes (multiples of the "
+                    f"{self.patch_size} px patch) by itself")
+        elif self.patch_size:
+            text = f"Rotary position embeddings: the model takes any input size (multiples of the {self.patch_size} px patch)"
+        elif self.min_input_size:
+            text = f"A ConvNet: the model takes any input of at least {self.min_input_size} px"
+        else:
+            text = "A ConvNet: the model takes any input size"
+        return f"{text}; {trained}." if trained else f"{text}."
+
+    def load_snippet(self, repo_id: str) -> str:
+        """Python that loads the export and computes one image's DINO embedding (``image.jpg``)."""
+        return "\n".join([
+            "import torch",
+            "from PIL import Image",
+            "from transformers import AutoImageProcessor, AutoModel",
+            "",
+            f'processor = AutoImageProcessor.from_pretrained("{repo_id}")',
+            f'model = AutoModel.from_pretrained("{repo_id}"{self._arguments(self.from_pretrained_kwargs)}).eval()'
+            f"  # {self.model_class}",
+            "",
+            'image = Image.open("image.jpg").convert("RGB")',
+            'inputs = processor(images=image, return_tensors="pt")',
+            "with torch.inference_mode():",
+            "    outputs = model(**inputs)",
+            f"embedding = {self.embedding_code}  # (1, {self.embedding_size}): the DINO embedding",
+        ])
+
+    def pipeline_snippet(self, repo_id: str) -> str:
+        """Python that computes the same embedding with ``pipeline("image-feature-extraction")``."""
+        model_kwargs = f", model_kwargs={_python(dict(self.pipeline_kwargs))}" if self.pipeline_kwargs else ""
+        return "\n".join([
+            "from transformers import pipeline",
+            "",
+            f'extractor = pipeline("image-feature-extraction", model="{repo_id}"{model_kwargs})',
+            f"embedding = {self.pipeline_call}  # (1, {self.embedding_size}): the DINO embedding",
+        ])
+
+    def attention_snippet(self, repo_id: str) -> str | None:
+        """Python, after :meth:`load_snippet`, that returns the last layer's CLS attention per head (``None``
+        for a family without attention)."""
+        if not self.has_attention:
+            return None
+        kwargs = {**self.from_pretrained_kwargs, "attn_implementation": "eager"}
+        return "\n".join([
+            f'model = AutoModel.from_pretrained("{repo_id}"{self._arguments(kwargs)}).eval()',
+            "with torch.inference_mode():",
+            "    outputs = model(**inputs, output_attentions=True)",
+            f"cls_attention = outputs.attentions[-1][0, :, 0, {self.num_prefix_tokens}:]"
+            "  # (heads, patches): where the CLS token looks",
+        ])
+
+
+def _python(value: Any) -> str:
+    """``value`` as Python source, strings in double quotes (``{"add_pooling_layer": False}``)."""
+    if isinstance(value, str):
+        return json.dumps(value)
+    if isinstance(value, Mapping):
+        return "{" + ", ".join(f"{_python(key)}: {_python(item)}" for key, item in value.items()) + "}"
+    return repr(value)
+
+
+class _AttributeView:
+    """A config dict read as attributes (``view.hidden_size``), for the methods that take a config."""
+
+    def __init__(self, values: Mapping[str, Any]) -> None:
+        self.__dict__.update(values)
+
+    def __getattr__(self, name: str) -> Any:
+        return None
+
+
+def has_identity_pooler(config: PreTrainedConfig | Mapping[str, Any]) -> bool:
+    """Whether a ViT/DeiT config describes the identity pooler an export gets (``pooler_act="linear"``,
+    as wide as the model): its folder holds the pooler's weights."""
+    values = config.to_dict() if isinstance(config, PreTrainedConfig) else dict(config)
+    return values.get("pooler_act") == "linear" and values.get("pooler_output_size") in (None, values.get("hidden_size"))
+
+
 def _has_sharded_blocks(backbone: nn.Module) -> bool:
     """Whether FSDP2 (``fully_shard``) manages the backbone's blocks."""
     layers = getattr(backbone, "layers", None)
@@ -296,13 +509,14 @@ _VIT_KWARGS = {"add_pooling_layer": False}
 #: The families dino_hf trains, one entry each (see the table at the top of this module).
 FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(("vit", "deit"), "class_token", "hooks", "patch_multiple", fast_embedding=True,
-                   load_kwargs=_VIT_KWARGS, mask_token="constructor"),
+                   load_kwargs=_VIT_KWARGS, mask_token="constructor", names=("ViT", "DeiT"), pooler="identity"),
     BackboneFamily(("dinov2", "dinov2_with_registers"), "class_token", "config", "patch_multiple",
-                   mask_token="native"),
-    BackboneFamily(("dinov3_vit",), "class_token", "config", "any", mask_token="native"),
+                   mask_token="native", names=("DINOv2 ViT", "DINOv2 ViT with registers")),
+    BackboneFamily(("dinov3_vit",), "class_token", "config", "any", mask_token="native", names=("DINOv3 ViT",)),
     BackboneFamily(("convnext", "dinov3_convnext"), "pooled", "config", "stride", has_attention=False,
-                   block_pattern=r"stages\.(\d+)\."),
-    BackboneFamily(("resnet",), "pooled", None, "any", has_attention=False, block_pattern=r"stages\.(\d+)\."),
+                   block_pattern=r"stages\.(\d+)\.", names=("ConvNeXt", "DINOv3 ConvNeXt")),
+    BackboneFamily(("resnet",), "pooled", None, "any", has_attention=False, block_pattern=r"stages\.(\d+)\.",
+                   names=("ResNet",)),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)
@@ -349,8 +563,9 @@ def save_backbone(
 ) -> Path:
     """Write ``backbone`` with ``save_pretrained`` and its ``preprocessor_config.json``.
 
-    A ViT or DeiT built with a mask token for iBOT is written without it: the folder is the stock
-    model that ``AutoModel.from_pretrained`` loads with no missing or unexpected key.
+    A ViT or DeiT built with a mask token for iBOT is written without it, and gets an identity pooler
+    (:func:`has_identity_pooler`): the folder is the stock model that plain ``AutoModel.from_pretrained``
+    loads with no missing or unexpected key, whose ``pooler_output`` is the DINO embedding.
 
     The processor is the one the backbone came with (``image_processor``, the dict of its
     ``preprocessor_config.json``: a DINOv2 keeps its own resize rule and mean/std) or, for a backbone
@@ -359,6 +574,8 @@ def save_backbone(
     """
     output_dir = Path(output_dir)
     family = _BY_MODEL_TYPE.get(getattr(backbone.config, "model_type", None))
+    if family is not None and family.pooler == "identity":
+        backbone = _with_identity_pooler(backbone)
     state_dict = family.export_state_dict(backbone) if family is not None else None
     backbone.save_pretrained(output_dir, state_dict=state_dict)
     if image_processor is not None:
@@ -367,6 +584,33 @@ def save_backbone(
         size = image_size or getattr(backbone.config, "image_size", None) or 224
         build_image_processor(size).save_pretrained(output_dir)
     return output_dir
+
+
+class _IdentityPooler(nn.Module):
+    """``ViTPooler``'s parameters (``dense``) holding the identity, with the identity activation."""
+
+    def __init__(self, width: int, like: torch.Tensor) -> None:
+        super().__init__()
+        self.dense = nn.Linear(width, width, device=like.device, dtype=like.dtype)
+        with torch.no_grad():
+            self.dense.weight.copy_(torch.eye(width, dtype=like.dtype))
+            self.dense.bias.zero_()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.dense(hidden_states[:, 0])
+
+
+def _with_identity_pooler(backbone: PreTrainedModel) -> PreTrainedModel:
+    """A shallow copy of a ViT/DeiT (the weights shared, nothing of ``backbone`` changed) whose pooler is the
+    identity and whose config says so (``pooler_act="linear"``, ``pooler_output_size=hidden_size``)."""
+    config = copy.deepcopy(backbone.config)
+    config.pooler_act = "linear"
+    config.pooler_output_size = config.hidden_size
+    exported = copy.copy(backbone)
+    exported._modules = dict(backbone._modules)  # the copy's own module table: the original keeps its pooler
+    exported.config = config
+    exported.pooler = _IdentityPooler(config.hidden_size, next(backbone.parameters()))
+    return exported
 
 
 def image_processor_dict(model_name_or_path: str | Path) -> dict[str, Any] | None:

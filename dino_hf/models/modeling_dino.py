@@ -635,8 +635,8 @@ class DinoForPreTraining(DinoPreTrainedModel):
         processor the backbone came with, else ImageNet mean/std and a resize to ``image_size``), so
         that ``AutoModel.from_pretrained``, ``AutoImageProcessor`` and
         ``pipeline("image-feature-extraction")`` work without dino_hf. The export is the class of the
-        input (a ``ViTModel`` stays a ``ViTModel``, a DINOv2 a ``Dinov2Model``...). For ViT and DeiT
-        load with ``add_pooling_layer=False`` to avoid a random pooler.
+        input (a ``ViTModel`` stays a ``ViTModel``, a DINOv2 a ``Dinov2Model``...). ViT and DeiT
+        exports carry an identity pooler, so ``pooler_output`` is the DINO embedding too.
 
         Args:
             output_dir: destination folder (created).

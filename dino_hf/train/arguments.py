@@ -29,6 +29,7 @@ from dino_hf.base.official_recipe import (
 )
 from dino_hf.losses.validation import check_positive_number
 from dino_hf.models.configuration_dino import TRAINING_FLAG_FIELDS, DinoConfig, check_settings
+from dino_hf.train.recipes import applies_its_recipe, shipped_recipes
 from dino_hf.train.step_plan import RunLength
 from dino_hf.train.trackers import parse_report_to
 
@@ -41,6 +42,7 @@ def _help(text: str, **metadata: Any) -> dict[str, Any]:
     return {"help": text, **metadata}
 
 
+@applies_its_recipe
 @dataclass(frozen=True)
 class DinoTrainingArguments:
     """Everything `scripts/train.py` accepts. See each field's help string (`--help`)."""
@@ -50,9 +52,8 @@ class DinoTrainingArguments:
         default=None,
         metadata=_help(
             "YAML or JSON file with any of these arguments (keys are the flag names without '--'), or "
-            "the name of a recipe shipped with dino_hf (fashion_mnist_cpu, fashion_mnist_dinov2_cpu, "
-            "vit_small_patch16_100ep, vit_small_patch16_boost, vit_base_patch16, resnet50, "
-            "dinov2_vit_small_patch14_reg4); flags given on the command line override it."
+            f"the name of a recipe shipped with dino_hf ({', '.join(sorted(shipped_recipes()))}); flags given on the "
+            "command line override it."
         ),
     )
 
@@ -634,7 +635,6 @@ class DinoTrainingArguments:
         _check(bool(self.eval_k) and min(self.eval_k) >= 1, f"--eval_k must be positive integers, not {self.eval_k}.")
         _check(math.isfinite(self.grad_norm_spike_factor) and self.grad_norm_spike_factor >= 0,
                f"--grad_norm_spike_factor must be 0 or more, not {self.grad_norm_spike_factor}.")
-        _check(bool(self.dataset_name), "--dataset_name is required: pass a Hub dataset id or a local path.")
         _check(bool(self.output_dir), "--output_dir is required: pass the folder where the run is written.")
 
         for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "shuffle_buffer_size",
@@ -758,6 +758,12 @@ class DinoTrainingArguments:
     def requested_num_threads(self) -> int | None:
         """``--torch_num_threads`` as a count, ``None`` for auto."""
         return None if self.torch_num_threads == "auto" else int(self.torch_num_threads)
+
+    @classmethod
+    def from_recipe(cls, name: str, **overrides: Any) -> DinoTrainingArguments:
+        """The arguments of a shipped recipe (``fashion_mnist_cpu``...) or a YAML/JSON file, with
+        ``overrides`` (e.g. ``output_dir``, ``max_steps``) on top: ``cls(config=name, **overrides)``."""
+        return cls(config=name, **overrides)
 
     def run_length(self) -> RunLength:
         """The values the step plan reads (:func:`dino_hf.train.step_plan.plan_steps`)."""

@@ -33,6 +33,7 @@ from dino_hf.data.augmentation import MultiCropAugmentation
 from dino_hf.data.batched_augmentation import BatchedMultiCropAugmentation, DeviceMultiCrop
 from dino_hf.data.loader import DinoDataLoader, create_train_dataloader, mix_seeds
 from dino_hf.data.masking import MaskSampler
+from dino_hf.data.sources import describe_image_source, is_named_source
 from dino_hf.eval.evaluation import KnnMonitor
 from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, config_patch_size, family_of
 from dino_hf.models.configuration_dino import TRAINING_FLAG_FIELDS, DinoConfig
@@ -360,8 +361,12 @@ def build_dataloader(
     process_index: int,
     num_processes: int,
     num_workers: int | Callable[[int | None], int] | None = None,
+    dataset: Any = None,
 ) -> DinoDataLoader:
     """This process's shard of the training data (`DinoDataLoader`, CPU tensors).
+
+    ``dataset``: the images as an object (a ``datasets`` or torch dataset,
+    :func:`dino_hf.data.sources.open_image_source`) instead of ``--dataset_name``.
 
     With ``--augmentation_device cpu|cuda`` the loader only decodes (``augmentation`` is not used).
     ``num_workers`` defaults to ``--dataloader_num_workers`` (0 for auto: pass the policy of
@@ -371,7 +376,7 @@ def build_dataloader(
         num_workers = args.requested_num_workers or 0
     on_loader = args.augmentation_device == "loader"
     return create_train_dataloader(
-        args.dataset_name,
+        args.dataset_name if dataset is None else dataset,
         augmentation=augmentation if on_loader else None,
         working_size=None if on_loader else augmentation_working_size(args),
         pin_memory=args.augmentation_device == "cuda",
@@ -404,9 +409,12 @@ def worker_policy(args: DinoTrainingArguments, accelerator: Accelerator) -> Call
     return policy
 
 
-def open_training_data(args: DinoTrainingArguments, accelerator: Accelerator) -> DinoDataLoader:
+def open_training_data(args: DinoTrainingArguments, accelerator: Accelerator, dataset: Any = None) -> DinoDataLoader:
     """`build_dataloader` with the worker count resolved for this machine; library errors that name
     no flag are attributed to the data flags."""
+    if dataset is None and not args.dataset_name:
+        raise ValueError("--dataset_name is required: pass a Hub dataset id or a local path (or, from Python, "
+                         "DinoTrainer(train_dataset=...)).")
     try:
         return build_dataloader(
             args,
@@ -414,13 +422,15 @@ def open_training_data(args: DinoTrainingArguments, accelerator: Accelerator) ->
             accelerator.process_index,
             accelerator.num_processes,
             num_workers=worker_policy(args, accelerator),
+            dataset=dataset,
         )
     except (ValueError, KeyError) as error:
         message = str(error).strip("'\"")
         if "--" in message:
             raise
+        source = args.dataset_name if dataset is None else describe_image_source(dataset)
         raise ValueError(
-            f"--dataset_name {args.dataset_name} (split --train_split {args.train_split}) could not be opened: {message}"
+            f"--dataset_name {source} (split --train_split {args.train_split}) could not be opened: {message}"
         ) from None
 
 
@@ -452,8 +462,12 @@ def _several_processes_without_accelerator() -> bool:
     return not torch.cuda.is_available()
 
 
-def choose_precision(args: DinoTrainingArguments, device: torch.device) -> PrecisionChoice:
+def choose_precision(args: DinoTrainingArguments, device: torch.device, recorded: str | None = None) -> PrecisionChoice:
     """``--mixed_precision`` resolved for ``device`` (`choose_mixed_precision`); fp16 refused without a GPU.
+
+    ``recorded``: the precision a run being resumed chose at its start (its ``training_args.json``):
+    ``auto`` keeps it, since a probe near its threshold may decide otherwise now and the resumed run
+    would no longer be the same run.
 
     Raises:
         ValueError: fp16 on a device other than a CUDA GPU (on the CPU it would silently do nothing).
@@ -463,6 +477,9 @@ def choose_precision(args: DinoTrainingArguments, device: torch.device) -> Preci
             "--mixed_precision fp16 needs a CUDA GPU (on the CPU it would silently do nothing); use --mixed_precision "
             "auto, which picks fp32 or --mixed_precision bf16, whichever is faster on this CPU."
         )
+    if args.mixed_precision == "auto" and recorded in ("no", "bf16", "fp16") and not (recorded == "fp16" and
+                                                                                   device.type != "cuda"):
+        return PrecisionChoice(recorded, f"{recorded}: the precision this run chose at its start, kept on resume.")
     cuda_bf16 = device.type == "cuda" and torch.cuda.is_bf16_supported()
     return choose_mixed_precision(args.mixed_precision, device.type, cuda_bf16, _bf16_probe_of_the_main_process)
 
@@ -621,20 +638,22 @@ def build_schedules(args: DinoTrainingArguments, plan: StepPlan) -> DinoSchedule
 
 
 def build_knn_monitor(
-    args: DinoTrainingArguments, num_workers: int = 0, image_processor: dict | None = None
+    args: DinoTrainingArguments, num_workers: int = 0, image_processor: dict | None = None, dataset: Any = None
 ) -> KnnMonitor | None:
-    """The periodic k-NN evaluation of ``--eval_dataset_name`` (``None`` without one).
+    """The periodic k-NN evaluation of ``--eval_dataset_name``, or of ``dataset`` (an object holding
+    both splits, :func:`dino_hf.data.sources.open_image_source`); ``None`` without either.
 
     A Hub dataset is streamed when the training data is (``--streaming``), so that
     ``--eval_max_samples`` images are read rather than the whole split downloaded; a local one is read
     map-style (its seeded subset is then an unbiased draw even from class-sorted folders).
     ``image_processor``: the one a continued backbone came with (evaluation sees what its export will).
     """
-    if not args.eval_dataset_name:
+    source = args.eval_dataset_name if dataset is None else dataset
+    if source is None or (is_named_source(source) and not source):
         return None
-    is_local = os.path.exists(os.path.expanduser(args.eval_dataset_name))
+    is_local = not is_named_source(source) or os.path.exists(os.path.expanduser(source))
     return KnnMonitor(
-        args.eval_dataset_name,
+        source,
         train_split=args.eval_train_split,
         test_split=args.eval_split,
         image_column=args.image_column,
@@ -647,6 +666,8 @@ def build_knn_monitor(
         streaming=args.streaming and not is_local,
         seed=args.seed,
         image_processor=image_processor,
+        # without the processor a backbone came with, the export's: a resize to the global crop
+        image_size=None if image_processor else args.global_crop_size,
     )
 
 

@@ -730,6 +730,15 @@ class StopAgreement:
         self._pending = (work, flags)
         return agreed
 
+    def agree(self, flag: bool) -> bool:
+        """True on every process when ``flag`` is True on any (a synchronous all-reduce on the same CPU
+        group: what a callback asked, e.g. to stop or to save, happens at the same step everywhere)."""
+        if self._group is None:
+            return flag
+        flags = torch.tensor([1 if flag else 0], dtype=torch.int32)
+        torch.distributed.all_reduce(flags, group=self._group)
+        return bool(flags.item() > 0)
+
     def close(self) -> None:
         """Wait for the last all-reduce (every process started it, so it completes)."""
         if self._pending is not None:

@@ -10,10 +10,10 @@ layout is :mod:`dino_hf.base.run_folder`'s.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
-import os
 import shlex
 import signal
 import sys
@@ -28,6 +28,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import DistributedType, set_seed
 from huggingface_hub import get_token
+from transformers import TrainerState
 
 from dino_hf.base.errors import RunError, describe_os_error
 from dino_hf.base.progress import TrainingProgress, configure_output
@@ -37,11 +38,12 @@ from dino_hf.base.run_folder import (
     portable_paths,
     read_json,
     scrub_secrets,
-    strip_secret_fields,
 )
 from dino_hf.data.loader import BatchStream
+from dino_hf.data.sources import describe_image_source
 from dino_hf.eval.evaluation import KnnMonitor
 from dino_hf.eval.visualization import plot_training_curves
+from dino_hf.hub.model_card import write_run_cards
 from dino_hf.hub.push import check_push_target, try_push_training_output
 from dino_hf.models.modeling_dino import DinoForPreTraining
 from dino_hf.train.arguments import DinoTrainingArguments
@@ -60,6 +62,7 @@ from dino_hf.train.builders import (
     starts_from_backbone,
     training_device,
 )
+from dino_hf.train.callbacks import CallbackRunner
 from dino_hf.train.checkpointing import (
     RunLock,
     StopAgreement,
@@ -86,14 +89,22 @@ from dino_hf.train.metrics import (
     ThroughputWindow,
     metric_keys,
 )
+from dino_hf.train.run_records import log_plan, tracker_config, tracker_init_kwargs, write_training_args
 from dino_hf.train.schedules import DinoSchedules, ScheduleValues
 from dino_hf.train.step import DinoTrainStep
-from dino_hf.train.step_plan import BudgetCalibration, StepPlan, plan_for_time_budget, plan_steps
+from dino_hf.train.step_plan import (
+    REPLAN_FRACTIONS,
+    BudgetCalibration,
+    RunLength,
+    StepPlan,
+    plan_for_time_budget,
+    plan_steps,
+)
 from dino_hf.train.trackers import log_images
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["NonFiniteLossError", "TrainingResult", "train"]
+__all__ = ["NonFiniteLossError", "TrainingInputs", "TrainingResult", "train"]
 
 
 class NonFiniteLossError(RuntimeError):
@@ -110,6 +121,7 @@ class TrainingResult:
     interrupted_by: str | None = None  # "SIGTERM" / "SIGINT" when stopped by a signal
     checkpoint: Path | None = None  # the checkpoint written when interrupted
     last_metrics: dict[str, Any] = field(default_factory=dict)
+    state: TrainerState | None = None  # transformers' TrainerState: global_step, log_history...
 
     @property
     def exit_status(self) -> int:
@@ -117,6 +129,20 @@ class TrainingResult:
         if self.interrupted_by is None:
             return 0
         return 128 + int(getattr(signal, self.interrupted_by))
+
+
+@dataclass(frozen=True)
+class TrainingInputs:
+    """What a Python caller hands over besides the arguments (``DinoTrainer`` builds it).
+
+    ``train_dataset`` / ``eval_dataset``: the images as objects (:func:`dino_hf.data.sources.open_image_source`)
+    instead of ``--dataset_name`` / ``--eval_dataset_name``; ``callbacks``: ``transformers.TrainerCallback``s
+    (:mod:`dino_hf.train.callbacks`).
+    """
+
+    train_dataset: Any = None
+    eval_dataset: Any = None
+    callbacks: tuple[Any, ...] = ()
 
 
 @dataclass
@@ -141,9 +167,13 @@ class _Run:
     stop: StopAgreement
     lock: RunLock
     machine: MachineSettings
+    callbacks: CallbackRunner
     clock: Callable[[], float]
     num_examples_per_process: int | None  # for re-planning after a time budget's calibration
     continued: bool  # continued pre-training of a backbone (the defaults of its head warm-up)
+    run_length: RunLength  # what the plan is computed from
+    train_source: str | None  # the training data, as the records name it
+    eval_source: str | None  # the evaluation data, as the records name it
     step: int = 0
     last_row: dict[str, Any] = field(default_factory=dict)
     last_good_checkpoint: Path | None = None
@@ -151,6 +181,9 @@ class _Run:
     budget_used_before: float = 0.0  # seconds of the time budget used before this process (resumed runs)
     loop_started: float | None = None  # clock() when this process's training loop began
     tracker_run_id: str = field(default_factory=lambda: uuid.uuid4().hex[:8])  # kept by checkpoints (W&B id)
+    evaluation_seconds_spent: float = 0.0  # clock seconds in evaluations, by this process
+    # where the step-time window of the next re-plan began: (step, budget used, evaluation seconds spent)
+    replan_window: tuple[int, float, float] | None = None
     progress: TrainingProgress | None = None  # while the loop runs
 
     def budget_used(self) -> float:
@@ -159,12 +192,15 @@ class _Run:
         return self.budget_used_before + (now - self.loop_started if self.loop_started is not None else 0.0)
 
 
-def train(args: DinoTrainingArguments, clock: Callable[[], float] = time.perf_counter) -> TrainingResult:
-    """Train DINO as the arguments say; returns when done or after a signal-triggered checkpoint.
+def train(args: DinoTrainingArguments, clock: Callable[[], float] = time.perf_counter, *,
+          inputs: TrainingInputs | None = None) -> TrainingResult:
+    """Train DINO as the arguments say; returns when done, when a callback stopped the run or after a
+    signal-triggered checkpoint. ``DinoTrainer.train`` is the Python entry point; this is its loop.
 
     Args:
         args: the parsed arguments.
         clock: the time source of ``--max_train_minutes`` (seconds, monotonic; tests pass a fake one).
+        inputs: data objects and callbacks of a Python caller (:class:`TrainingInputs`).
 
     Raises:
         ValueError: bad input (one sentence naming the flag), before any training step.
@@ -172,7 +208,7 @@ def train(args: DinoTrainingArguments, clock: Callable[[], float] = time.perf_co
             a damaged or incompatible checkpoint...), one sentence naming the path and the remedy.
         NonFiniteLossError: ``--max_consecutive_nonfinite_steps`` skipped steps in a row.
     """
-    run = _set_up(args, clock)
+    run = _set_up(args, clock, inputs or TrainingInputs())
     try:
         with run.signals:
             interrupted = _training_loop(run)
@@ -183,13 +219,15 @@ def train(args: DinoTrainingArguments, clock: Callable[[], float] = time.perf_co
         run.stream.close()  # before the interpreter's exit, which would wait for the loader workers
         run.stop.close()
         run.lock.release()
-    return TrainingResult(model=run.unwrapped, step=run.step, output_dir=run.folder.root, last_metrics=run.last_row)
+    return TrainingResult(model=run.unwrapped, step=run.step, output_dir=run.folder.root, last_metrics=run.last_row,
+                          state=run.callbacks.state)
 
 
-def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
+def _set_up(args: DinoTrainingArguments, clock: Callable[[], float], inputs: TrainingInputs) -> _Run:
     """Lock the output folder, build every component (bad input fails here, before anything in the
     folder is changed), then restore the checkpoint to resume from, if any."""
-    precision = choose_precision(args, training_device())
+    recorded = read_json(RunFolder(args.output_dir).training_args) if args.resume_from_checkpoint else {}
+    precision = choose_precision(args, training_device(), recorded.get("resolved_mixed_precision"))
     accelerator = build_accelerator(args, precision.mixed_precision)
     configure_output(accelerator.is_main_process)
     if precision.warning and accelerator.is_main_process:
@@ -201,19 +239,19 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float]) -> _Run:
     # or append to it meanwhile.
     lock = acquire_run_lock(folder.root, accelerator)
     try:
-        return _build_run(args, clock, precision, accelerator, folder, lock)
+        return _build_run(args, clock, precision, accelerator, folder, lock, inputs)
     except BaseException:
         lock.release()
         raise
 
 
 def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precision: PrecisionChoice, accelerator: Accelerator,
-               folder: RunFolder, lock: RunLock) -> _Run:
+               folder: RunFolder, lock: RunLock, inputs: TrainingInputs) -> _Run:
     """`_set_up` once the output folder is locked."""
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     set_seed(args.seed)
     model = build_model(args)
-    loader = open_training_data(args, accelerator)
+    loader = open_training_data(args, accelerator, dataset=inputs.train_dataset)
     machine = MachineSettings(
         device=str(accelerator.device),
         cpu=describe_cpu().describe(),
@@ -225,10 +263,11 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
     masks = build_mask_sampler(args, model.config, accelerator.process_index)
     continued = starts_from_backbone(args)
-    plan = plan_steps(args.run_length(), loader.num_examples, accelerator.num_processes, continued=continued)
-    schedules = build_schedules(args, plan)
     knn_monitor = build_knn_monitor(args, num_workers=loader.num_workers,
-                                    image_processor=model.config.backbone_image_processor)
+                                    image_processor=model.config.backbone_image_processor, dataset=inputs.eval_dataset)
+    run_length = dataclasses.replace(args.run_length(), evaluates=knn_monitor is not None)
+    plan = plan_steps(run_length, loader.num_examples, accelerator.num_processes, continued=continued)
+    schedules = build_schedules(args, plan)
     _prepare_output_dir(args, accelerator, folder, resuming=resume_path is not None)
 
     model, optimizer = prepare_model_and_optimizer(args, accelerator, model)
@@ -253,6 +292,9 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
                                     learning_rate=args.learning_rate, warmup_steps=plan.warmup_steps),
         knn_monitor=knn_monitor, signals=signals, stop=StopAgreement(signals, accelerator.num_processes),
         lock=lock, machine=machine, clock=clock, num_examples_per_process=loader.num_examples, continued=continued,
+        run_length=run_length, train_source=_source_name(inputs.train_dataset, args.dataset_name),
+        eval_source=_source_name(inputs.eval_dataset, args.eval_dataset_name),
+        callbacks=CallbackRunner(inputs.callbacks, args, accelerator.is_main_process, accelerator.is_local_main_process),
     )
     rng_state = _restore(run, resume_path) if resume_path is not None else None
     if resume_path is None:
@@ -263,11 +305,17 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     _log_plan(run)
     _write_training_args(run)
     if accelerator.log_with:
-        accelerator.init_trackers(args.tracker_project_name, config=_tracker_config(args, run.plan),
-                                  init_kwargs=_tracker_init_kwargs(run, resumed=resume_path is not None))
+        accelerator.init_trackers(args.tracker_project_name, config=tracker_config(args, run.plan),
+                                  init_kwargs=tracker_init_kwargs(run.tracker_run_id, run.step,
+                                                                      resumed=resume_path is not None))
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above shifts the random streams
     return run
+
+
+def _source_name(dataset: Any, name: str | None) -> str | None:
+    """How the records name a run's data: the object's description, else the flag's value."""
+    return describe_image_source(dataset) if dataset is not None else name
 
 
 def _imported_progress_step(run: _Run) -> int:
@@ -326,6 +374,10 @@ def _training_loop(run: _Run) -> TrainingResult | None:
     calibration = _start_calibration(run)
     first_step = run.step
     run.loop_started = run.clock()
+    if run.plan.calibrated and run.plan.replan_at:  # resumed between re-plans: the window starts here
+        run.replan_window = (run.step, run.budget_used(), run.evaluation_seconds_spent)
+    _update_callback_state(run)
+    run.callbacks.event("on_train_begin", model=run.unwrapped)
     try:
         while run.step < run.plan.total_steps:
             values = run.schedules.at(run.step)
@@ -341,19 +393,43 @@ def _training_loop(run: _Run) -> TrainingResult | None:
                     _plan_time_budget(run, seconds_per_step)
                     calibration = None
                     progress.set_total(run.plan.total_steps)
+            elif run.plan.replan_at and run.step == run.plan.replan_at[0]:
+                _replan_time_budget(run)
+                progress.set_total(run.plan.total_steps)
             # One process stops at once; several stop together one step after the signal.
             stop_now = run.stop.should_stop()
             if run.step % args.logging_steps == 0 or run.step == run.plan.total_steps:
                 _log_step(run, values, window.measure())
             if args.eval_steps and run.step % args.eval_steps == 0 and run.step < run.plan.total_steps:
                 _evaluate(run)
-            if run.step % args.checkpointing_steps == 0 or stop_now:
+            stop_asked, save_asked = _callbacks_after_step(run)
+            if run.step % args.checkpointing_steps == 0 or stop_now or save_asked:
                 _checkpoint(run, stop_now)
             if stop_now:
                 return _interrupted(run)
+            if stop_asked:
+                logger.info("A callback stopped the run at step %d of %d: checkpoint, evaluation and export follow.",
+                            run.step, run.plan.total_steps)
+                break
     finally:
         progress.close()
     return None
+
+
+def _update_callback_state(run: _Run) -> None:
+    run.callbacks.update_state(run.step, run.plan.total_steps, run.plan.steps_per_epoch)
+
+
+def _callbacks_after_step(run: _Run) -> tuple[bool, bool]:
+    """``on_step_end``; whether the callbacks asked to stop and to save now (agreed by every process)."""
+    if not run.callbacks:
+        return False, False
+    _update_callback_state(run)
+    control = run.callbacks.event("on_step_end", model=run.unwrapped)
+    stop_asked = run.stop.agree(bool(control.should_training_stop))
+    save_asked = run.stop.agree(bool(control.should_save))
+    control.should_save = False
+    return stop_asked, save_asked
 
 
 def _start_calibration(run: _Run) -> BudgetCalibration | None:
@@ -386,16 +462,45 @@ def _plan_time_budget(run: _Run, seconds_per_step: float) -> None:
     if run.accelerator.num_processes > 1:
         measured = run.accelerator.gather(measured.unsqueeze(0)).amax(dim=0)
     seconds_per_step, evaluation_seconds, used = measured.tolist()
-    run.plan = plan_for_time_budget(run.args.run_length(), run.num_examples_per_process, run.accelerator.num_processes,
+    run.plan = plan_for_time_budget(run.run_length, run.num_examples_per_process, run.accelerator.num_processes,
                                     elapsed_seconds=used, steps_done=run.step, seconds_per_step=seconds_per_step,
                                     evaluation_seconds=evaluation_seconds, continued=run.continued)
     run.schedules = build_schedules(run.args, run.plan)
+    run.replan_window = (run.step, run.budget_used(), run.evaluation_seconds_spent)
     if 0 < run.plan.freeze_backbone_steps <= run.step and run.args.copy_student_head_after_freeze:
         run.unwrapped.copy_student_head_to_teacher()  # a budget so short that the warm-up ended in the calibration
     logger.info("Calibrated: %.3g s per step%s; %.1f of %.1f min used: planning %d steps in all.",
                 seconds_per_step, f", {evaluation_seconds:.1f} s per evaluation" if run.knn_monitor else "",
                 used / 60, run.plan.time_budget_seconds / 60, run.plan.total_steps)
     _log_plan(run)
+    _write_training_args(run)
+
+
+def _replan_time_budget(run: _Run) -> None:
+    """Fit the plan to what is left of the budget again, from the step time since the last plan
+    (evaluations apart; checkpoints included): a step time that moved since the calibration still
+    ends the run within its budget. The slowest process's figures decide, as for the calibration."""
+    start_step, start_used, start_evaluations = run.replan_window
+    used = run.budget_used()
+    loop_seconds = (used - start_used) - (run.evaluation_seconds_spent - start_evaluations)
+    measured = torch.tensor([loop_seconds / max(run.step - start_step, 1), used], dtype=torch.float64,
+                            device=run.accelerator.device)
+    if run.accelerator.num_processes > 1:
+        measured = run.accelerator.gather(measured.unsqueeze(0)).amax(dim=0)
+    seconds_per_step, used = measured.tolist()
+    previous = run.plan
+    run.plan = plan_for_time_budget(run.run_length, run.num_examples_per_process, run.accelerator.num_processes,
+                                    elapsed_seconds=used, steps_done=run.step, seconds_per_step=seconds_per_step,
+                                    evaluation_seconds=previous.evaluation_seconds or 0.0, continued=run.continued,
+                                    replanning=previous)
+    run.schedules = build_schedules(run.args, run.plan)
+    run.replan_window = (run.step, used, run.evaluation_seconds_spent)
+    if (run.plan.freeze_backbone_steps <= run.step < previous.freeze_backbone_steps
+            and run.args.copy_student_head_after_freeze):
+        run.unwrapped.copy_student_head_to_teacher()  # the new plan ends the head warm-up before this step
+    logger.info("Re-planned at step %d (%d of %d): %.3g s per step since the last plan, %.1f of %.1f min used: "
+                "%d steps in all (was %d).", run.step, run.plan.replans, len(REPLAN_FRACTIONS), seconds_per_step,
+                used / 60, run.plan.time_budget_seconds / 60, run.plan.total_steps, previous.total_steps)
     _write_training_args(run)
 
 
@@ -420,6 +525,7 @@ def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float]) -> No
     }
     run.metrics.write(row)
     run.last_row = row
+    run.callbacks.log(row, model=run.unwrapped)
     if run.progress is not None:
         loss = row["loss"] if math.isfinite(row["loss"]) else None
         run.progress.log_step(loss, values.learning_rate, row["images_per_second"])
@@ -459,6 +565,7 @@ def _checkpoint(run: _Run, forced: bool) -> None:
                            process_extras={"metrics": run.accumulator.state_dict()})
     run.last_good_checkpoint = path
     logger.info("Saved checkpoint %s.", path)
+    run.callbacks.event("on_save", model=run.unwrapped, checkpoint=path)
     if run.args.push_to_hub and run.args.hub_strategy == "checkpoint":
         _export_and_push(run, f"Checkpoint at step {run.step}")
 
@@ -474,19 +581,23 @@ def _interrupted(run: _Run) -> TrainingResult:
     run.accelerator.end_training()
     return TrainingResult(model=run.unwrapped, step=run.step, output_dir=run.folder.root,
                           interrupted_by=run.signals.received, checkpoint=run.last_good_checkpoint,
-                          last_metrics=run.last_row)
+                          last_metrics=run.last_row, state=run.callbacks.state)
 
 
 def _evaluate(run: _Run) -> dict[str, float]:
     if run.knn_monitor is None:
         return {}
+    started = run.clock()
     metrics = run.knn_monitor.evaluate(run.unwrapped.teacher.backbone, run.accelerator)
     if run.accelerator.is_main_process:
         _save_attention_snapshot(run)
     run.model.train()
     run.metrics.write({"step": run.step, **metrics})
+    run.callbacks.log({"step": run.step, **metrics}, model=run.unwrapped)
+    run.callbacks.event("on_evaluate", model=run.unwrapped, metrics=dict(metrics))
     logger.info("Step %d k-NN evaluation: %s", run.step,
                 ", ".join(f"{key} {value:.4f}" for key, value in metrics.items()))
+    run.evaluation_seconds_spent += run.clock() - started
     return metrics
 
 
@@ -518,7 +629,7 @@ def _finish(run: _Run) -> None:
             model.save_backbone(run.folder.backbone, image_size=run.args.global_crop_size)
             _write_training_args(run, final=True)
             if eval_metrics:
-                results = {"step": run.step, **eval_metrics, "eval_dataset_name": run.args.eval_dataset_name,
+                results = {"step": run.step, **eval_metrics, "eval_dataset_name": run.eval_source,
                            "eval_split": run.args.eval_split, "eval_train_split": run.args.eval_train_split}
                 run.folder.eval_results.write_text(json.dumps(portable_paths(results), indent=2) + "\n")
         except Exception as error:  # noqa: BLE001 - safetensors and torch wrap the OS error in their own
@@ -527,10 +638,13 @@ def _finish(run: _Run) -> None:
                 f"the final checkpoint {run.last_good_checkpoint} is complete: rerun with --resume_from_checkpoint "
                 "latest to write the model again")) from None
         _plot(run)
+        _write_cards(run)
         if run.args.push_to_hub:
             pushed = _push(run, f"End of training (step {run.step})", final=True)
         logger.info("Wrote the model to %s and the teacher backbone to %s.", run.folder.root, run.folder.backbone)
     accelerator.wait_for_everyone()
+    _update_callback_state(run)
+    run.callbacks.event("on_train_end", model=run.unwrapped)
     accelerator.end_training()
     if not pushed:
         # the last line the user sees: the model is safe on disk, the Hub does not have it
@@ -545,6 +659,14 @@ def _plot(run: _Run) -> None:
         plot_training_curves(run.folder.metrics, run.folder.training_curves, run.unwrapped.config.num_prototypes)
     except Exception as error:  # noqa: BLE001 - a plot must never fail a finished run
         logger.warning("Could not plot the training curves: %s", error)
+
+
+def _write_cards(run: _Run) -> None:
+    """The model card of the export, in ``backbone/README.md`` and the run folder's ``README.md``."""
+    try:
+        write_run_cards(run.folder.root, run.args.hub_model_id if run.args.push_to_hub else None)
+    except Exception as error:  # noqa: BLE001 - a card must never fail a finished run
+        logger.warning("Could not write the model card: %s", error)
 
 
 def _consolidated_model(run: _Run) -> DinoForPreTraining | None:
@@ -596,113 +718,11 @@ def _prepare_output_dir(args: DinoTrainingArguments, accelerator: Accelerator, f
     accelerator.wait_for_everyone()
 
 
-def _device_name(accelerator: Accelerator) -> str:
-    device = accelerator.device
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{device.type} ({os.cpu_count()} cores, {torch.get_num_threads()} threads)"
-
-
 def _log_plan(run: _Run) -> None:
-    plan, args, accelerator = run.plan, run.args, run.accelerator
-    size = "" if plan.dataset_size_known else " (stream of unknown size: total steps / --num_train_epochs)"
-    if not plan.calibrated:
-        length = f"total steps: planned after the calibration, for {plan.time_budget_seconds / 60:g} min"
-    else:
-        budget = f" (time budget {plan.time_budget_seconds / 60:g} min)" if plan.time_budget_seconds else ""
-        length = f"total steps {plan.total_steps}{budget}"
-    lines = [
-        f"processes {accelerator.num_processes} on {_device_name(accelerator)}",
-        *run.machine.describe(),
-        (f"global batch {plan.global_batch_size} ({args.per_device_train_batch_size} per device x "
-        f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"),
-        f"learning rate {plan.learning_rate:.3g} (= {args.learning_rate:g} x {plan.global_batch_size} / 256)",
-        f"steps per epoch {plan.steps_per_epoch:g}{size}",
-        (f"{length}, warm-up {plan.warmup_steps}, teacher temperature warm-up "
-        f"{plan.warmup_teacher_temperature_steps}, last layer frozen for {plan.freeze_last_layer_steps}, "
-        f"backbone frozen for {plan.freeze_backbone_steps}"),
-        f"student parameters {sum(p.numel() for p in run.unwrapped.student.parameters()) / 1e6:.2f} M",
-    ]
-    for line in lines:
-        logger.info(line)
-    if plan.calibrated and accelerator.is_main_process:
-        for warning in _plan_warnings(plan, args.min_learning_rate):
-            logger.warning(warning)
-
-
-def _plan_warnings(plan: StepPlan, min_learning_rate: float) -> list[str]:
-    """Sentences for schedules that cover the whole run (a run that never leaves its warm-up, or
-    whose prototypes never train) or run backwards, each naming the flags that set them."""
-    messages = []
-    if min_learning_rate > plan.learning_rate:
-        messages.append(f"--min_learning_rate {min_learning_rate:g} exceeds the peak learning rate {plan.learning_rate:.3g} "
-                        "(--learning_rate x global batch / 256): the cosine decay rises instead; lower --min_learning_rate.")
-    for steps, what, flags in (
-        (plan.warmup_steps, "the learning-rate warm-up", "--warmup_steps/--warmup_epochs"),
-        (plan.freeze_last_layer_steps, "the frozen last layer", "--freeze_last_layer_steps/--freeze_last_layer_epochs"),
-        (plan.warmup_teacher_temperature_steps, "the teacher-temperature warm-up",
-         "--warmup_teacher_temperature_steps/--warmup_teacher_temperature_epochs"),
-    ):
-        if steps >= plan.total_steps:
-            messages.append(f"{what[0].upper()}{what[1:]} lasts {steps} steps and the run {plan.total_steps}: it covers "
-                            f"the whole run; lower {flags} (epochs count {plan.steps_per_epoch:g} steps here).")
-    return messages
+    log_plan(run.plan, run.args, run.accelerator, run.machine, run.unwrapped)
 
 
 def _write_training_args(run: _Run, final: bool = False) -> None:
-    """``training_args.json``: the arguments with the step counts resolved, plus run facts.
-
-    A time-budgeted run keeps ``max_steps`` unset (replaying the file budgets again) and records its
-    plan as ``planned_total_steps``; the machine's decisions (precision, workers, threads) are recorded
-    next to the arguments that asked for them.
-    """
-    if not run.accelerator.is_main_process:
-        return
-    plan = run.plan
-    resolved = {
-        **run.args.to_dict(),
-        "max_steps": plan.total_steps if plan.time_budget_seconds is None else None,
-        "warmup_steps": plan.warmup_steps,
-        "warmup_teacher_temperature_steps": plan.warmup_teacher_temperature_steps,
-        "freeze_last_layer_steps": plan.freeze_last_layer_steps,
-        "freeze_backbone_steps": plan.freeze_backbone_steps,
-        "planned_total_steps": plan.total_steps if plan.calibrated else None,
-        "num_processes": plan.num_processes,
-        "global_batch_size": plan.global_batch_size,
-        "scaled_learning_rate": plan.learning_rate,
-        "steps_per_epoch": plan.steps_per_epoch,
-        "hardware": _device_name(run.accelerator),
-        **run.machine.to_dict(),
-    }
-    if plan.seconds_per_step is not None:
-        resolved["calibrated_seconds_per_step"] = round(plan.seconds_per_step, 5)
-        resolved["calibrated_evaluation_seconds"] = round(plan.evaluation_seconds or 0.0, 2)
-        resolved["calibration_steps"] = plan.calibration_steps
-        resolved["calibration_seconds"] = round(plan.calibration_seconds, 2)
-    if final:
-        resolved["train_runtime"] = round(time.perf_counter() - run.started, 1)
-    # a token given as an argument value (or shaped like one) is not kept on disk
-    resolved = strip_secret_fields(resolved, get_token())
-    try:
-        run.folder.training_args.write_text(json.dumps(portable_paths(resolved), indent=2) + "\n", encoding="utf-8")
-    except OSError as error:
-        raise RunError(describe_os_error(error, run.folder.training_args, "writing the training arguments", "")) from None
-
-
-def _tracker_init_kwargs(run: _Run, resumed: bool) -> dict[str, dict[str, Any]]:
-    """What makes a resumed run continue its trackers' run instead of opening a new one.
-
-    Weights & Biases: the run id kept in the checkpoints (``resume="allow"`` creates it the first
-    time). TensorBoard: events after the checkpoint's step, logged by the run that was stopped after
-    it, are purged (as the rows of ``metrics.jsonl`` are).
-    """
-    kwargs: dict[str, dict[str, Any]] = {"wandb": {"id": run.tracker_run_id, "resume": "allow"}}
-    if resumed:
-        kwargs["tensorboard"] = {"purge_step": run.step + 1}
-    return kwargs
-
-
-def _tracker_config(args: DinoTrainingArguments, plan: StepPlan) -> dict[str, Any]:
-    values = portable_paths({**args.to_dict(), **{f"plan_{key}": value for key, value in plan.to_dict().items()}})
-    return {key: (str(value) if isinstance(value, (list, tuple)) or value is None else value)
-            for key, value in values.items()}
+    write_training_args(run.folder, run.args, run.plan, run.accelerator, run.machine,
+                        data={"train_data": run.train_source, "eval_data": run.eval_source},
+                        runtime_seconds=time.perf_counter() - run.started if final else None)

@@ -43,3 +43,40 @@ def test_eta_and_durations():
     progress.update(10)  # 10 steps in 30 s: 80 steps left take 240 s
     assert progress.eta_seconds() == 240.0
     assert [format_duration(seconds) for seconds in (9, 95, 3725)] == ["9 s", "1 min 35 s", "1 h 02 min"]
+
+
+def test_a_jupyter_kernel_counts_as_interactive_so_the_notebook_bar_shows(monkeypatch):
+    """In Jupyter stderr is no terminal, yet tqdm.auto's notebook bar redraws in place: bars, not log lines."""
+    import types
+
+    from dino_hf.base import progress
+
+    monkeypatch.setattr(progress.sys.stderr, "isatty", lambda: False, raising=False)
+    assert not progress.in_notebook() and not progress.is_interactive()
+    kernel = types.SimpleNamespace(config={"IPKernelApp": {}})
+    monkeypatch.setitem(sys.modules, "IPython", types.SimpleNamespace(get_ipython=lambda: kernel))
+    assert progress.in_notebook() and progress.is_interactive()
+    bar = progress.TrainingProgress(total=4)
+    assert bar._bar is not None
+    bar.log_step(1.5, 1e-3, 100.0)
+    assert bar._bar.postfix and "loss=1.5000" in bar._bar.postfix
+    bar.close()
+
+
+def test_log_lines_print_above_the_terminal_bar_not_into_it(monkeypatch, capsys):
+    """While the bar is shown, the root logger's console handler writes through tqdm (a line of its own)."""
+    import logging
+
+    from dino_hf.base import progress
+
+    monkeypatch.setattr(progress, "is_interactive", lambda: True)
+    root = logging.getLogger()
+    handler = logging.StreamHandler(sys.stderr)
+    root.addHandler(handler)
+    try:
+        bar = progress.TrainingProgress(total=4)
+        assert not any(existing is handler for existing in root.handlers)  # replaced by tqdm's for the bar's life
+        bar.close()
+        assert any(existing is handler for existing in root.handlers)
+    finally:
+        root.removeHandler(handler)

@@ -36,7 +36,9 @@ def test_export_rows_dimensions_and_values(tiny_backbone, images, tmp_path):
 
     assert _embed(tiny_backbone, images, tmp_path / "out") == 0
     exported = datasets.load_dataset(str(tmp_path / "out"), split="train")
-    assert exported.num_rows == 23 and exported.column_names == ["id", "embedding"]
+    assert exported.num_rows == 23 and exported.column_names == ["id", "label", "embedding"]
+    assert exported["label"] == [index % 3 for index in range(23)]  # the dataset's labels, its ClassLabel kept
+    assert exported.features["label"].names == ["class_0", "class_1", "class_2"]
     assert exported.features["embedding"].length == 32 and exported["id"] == list(range(23))
     assert [shard_path(tmp_path / "out", "train", i).is_file() for i in range(4)] == [True, True, True, False]
     # the embedding is the backbone's CLS token of each image, in order
@@ -112,4 +114,4 @@ def test_push_the_export_as_a_hub_dataset(tiny_backbone, images, tmp_path, monke
     for path, content in files.items():
         (checkout / path).parent.mkdir(parents=True, exist_ok=True)
         (checkout / path).write_bytes(content)
-    assert datasets.load_dataset(str(checkout), split="train").num_rows == 23  # the card's configs: data files
+    assert datasets.load_dataset(str(checkout), split="train").num_rows == 23  # the split from the shard names

@@ -64,7 +64,7 @@ def test_bare_backbone_matches_timm(tmp_path):
     checkpoint = tmp_path / "dino_vit_pretrain.pth"
     torch.save(reference.state_dict(), checkpoint)
     convert_checkpoint(checkpoint, tmp_path / "out")
-    backbone = AutoModel.from_pretrained(tmp_path / "out", add_pooling_layer=False).eval()
+    backbone = AutoModel.from_pretrained(tmp_path / "out").eval()  # the identity pooler: nothing missing
     assert backbone.config.num_attention_heads == HEADS
     assert backbone.config.image_size == IMAGE and backbone.config.layer_norm_eps == 1e-6
     images = torch.randn(3, 3, IMAGE, IMAGE)
@@ -104,7 +104,7 @@ def test_full_training_checkpoint(tmp_path):
     convert_checkpoint(path, tmp_path / "out", save_training_model=True)
 
     images = torch.randn(2, 3, IMAGE, IMAGE)
-    backbone = AutoModel.from_pretrained(tmp_path / "out", add_pooling_layer=False).eval()
+    backbone = AutoModel.from_pretrained(tmp_path / "out").eval()  # the identity pooler: nothing missing
     with torch.no_grad():
         exported = backbone(pixel_values=images).last_hidden_state[:, 0]
     assert torch.allclose(exported, cls_embedding(teacher, images), atol=1e-5, rtol=1e-4)

@@ -84,3 +84,41 @@ def test_card_names_dinov2s_terms_when_the_run_used_them(tmp_path):
     text = str(render_model_card(run, "tester/tiny-dinov2"))
     assert ("| Objective | DINO + iBOT masked patches (weight 1, own head, K 256) + KoLeo (weight 0.1), teachers: "
             "sinkhorn-knopp |") in text
+
+
+def test_card_records_the_precision_that_ran_not_auto(tmp_path):
+    auto = write_training_output(tmp_path / "auto", mixed_precision="auto", resolved_mixed_precision="bf16")
+    text = render_model_card(auto, "tester/x").text
+    assert "| Mixed precision | bf16 autocast, chosen for the machine by `--mixed_precision auto` |" in text
+    asked = write_training_output(tmp_path / "asked", mixed_precision="no")
+    assert "| Mixed precision | fp32 (no autocast) |" in render_model_card(asked, "tester/x").text
+    unknown = write_training_output(tmp_path / "unknown", mixed_precision="auto")  # a run that did not record it
+    assert "Mixed precision" not in render_model_card(unknown, "tester/x").text
+
+
+def test_a_local_start_names_the_hub_model_it_came_from(tmp_path):
+    # a folder of the Hub cache (what from_pretrained downloads into): its repository is in the path
+    snapshot = tmp_path / "hub" / "models--facebook--dinov2-small" / "snapshots" / "0123abcd"
+    snapshot.mkdir(parents=True)
+    run = write_training_output(tmp_path / "cached", model_name_or_path=str(snapshot))
+    card = render_model_card(run, "tester/x")
+    assert card.data.to_dict()["base_model"] == "facebook/dinov2-small"
+    assert "Pre-training started from `facebook/dinov2-small`" in card.text and "0123abcd" not in card.text
+    # the backbone of an earlier dino_hf run: that run's own start, or its Hub repository when it pushed
+    earlier = write_training_output(tmp_path / "earlier", model_name_or_path="facebook/dino-vits16")
+    continued = write_training_output(tmp_path / "continued", model_name_or_path=str(earlier / "backbone"))
+    assert render_model_card(continued, "tester/x").data.to_dict()["base_model"] == "facebook/dino-vits16"
+    pushed = write_training_output(tmp_path / "pushed", push_to_hub=True, hub_model_id="tester/first")
+    again = write_training_output(tmp_path / "again", model_name_or_path=str(pushed))
+    assert render_model_card(again, "tester/x").data.to_dict()["base_model"] == "tester/first"
+    # a local folder that records nothing: no relation, rather than a wrong one
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    nothing = write_training_output(tmp_path / "nothing", model_name_or_path=str(plain))
+    assert "base_model" not in render_model_card(nothing, "tester/x").data.to_dict()
+
+
+def test_a_continued_run_has_no_preset_row(tmp_path):
+    run = write_training_output(tmp_path / "run", model_name_or_path="facebook/dino-vits16")
+    text = render_model_card(run, "tester/x").text
+    assert "vit_tiny_patch16" not in text and "| Backbone | ViT, width 32, 2 layers" in text

@@ -294,7 +294,7 @@ def test_real_dino_training_output_round_trips(in_process_endpoint, tmp_path):
     pixel_values = torch.randn(2, 3, 32, 32)
     with torch.inference_mode():
         expected = model.embed(pixel_values, which="teacher")
-        backbone = AutoModel.from_pretrained(checkout, add_pooling_layer=False).eval()
+        backbone = AutoModel.from_pretrained(checkout).eval()
         torch.testing.assert_close(backbone(pixel_values).last_hidden_state[:, 0], expected)
         restored = DinoForPreTraining.from_pretrained(checkout / TRAINING_MODEL_SUBFOLDER).eval()
         torch.testing.assert_close(restored.embed(pixel_values, which="teacher"), expected)

@@ -12,7 +12,7 @@ import textwrap
 import pytest
 import torch
 from tiny_models import FAMILY_MODEL_TYPES, read_rows, tiny_args, tiny_dino_config, tiny_family_config
-from transformers import ViTModel
+from transformers import AutoConfig, ViTModel
 
 from dino_hf import DinoForPreTraining
 from dino_hf.models.backbones import family_of
@@ -41,7 +41,7 @@ def test_exported_backbone_loads_with_plain_transformers(model, tmp_path):
         import torch
         from PIL import Image
         from transformers import AutoImageProcessor, AutoModel, pipeline
-        backbone = AutoModel.from_pretrained({str(backbone_dir)!r}, add_pooling_layer=False).eval()
+        backbone = AutoModel.from_pretrained({str(backbone_dir)!r}).eval()
         assert type(backbone).__name__ == "ViTModel"
         pixels = torch.load({str(tmp_path / "pixels.pt")!r}, weights_only=True)
         with torch.no_grad():
@@ -62,11 +62,35 @@ def test_exported_backbone_loads_with_plain_transformers(model, tmp_path):
     assert torch.allclose(torch.load(tmp_path / "cls.pt", weights_only=True), expected, atol=1e-5)
 
 
-def test_exported_backbone_has_no_pooler_weights(model, tmp_path):
+def test_exported_vit_has_the_identity_pooler_and_loads_without_a_report(model, tmp_path, caplog):
+    """No random pooler and no LOAD REPORT on a plain from_pretrained: the export's pooler is the identity
+    (``pooler_act="linear"``), so ``pooler_output`` is the CLS token; the model in training keeps none."""
+    import logging
+
+    from safetensors.torch import load_file
+
     model.save_backbone(tmp_path)
-    loaded = ViTModel.from_pretrained(tmp_path, add_pooling_layer=False)
+    assert model.teacher.backbone.pooler is None and model.teacher.backbone.config.pooler_act == "tanh"  # unchanged
+    weights = load_file(tmp_path / "model.safetensors")
+    torch.testing.assert_close(weights["pooler.dense.weight"], torch.eye(32))
+    assert not weights["pooler.dense.bias"].any()
+    with caplog.at_level(logging.WARNING):
+        loaded = ViTModel.from_pretrained(tmp_path)
+    assert "LOAD REPORT" not in caplog.text and loaded.config.pooler_act == "linear"
     assert loaded.config.layer_norm_eps == 1e-6
-    assert loaded.pooler is None
+    pixels = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        output = loaded.eval()(pixel_values=pixels)
+    torch.testing.assert_close(output.pooler_output, output.last_hidden_state[:, 0])
+    # an export without the pooler (an earlier dino_hf) still loads without a random one, and trains on
+    family = family_of(loaded.config)
+    assert family.from_pretrained_kwargs(loaded.config) == {}
+    model.teacher.backbone.save_pretrained(tmp_path / "old")
+    old = AutoConfig.from_pretrained(tmp_path / "old")
+    assert family.from_pretrained_kwargs(old) == {"add_pooling_layer": False}
+    assert family.load(tmp_path / "old").pooler is None
+    continued = DinoForPreTraining.from_backbone(tmp_path, config=tiny_dino_config())
+    assert continued.teacher.backbone.pooler is None
 
 
 # ------------------------------------------------------------------------------ every family
@@ -80,8 +104,7 @@ _EMBEDDING_IN_A_FRESH_PROCESS = textwrap.dedent(
     folder, pixels_path, output_path, expected_type = sys.argv[1:5]
     config = AutoConfig.from_pretrained(folder)
     assert config.model_type == expected_type, (config.model_type, expected_type)
-    kwargs = {"add_pooling_layer": False} if config.model_type in ("vit", "deit") else {}
-    backbone = AutoModel.from_pretrained(folder, **kwargs).eval()
+    backbone = AutoModel.from_pretrained(folder).eval()  # no argument: nothing missing or random in any family
     pixels = torch.load(pixels_path, weights_only=True)
     with torch.no_grad():
         output = backbone(pixel_values=pixels)
@@ -92,8 +115,8 @@ _EMBEDDING_IN_A_FRESH_PROCESS = textwrap.dedent(
     processor = AutoImageProcessor.from_pretrained(folder)
     picture = Image.fromarray(np.random.default_rng(0).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     assert processor(picture, return_tensors="pt")["pixel_values"].shape[:2] == (1, 3)
-    features = np.asarray(pipeline("image-feature-extraction", model=folder, model_kwargs=kwargs)(picture))
-    assert features.size > 0
+    features = np.asarray(pipeline("image-feature-extraction", model=folder)(picture, pool=True))
+    assert features.reshape(1, -1).shape == (1, embedding.shape[1])  # pool=True: the DINO embedding's width
     assert "dino_hf" not in sys.modules
     print(type(backbone).__name__)
     """
@@ -225,8 +248,9 @@ def test_patch_tokens_exclude_cls_distillation_token_and_registers(model_type):
 
 @pytest.mark.parametrize("model_type", ["vit", "deit"])
 def test_a_vit_trained_with_a_mask_token_exports_the_stock_model(model_type, tmp_path):
-    """ViT and DeiT get a mask token only when built for iBOT: the export drops it, so plain
-    transformers loads it with no missing or unexpected key, and the export continues iBOT training."""
+    """ViT and DeiT get a mask token only when built for iBOT: the export drops it and gets the identity
+    pooler, so plain transformers loads it with no missing or unexpected key, and the export continues
+    iBOT training."""
     torch.manual_seed(0)
     model = DinoForPreTraining(tiny_family_config(model_type, ibot_loss_weight=1.0))
     assert model.student.backbone.embeddings.mask_token is not None
@@ -235,12 +259,14 @@ def test_a_vit_trained_with_a_mask_token_exports_the_stock_model(model_type, tmp
     from transformers import AutoModel
 
     assert not any("mask_token" in key for key in load_file(folder / "model.safetensors"))
-    loaded, info = AutoModel.from_pretrained(folder, add_pooling_layer=False, output_loading_info=True)
-    assert not info["missing_keys"] and not info["unexpected_keys"]
+    loaded, info = AutoModel.from_pretrained(folder, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     pixels = torch.randn(2, 3, 32, 32)
     model.eval()
     with torch.no_grad():
-        torch.testing.assert_close(loaded.eval()(pixel_values=pixels).last_hidden_state[:, 0], model.embed(pixels))
+        output = loaded.eval()(pixel_values=pixels)
+        torch.testing.assert_close(output.last_hidden_state[:, 0], model.embed(pixels))
+        torch.testing.assert_close(output.pooler_output, model.embed(pixels))  # the identity pooler
     continued = DinoForPreTraining.from_backbone(folder, config=tiny_family_config(model_type, ibot_loss_weight=1.0))
     assert torch.count_nonzero(continued.student.backbone.embeddings.mask_token) == 0  # fresh, as transformers inits it
 

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from dino_hf.base.official_recipe import OFFICIAL_NUM_TRAIN_EPOCHS
-from dino_hf.train.argument_parsing import build_argument_parser, parse_training_args, shipped_recipes
+from dino_hf.train.argument_parsing import build_argument_parser, parse_training_args
 from dino_hf.train.arguments import DinoTrainingArguments
+from dino_hf.train.recipes import shipped_recipes
 from dino_hf.train.step_plan import plan_steps
 
 REPO = Path(__file__).resolve().parents[2]
@@ -131,7 +132,6 @@ def test_report_to_takes_any_accelerate_tracker_and_several():
 @pytest.mark.parametrize(
     ("flags", "flag_named"),
     [
-        ([], "--dataset_name"),
         (["--dataset_name", "d"], "--output_dir"),
         (REQUIRED + ["--num_local_crops", "-1"], "--num_local_crops"),
         (REQUIRED + ["--per_device_train_batch_size", "0"], "--per_device_train_batch_size"),

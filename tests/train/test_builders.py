@@ -49,7 +49,7 @@ def test_model_name_or_path_from_a_dino_folder_or_an_exported_backbone(dataset, 
 
     from_backbone = build_model(tiny_args(dataset, tmp_path / "b", tiny_config_file,
                                           model_name_or_path=str(tmp_path / "backbone")))
-    backbone = ViTModel.from_pretrained(tmp_path / "backbone", add_pooling_layer=False)
+    backbone = ViTModel.from_pretrained(tmp_path / "backbone", add_pooling_layer=False)  # compared without the pooler
     for network in (from_backbone.student, from_backbone.teacher):
         torch.testing.assert_close(network.backbone.state_dict(), backbone.state_dict(), rtol=0, atol=0)
 
@@ -136,3 +136,14 @@ def test_the_dinov2_cpu_recipe_is_the_demo_recipe_plus_dinov2s_terms():
     config = build_model_config(args)
     assert config.uses_ibot and config.ibot_separate_head and config.koleo_loss_weight == 0.1
     assert build_mask_sampler(args, config, 0).masking_generator.num_patches == 2 * 2  # 28 px / patch 14
+
+
+def test_auto_precision_keeps_the_one_a_resumed_run_chose(dataset, tiny_config_file, tmp_path):
+    """A probe near its threshold may decide otherwise on resume: the run's recorded choice is kept."""
+    from dino_hf.train.builders import choose_precision
+
+    args = tiny_args(dataset, tmp_path / "run", tiny_config_file, mixed_precision="auto")
+    for recorded in ("no", "bf16"):
+        assert choose_precision(args, torch.device("cpu"), recorded).mixed_precision == recorded
+    explicit = tiny_args(dataset, tmp_path / "run", tiny_config_file, mixed_precision="no")
+    assert choose_precision(explicit, torch.device("cpu"), "bf16").mixed_precision == "no"  # a flag is obeyed

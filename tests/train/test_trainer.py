@@ -269,3 +269,23 @@ notebook_launcher(train_in_processes, args=({str(tmp_path / "run")!r},), num_pro
     assert result.returncode == 0, result.stderr[-3000:]
     training = json.loads((tmp_path / "run" / "training_args.json").read_text())
     assert training["num_processes"] == 2 and (tmp_path / "run" / "backbone" / "model.safetensors").is_file()
+
+
+def test_push_to_hub_sends_the_run_to_the_loopback_hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    from hub_server import LoopbackHub
+    from tiny_models import TOKEN
+
+    trainer = DinoTrainer(args=training_args(tmp_path / "run", max_steps=1), train_dataset=in_memory_dataset())
+    with pytest.raises(ValueError, match="needs a repo_id"):
+        trainer.push_to_hub()
+    trainer.train()
+    with LoopbackHub(token=TOKEN) as hub:
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", hub.url)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_DISABLE_XET", True)
+        monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", False)
+        url = trainer.push_to_hub(f"{hub.user}/from-python", token=TOKEN)
+        files = hub.files(f"{hub.user}/from-python")
+        assert url.startswith(hub.url)
+    assert "model.safetensors" in files and "README.md" in files
+    assert TOKEN.encode() not in b"".join(files.values())

@@ -31,6 +31,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image
 
 __all__ = [
@@ -41,6 +42,8 @@ __all__ = [
     "encode_png",
     "expected_bad_count",
     "make_image",
+    "IndexViews",
+    "indices_of_batches",
     "read_image_index",
     "write_imagefolder_dataset",
     "write_parquet_dataset",
@@ -219,3 +222,19 @@ def write_webdataset_dataset(
                     info.size = len(payload)
                     tar.addfile(info, io.BytesIO(payload))
     return directory
+
+
+# ------------------------------------------------------------------------------ reading them back
+class IndexViews:
+    """Test augmentation: a single 'global view' holding the image's index (see ``read_image_index``)."""
+
+    num_global_crops = 1
+
+    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
+        assert image.dtype == torch.uint8 and image.shape[0] == 3
+        return [torch.tensor([float(read_image_index(image))])]
+
+
+def indices_of_batches(loader) -> list[int]:
+    """The source-image indices of every batch of a loader whose augmentation is :class:`IndexViews`."""
+    return [int(i) for batch in loader for i in batch["global_crops"][0, :, 0].tolist()]

@@ -30,6 +30,7 @@ from transformers import (
     ViTModel,
 )
 
+from dino_hf.data.augmentation import MultiCropAugmentation
 from dino_hf.models.backbones import build_image_processor
 from dino_hf.models.configuration_dino import DinoConfig, dino_backbone_config
 from dino_hf.train.arguments import DinoTrainingArguments
@@ -127,6 +128,10 @@ def save_tiny_backbone(directory: Path) -> Path:
 # ------------------------------------------------------------------------------ augmentation
 #: A small multi-crop recipe for fast augmentation tests: 2 global 32 px crops and 3 local 16 px ones.
 SMALL_MULTI_CROP = dict(global_crop_size=32, local_crop_size=16, num_local_crops=3)
+
+
+#: A smaller one for loader tests: 2 global 16 px crops and 2 local 8 px ones.
+SMALL_AUGMENTATION = MultiCropAugmentation(global_crop_size=16, local_crop_size=8, num_local_crops=2)
 
 
 def seeded_generator(seed: int) -> torch.Generator:

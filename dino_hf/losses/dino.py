@@ -206,13 +206,9 @@ class DinoLoss(PrototypeLoss):
         dtype = compute_dtype(teacher_logits)
         with full_precision(teacher_logits.device):
             logits = teacher_logits.detach().to(dtype)
-            if isinstance(temperature, Tensor):
-                # a 0-dim CPU tensor mixes with accelerator tensors without a copy or a sync
-                temperature = temperature.detach().to(dtype)
-                if temperature.device.type != "cpu":
-                    temperature = temperature.to(logits.device)
+            temperature = self._temperature_like(temperature, logits)
             if self.centering == "centering":
-                return torch.softmax((logits - self.center.to(dtype)) / temperature, dim=-1)
+                return self._centred_softmax(logits, temperature)
             return self._sinkhorn_knopp(logits / temperature)
 
     @torch.no_grad()

@@ -137,12 +137,9 @@ class IBOTPatchLoss(PrototypeLoss):
         dtype = compute_dtype(teacher_patch_logits)
         with full_precision(teacher_patch_logits.device):
             logits = teacher_patch_logits.detach().to(dtype)
-            if isinstance(temperature, Tensor):
-                temperature = temperature.detach().to(dtype)
-                if temperature.device.type != "cpu":
-                    temperature = temperature.to(logits.device)
+            temperature = self._temperature_like(temperature, logits)
             if self.centering == "centering":
-                return torch.softmax((logits - self.center.to(dtype)) / temperature, dim=-1)
+                return self._centred_softmax(logits, temperature)
             num_samples = torch.full((), float(logits.shape[0]), dtype=dtype, device=logits.device)
             if distributed_world_size() > 1:
                 dist.all_reduce(num_samples)

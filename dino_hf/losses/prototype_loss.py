@@ -51,6 +51,20 @@ class PrototypeLoss(nn.Module):
         self.sinkhorn_iterations = int(sinkhorn_iterations)
         self.register_buffer("center", torch.zeros(1, self.num_prototypes), persistent=True)
 
+    @staticmethod
+    def _temperature_like(temperature: float | Tensor, logits: Tensor) -> float | Tensor:
+        """A validated temperature in the dtype of ``logits``; a 0-dim CPU tensor stays on the CPU, where
+        it mixes with accelerator tensors without a copy or a sync."""
+        if isinstance(temperature, Tensor):
+            temperature = temperature.detach().to(logits.dtype)
+            if temperature.device.type != "cpu":
+                temperature = temperature.to(logits.device)
+        return temperature
+
+    def _centred_softmax(self, logits: Tensor, temperature: float | Tensor) -> Tensor:
+        """``softmax((logits - center) / temperature)`` over the prototypes, in the dtype of ``logits``."""
+        return torch.softmax((logits - self.center.to(logits.dtype)) / temperature, dim=-1)
+
     def extra_repr(self) -> str:
         return (
             f"num_prototypes={self.num_prototypes}, student_temperature={self.student_temperature}, "

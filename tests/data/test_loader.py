@@ -9,40 +9,16 @@ import pytest
 import torch
 from image_datasets import (
     WEBDATASET_IMAGE_COLUMN,
+    IndexViews,
     expected_bad_count,
-    read_image_index,
+    indices_of_batches,
     write_imagefolder_dataset,
     write_parquet_dataset,
     write_webdataset_dataset,
 )
+from tiny_models import SMALL_AUGMENTATION
 
-from dino_hf.data.augmentation import MultiCropAugmentation
 from dino_hf.data.loader import create_train_dataloader
-
-
-class IndexViews:
-    """Test augmentation: a single 'global view' holding the image's index (see ``read_image_index``)."""
-
-    num_global_crops = 1
-
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        assert image.dtype == torch.uint8 and image.shape[0] == 3
-        return [torch.tensor([float(read_image_index(image))])]
-
-
-def _indices(loader) -> list[int]:
-    return [int(i) for batch in loader for i in batch["global_crops"][0, :, 0].tolist()]
-
-
-SMALL_AUGMENTATION = MultiCropAugmentation(global_crop_size=16, local_crop_size=8, num_local_crops=2)
-
-
-@pytest.fixture(scope="module")
-def parquet_dir(tmp_path_factory):
-    """40 good images + 5 bad ones in 4 parquet shards."""
-    return write_parquet_dataset(
-        tmp_path_factory.mktemp("parquet"), num_images=40, image_size=20, num_shards=4, corrupt=True
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +37,7 @@ def test_streams_each_format_and_skips_bad_images(tmp_path, format_name, caplog)
         str(path), augmentation=IndexViews(), batch_size=4, image_column=column, drop_last=False, shuffle_buffer_size=5
     )
     with caplog.at_level(logging.WARNING, logger="dino_hf.data.streaming"):
-        indices = _indices(loader)
+        indices = indices_of_batches(loader)
     assert sorted(indices) == list(range(14))
     assert loader.bad_image_count == expected_bad_count(format_name)
     assert f"skipped {expected_bad_count(format_name)} bad image(s)" in caplog.text
@@ -102,7 +78,7 @@ def test_non_streaming_dataset(parquet_dir):
         str(parquet_dir), augmentation=IndexViews(), batch_size=5, streaming=False, drop_last=False
     )
     assert loader.num_examples == 45
-    assert sorted(_indices(loader)) == list(range(40))
+    assert sorted(indices_of_batches(loader)) == list(range(40))
 
 
 def test_epochs_reshuffle_and_are_reproducible(parquet_dir):
@@ -116,7 +92,7 @@ def test_epochs_reshuffle_and_are_reproducible(parquet_dir):
             drop_last=False,
         )
         loader.set_epoch(epoch)
-        return _indices(loader)
+        return indices_of_batches(loader)
 
     first, again, second, other_seed = order(0), order(0), order(1), order(0, seed=5)
     assert first == again
@@ -159,7 +135,7 @@ def test_two_ranks_are_disjoint_and_cover_the_dataset(parquet_dir, caplog):
             drop_last=False,
         )
         assert loader.num_examples == 45 // 2
-        seen.append(set(_indices(loader)))
+        seen.append(set(indices_of_batches(loader)))
     assert not seen[0] & seen[1]
     assert seen[0] | seen[1] == set(range(40))
     assert "shard" not in caplog.text  # 4 shards, 2 ranks: no warning
@@ -173,7 +149,7 @@ def test_two_ranks_with_indivisible_shards_still_partition(tmp_path, caplog):
             loader = create_train_dataloader(
                 str(path), augmentation=IndexViews(), batch_size=2, process_index=rank, num_processes=2, drop_last=False
             )
-            seen.append(set(_indices(loader)))
+            seen.append(set(indices_of_batches(loader)))
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(21))
     assert "every process reads every shard" in caplog.text
 
@@ -182,7 +158,7 @@ def test_all_workers_receive_data(parquet_dir):
     loader = create_train_dataloader(
         str(parquet_dir), augmentation=IndexViews(), batch_size=4, num_workers=2, drop_last=False
     )
-    assert sorted(_indices(loader)) == list(range(40))
+    assert sorted(indices_of_batches(loader)) == list(range(40))
     workers = loader.state_dict()["workers"]
     assert set(workers) == {"0", "1"} and all(state["batches"] > 0 for state in workers.values())
     assert loader.bad_image_count == 5
@@ -192,7 +168,7 @@ def test_too_few_shards_warns_once_with_the_fix(tmp_path, caplog):
     folder = write_imagefolder_dataset(tmp_path / "folder", num_images=8, image_size=8)  # one shard
     with caplog.at_level(logging.WARNING, logger="dino_hf.data.streaming"):
         loader = create_train_dataloader(str(folder), augmentation=IndexViews(), batch_size=2, num_workers=2)
-        assert sorted(_indices(loader)) == list(range(8))  # the idle worker does not lose data
+        assert sorted(indices_of_batches(loader)) == list(range(8))  # the idle worker does not lose data
     messages = [r.getMessage() for r in caplog.records if "shard" in r.getMessage()]
     assert len(messages) == 1
     assert "1 shard(s)" in messages[0] and "to_iterable_dataset(num_shards=2)" in messages[0]

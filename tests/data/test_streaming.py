@@ -3,44 +3,18 @@
 from __future__ import annotations
 
 import pytest
-import torch
 from image_datasets import (
     WEBDATASET_IMAGE_COLUMN,
-    read_image_index,
+    IndexViews,
     write_imagefolder_dataset,
     write_parquet_dataset,
     write_webdataset_dataset,
 )
 from PIL import Image
+from tiny_models import SMALL_AUGMENTATION
 
-from dino_hf.data.augmentation import MultiCropAugmentation
 from dino_hf.data.loader import create_train_dataloader
 from dino_hf.data.streaming import detect_image_column, load_image_dataset
-
-
-class IndexViews:
-    """Test augmentation: a single 'global view' holding the image's index (see ``read_image_index``)."""
-
-    num_global_crops = 1
-
-    def __call__(self, image: torch.Tensor) -> list[torch.Tensor]:
-        assert image.dtype == torch.uint8 and image.shape[0] == 3
-        return [torch.tensor([float(read_image_index(image))])]
-
-
-def _indices(loader) -> list[int]:
-    return [int(i) for batch in loader for i in batch["global_crops"][0, :, 0].tolist()]
-
-
-SMALL_AUGMENTATION = MultiCropAugmentation(global_crop_size=16, local_crop_size=8, num_local_crops=2)
-
-
-@pytest.fixture(scope="module")
-def parquet_dir(tmp_path_factory):
-    """40 good images + 5 bad ones in 4 parquet shards."""
-    return write_parquet_dataset(
-        tmp_path_factory.mktemp("parquet"), num_images=40, image_size=20, num_shards=4, corrupt=True
-    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -3,6 +3,10 @@ comparison helpers (imported by the test modules of this folder, which pytest pu
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
+from pathlib import Path
+
 import torch
 
 
@@ -47,3 +51,18 @@ def assert_close_relative(actual: torch.Tensor, expected: torch.Tensor, rtol: fl
 
 def random_logits(num_crops: int, batch_size: int, num_prototypes: int, generator) -> torch.Tensor:
     return 3 * torch.randn(num_crops, batch_size, num_prototypes, generator=generator).double()
+
+
+def _gloo_process(rank: int, world_size: int, init_file: str, results_dir: str,
+                  compute: Callable[[int, int], dict]) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    torch.save(compute(rank, world_size), os.path.join(results_dir, f"rank{rank}.pt"))
+    torch.distributed.destroy_process_group()
+
+
+def results_of_gloo_processes(compute: Callable[[int, int], dict], tmp_path: Path, world_size: int = 2) -> list[dict]:
+    """``compute(rank, world_size)`` (a module-level function returning tensors) in ``world_size`` gloo
+    processes; what each returned, by rank."""
+    torch.multiprocessing.spawn(_gloo_process, args=(world_size, str(tmp_path / "init"), str(tmp_path), compute),
+                                nprocs=world_size)
+    return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=True) for rank in range(world_size)]

@@ -5,12 +5,11 @@ its Sinkhorn-Knopp teacher, the collapse statistics, the input checks and the di
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_references import assert_close_relative, random_logits, reference_sinkhorn_knopp
+from loss_references import assert_close_relative, random_logits, reference_sinkhorn_knopp, results_of_gloo_processes
 
 import dino_hf.losses.cross_entropy as cross_entropy_module
 from dino_hf.losses.dino import DinoLoss
@@ -269,10 +268,7 @@ def test_bad_input_raises_one_sentence_value_error(index):
     message = str(error.value)
     assert "\n" not in message and message.endswith(".")
 
-def _distributed_worker(rank: int, world_size: int, init_file: str, results_dir: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+def _distributed_results(rank: int, world_size: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     teacher = random_logits(2, 3 * world_size, 10, generator)  # the global batch
     local = teacher[:, 3 * rank : 3 * (rank + 1)]
@@ -280,22 +276,12 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, results_dir:
     loss_fn.update_center(DinoLoss.teacher_logits_mean(local))
     sinkhorn = DinoLoss(10, centering="sinkhorn_knopp").double()
     probabilities = sinkhorn.teacher_probabilities(local, 0.5)
-    torch.save(
-        {"center": loss_fn.center, "sinkhorn": probabilities, "teacher": teacher},
-        os.path.join(results_dir, f"rank{rank}.pt"),
-    )
-    torch.distributed.destroy_process_group()
+    return {"center": loss_fn.center, "sinkhorn": probabilities, "teacher": teacher}
 
 
 def test_distributed_center_and_sinkhorn_use_the_global_batch(tmp_path):
     """Two gloo processes, each with half of the batch, match one process with all of it."""
-    world_size = 2
-    torch.multiprocessing.spawn(
-        _distributed_worker,
-        args=(world_size, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world_size,
-    )
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    results = results_of_gloo_processes(_distributed_results, tmp_path)
     teacher = results[0]["teacher"]
     expected_center = reference_center_update(torch.zeros(1, 10, dtype=torch.float64), teacher)
     expected_sinkhorn = reference_sinkhorn_knopp(teacher, 0.5)

@@ -5,12 +5,16 @@
 from __future__ import annotations
 
 import math
-import os
 
 import pytest
 import torch
 import torch.nn.functional as F
-from loss_references import assert_close_relative, random_logits, reference_ibot_sinkhorn_knopp
+from loss_references import (
+    assert_close_relative,
+    random_logits,
+    reference_ibot_sinkhorn_knopp,
+    results_of_gloo_processes,
+)
 
 from dino_hf.losses.ibot import IBOTPatchLoss
 
@@ -113,10 +117,7 @@ def test_ibot_loss_refuses_rows_that_do_not_match_the_masks():
         loss_fn(torch.zeros(3, 8), torch.zeros(3, 8), masks.float(), 0.04)
 
 
-def _distributed_worker(rank: int, world_size: int, init_file: str, results_dir: str) -> None:
-    torch.distributed.init_process_group(
-        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size
-    )
+def _distributed_results(rank: int, world_size: int) -> dict:
     generator = torch.Generator().manual_seed(0)
     # 5 masked patches on process 0, 2 on process 1 (unequal counts)
     patches = random_logits(1, 7, 12, generator)[0]
@@ -124,22 +125,12 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, results_dir:
     ibot = IBOTPatchLoss(12).double()
     ibot.update_center(local_patches.sum(0, keepdim=True), torch.tensor(float(len(local_patches))))
     ibot_sinkhorn = IBOTPatchLoss(12, centering="sinkhorn_knopp").double().teacher_probabilities(local_patches, 0.5)
-    torch.save(
-        {"patches": patches, "ibot_center": ibot.center, "ibot_sinkhorn": ibot_sinkhorn},
-        os.path.join(results_dir, f"rank{rank}.pt"),
-    )
-    torch.distributed.destroy_process_group()
+    return {"patches": patches, "ibot_center": ibot.center, "ibot_sinkhorn": ibot_sinkhorn}
 
 
 def test_ibot_distributed_center_and_sinkhorn_use_the_masked_patches_of_all_processes(tmp_path):
     """Two gloo processes with different numbers of masked patches match one process with all of them."""
-    world_size = 2
-    torch.multiprocessing.spawn(
-        _distributed_worker,
-        args=(world_size, str(tmp_path / "init"), str(tmp_path)),
-        nprocs=world_size,
-    )
-    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(world_size)]
+    results = results_of_gloo_processes(_distributed_results, tmp_path)
     patches = results[0]["patches"]
     expected_ibot_center = 0.1 * patches.mean(0, keepdim=True)
     expected_ibot_sinkhorn = reference_ibot_sinkhorn_knopp(patches, 0.5)

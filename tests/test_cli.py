@@ -28,7 +28,7 @@ def finished_run(dataset, tiny_config_file, tmp_path_factory) -> Path:
     GradientState._reset_state()
     try:
         train(tiny_args(dataset, output_dir, tiny_config_file, max_steps=2, logging_steps=1,
-                        learning_rate=0.5, teacher_momentum=0.5))  # a student far from its teacher
+                        base_learning_rate=0.5, teacher_momentum=0.5))  # a student far from its teacher
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)
         GradientState._reset_state()
@@ -38,7 +38,7 @@ def finished_run(dataset, tiny_config_file, tmp_path_factory) -> Path:
 def _evaluate(tmp_path: Path, model: Path, dataset: Path, *extra: str) -> dict:
     output = tmp_path / f"results-{len(list(tmp_path.iterdir()))}.json"
     status = evaluate.main(["--model_name_or_path", str(model), "--dataset_name", str(dataset), "--k", "1", "3",
-                            "--output_file", str(output), "--batch_size", "8", *extra])
+                            "--output_file", str(output), "--per_device_eval_batch_size", "8", *extra])
     assert status == 0
     return json.loads(output.read_text())
 
@@ -91,11 +91,41 @@ def test_old_spellings_are_aliases_of_the_shared_vocabulary():
          ["--output_dir", "run", "--hub_model_id", "me/x", "--hub_private_repo"]),
         (attention.build_parser(), ["--model", "m", "--image", "a.png"],
          ["--model_name_or_path", "m", "--image", "a.png"]),
-        (embed.build_parser(), ["--model", "m", "--dataset_name", "d", "--output_dir", "o", "--num_workers", "2"],
-         ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--dataloader_num_workers", "2"]),
+        (embed.build_parser(), ["--model", "m", "--dataset_name", "d", "--output_dir", "o", "--num_workers", "2",
+                                "--split", "test", "--batch_size", "4", "--revision", "v1"],
+         ["--model_name_or_path", "m", "--dataset_name", "d", "--output_dir", "o", "--dataloader_num_workers", "2",
+          "--dataset_split", "test", "--per_device_eval_batch_size", "4", "--model_revision", "v1"]),
+        (evaluate.build_parser(), ["--model", "m", "--dataset_name", "d", "--batch_size", "4", "--revision", "v1"],
+         ["--model", "m", "--dataset_name", "d", "--per_device_eval_batch_size", "4", "--model_revision", "v1"]),
     ]
     for parser, old, new in pairs:
         assert parser.parse_args(old) == parser.parse_args(new), parser.prog
+
+
+@pytest.mark.parametrize("command", [evaluate, embed, attention, push, convert])
+def test_every_command_spells_booleans_and_old_flags_as_dino_hf_train_does(command):
+    """--debug is a switch that also takes a value, as every dino-hf-train boolean; eval and embed stream with
+    --streaming and stop with --no_streaming; an old spelling's --help says it is deprecated."""
+    parser = command.build_parser()
+    required = {evaluate: ["--model", "m", "--dataset_name", "d"], attention: ["--model", "m", "--image", "a.png"],
+                embed: ["--model", "m", "--dataset_name", "d", "--output_dir", "o"],
+                push: ["--output_dir", "run", "--hub_model_id", "me/x"],
+                convert: ["--checkpoint", "c.pth", "--output_dir", "o"]}[command]
+    assert parser.parse_args(required).debug is False
+    assert parser.parse_args([*required, "--debug"]).debug is True
+    assert parser.parse_args([*required, "--debug", "false"]).debug is False
+    assert parser.parse_args([*required, "--debug", "true"]).debug is True
+    help_text = " ".join(parser.format_help().split())
+    if command in (evaluate, embed):
+        assert parser.parse_args(required).streaming is False
+        assert parser.parse_args([*required, "--streaming"]).streaming is True
+        assert parser.parse_args([*required, "--streaming", "false"]).streaming is False
+        assert "--per_device_eval_batch_size PER_DEVICE_EVAL_BATCH_SIZE, --batch_size" in help_text
+        assert "(--batch_size: the old spelling, deprecated.)" in help_text
+    if command in (evaluate, embed, attention):
+        assert "(--revision: the old spelling, deprecated.)" in help_text
+    if command is embed:
+        assert "(--split: the old spelling, deprecated.)" in help_text
 
 
 def _bad_inputs(tmp_path: Path) -> tuple[str, list[tuple[ModuleType, list[str]]]]:

@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import subprocess
 import sys
 import textwrap
+import warnings
 from pathlib import Path
 
 import huggingface_hub
@@ -19,8 +21,9 @@ import torch
 from hub_server import LoopbackHub
 from image_datasets import make_image, write_imagefolder_dataset
 from PIL import Image
-from tiny_models import FAMILY_MODEL_TYPES, TOKEN, tiny_family_config, write_training_output
+from tiny_models import FAMILY_MODEL_TYPES, TOKEN, tiny_args, tiny_family_config, write_training_output
 
+from dino_hf import DinoTrainer
 from dino_hf.cli import attention, embed, evaluate, push
 from dino_hf.eval.loading import load_backbone, load_image_processor
 from dino_hf.hub.model_card import write_run_cards
@@ -44,26 +47,34 @@ def write_labelled_imagefolder(root: Path, num_train: int = 12, num_test: int = 
     return root
 
 
-def write_family_run(output_dir: Path, model_type: str, eval_dataset: Path) -> Path:
-    """A finished run's folder without the training loop: the DinoForPreTraining (teacher moved away from
-    the student), its exported backbone at the 32 px training resolution, the records a run leaves."""
-    torch.manual_seed(0)
-    model = DinoForPreTraining(tiny_family_config(model_type)).eval()
-    with torch.no_grad():
-        for parameter in model.teacher.parameters():
-            parameter.add_(0.01 * torch.randn_like(parameter))
-    model.save_pretrained(output_dir)
-    model.save_backbone(output_dir / "backbone", image_size=32)
-    args = {
-        "dataset_name": "images", "output_dir": str(output_dir), "global_crop_size": 32, "local_crop_size": 16,
-        "num_local_crops": 2, "per_device_train_batch_size": 8, "max_steps": 3, "seed": 0, "learning_rate": 5e-4,
-        "mixed_precision": "auto", "resolved_mixed_precision": "no", "eval_dataset_name": str(eval_dataset),
-        "eval_split": "test", "eval_train_split": "train", "eval_k": [1, 3], "streaming": True,
-    }
-    (output_dir / "training_args.json").write_text(json.dumps(args, indent=2))
-    (output_dir / "metrics.jsonl").write_text(json.dumps({"step": 3, "loss": 4.1}) + "\n"
-                                              + json.dumps({"step": 3, "knn_top1_k1": 0.5, "knn_top1_k3": 0.5}) + "\n")
-    return output_dir
+def train_family_run(output_dir: Path, model_type: str, images: Path) -> tuple[Path, list[str]]:
+    """A real 3-step DinoTrainer run of the family's tiny backbone from scratch, with a final k-NN evaluation on
+    ``images`` (also its training images), exported at the 32 px training resolution; and the warnings the run
+    logged or raised (a user must be able to act on each: there should be none)."""
+    config_dir = output_dir.parent / f"{model_type}_config"
+    tiny_family_config(model_type).save_pretrained(config_dir)
+    args = tiny_args(images, output_dir, config_dir / "config.json", max_steps=3, checkpointing_steps=3, logging_steps=1,
+                     eval_dataset_name=str(images), eval_k=[1, 3], mixed_precision="no", seed=0)
+    heard = _WarningRecorder()
+    with warnings.catch_warnings(record=True) as raised:
+        warnings.simplefilter("always")
+        logging.getLogger().addHandler(heard)
+        try:
+            DinoTrainer(args=args).train()
+        finally:
+            logging.getLogger().removeHandler(heard)
+    return output_dir, heard.messages + [str(warning.message) for warning in raised]
+
+
+class _WarningRecorder(logging.Handler):
+    """The messages of every warning logged while it is attached to the root logger."""
+
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +83,27 @@ def eval_folder(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory, eval_folder) -> dict[str, Path]:
+def trained(tmp_path_factory, eval_folder) -> dict[str, tuple[Path, list[str]]]:
     root = tmp_path_factory.mktemp("runs")
-    return {model_type: write_family_run(root / model_type, model_type, eval_folder) for model_type in FAMILY_MODEL_TYPES}
+    return {model_type: train_family_run(root / model_type, model_type, eval_folder) for model_type in FAMILY_MODEL_TYPES}
+
+
+@pytest.fixture(scope="module")
+def runs(trained) -> dict[str, Path]:
+    return {model_type: run for model_type, (run, _) in trained.items()}
+
+
+@pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
+def test_three_steps_of_every_family_train_evaluate_and_export_without_a_warning(model_type, trained):
+    run, heard = trained[model_type]
+    assert heard == []
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["step"] for row in rows if "loss" in row] == [1, 2, 3]
+    assert all(math.isfinite(row["loss"]) for row in rows if "loss" in row)
+    assert any({"knn_top1_k1", "knn_top1_k3"} <= set(row) for row in rows)  # the final evaluation
+    config = json.loads((run / "backbone" / "config.json").read_text())
+    assert config["model_type"] == model_type and (run / "backbone" / "README.md").is_file()
+    assert (run / "attention").is_dir() != (model_type in CONVNETS)  # the snapshot only where there is attention
 
 
 @pytest.fixture
@@ -103,7 +132,7 @@ def test_embed_writes_the_familys_embedding_with_the_datasets_labels(model_type,
 
     output = tmp_path / "embeddings"
     assert embed.main(["--model_name_or_path", str(runs[model_type]), "--dataset_name", str(eval_folder),
-                       "--split", "test", "--output_dir", str(output), "--batch_size", "4"]) == 0
+                       "--dataset_split", "test", "--output_dir", str(output), "--per_device_eval_batch_size", "4"]) == 0
     exported = datasets.load_dataset(str(output), split="test")
     source = datasets.load_dataset(str(eval_folder), split="test")
     assert exported.column_names == ["id", "label", "embedding"]
@@ -118,9 +147,14 @@ def test_embed_writes_the_familys_embedding_with_the_datasets_labels(model_type,
 def test_eval_scores_a_run_of_every_family(model_type, runs, eval_folder, tmp_path):
     result_file = tmp_path / "results.json"
     assert evaluate.main(["--model_name_or_path", str(runs[model_type]), "--dataset_name", str(eval_folder),
-                          "--k", "1", "3", "--batch_size", "4", "--output_file", str(result_file)]) == 0
+                          "--k", "1", "3", "--per_device_eval_batch_size", "4", "--output_file", str(result_file)]) == 0
     results = json.loads(result_file.read_text())
     assert results["feature_dim"] == 32 and results["num_test_samples"] == 6 and 0 <= results["knn_top1_k3"] <= 1
+    # the run's own final evaluation: same weights, data and protocol, so the same figures
+    in_training = [row for row in map(json.loads, (runs[model_type] / "metrics.jsonl").read_text().splitlines())
+                   if "knn_top1_k3" in row][-1]
+    for k in (1, 3):
+        assert results[f"knn_top1_k{k}"] == pytest.approx(in_training[f"knn_top1_k{k}"], abs=1e-3)
 
 
 @pytest.mark.parametrize("model_type", FAMILY_MODEL_TYPES)
@@ -269,7 +303,7 @@ def test_the_card_speaks_of_its_family_and_of_what_ran(model_type, pushed, runs)
     usage = family_of(model_type).usage(json.loads((runs[model_type] / "backbone" / "config.json").read_text()))
     assert f"`{MODEL_CLASSES[model_type]}`" in card and f"{usage.name} backbone" in card
     assert usage.embedding in card
-    assert "| Mixed precision | fp32 (no autocast), chosen for the machine by `--mixed_precision auto` |" in card
+    assert "| Mixed precision | fp32 (no autocast) |" in card
     assert "Mixed precision | auto" not in card and "add_pooling_layer" not in card
     assert "Input (processor) | `ViTImageProcessor`: resize to 32 x 32 px (bicubic), ImageNet mean/std" in card
     if model_type != "vit":

@@ -47,14 +47,24 @@ def test_the_old_step_2_checkpoint_resumes_to_the_old_step_4_weights_and_rows(tm
                      torch_num_threads=1, resume_from_checkpoint="latest")
     train(args)
 
+    # The fixture was written on another CPU: its kernels may sum in another order, so the weights and rows
+    # agree to float32 rounding rather than bit for bit (bit-exact resumption on one machine is
+    # tests/train/test_checkpointing.py's and test_loop.py's).
     expected = load_file(FIXTURE / "run" / "model.safetensors")
     resumed = load_file(output_dir / "model.safetensors")
     assert expected.keys() == resumed.keys()
     for name, value in expected.items():
-        assert torch.equal(resumed[name], value), name
+        # a key bias has no gradient in exact arithmetic (softmax ignores a shift of every score): AdamW turns
+        # its rounding noise into steps of the learning rate's size, so it only matches to that
+        tolerance = {"atol": 1e-4} if name.endswith("attention.key.bias") else {"atol": 1e-7}
+        torch.testing.assert_close(resumed[name], value, rtol=1e-5, msg=name, **tolerance)
 
     def comparable(rows: list[dict]) -> list[dict]:
         return [{key: value for key, value in row.items() if key not in TIMING_COLUMNS} for row in rows]
 
-    old_rows = [json.loads(line) for line in (FIXTURE / "run" / "metrics.jsonl").read_text().splitlines()]
-    assert comparable(read_rows(output_dir)) == comparable(old_rows)
+    old_rows = comparable([json.loads(line) for line in (FIXTURE / "run" / "metrics.jsonl").read_text().splitlines()])
+    new_rows = comparable(read_rows(output_dir))
+    assert [sorted(row) for row in new_rows] == [sorted(row) for row in old_rows]
+    for new_row, old_row in zip(new_rows, old_rows, strict=True):
+        for key, value in old_row.items():
+            assert new_row[key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

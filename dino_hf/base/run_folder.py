@@ -55,11 +55,14 @@ EVAL_RESULTS_NAME = "eval_results.json"
 TRAINING_CURVES_NAME = "training_curves.png"
 ATTENTION_DIRNAME = "attention"
 INITIAL_MODEL_DIRNAME = "initial_model"
+DISTILLATION_TEACHER_DIRNAME = "distillation_teacher"
 LOCK_NAME = ".dino_hf.lock"
 CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+#: ``model_type`` of a DinoForPreTraining's ``config.json`` (``DinoConfig.model_type``); any other is a backbone's.
+DINO_MODEL_TYPE = "dino_hf"
 #: Next to a DinoForPreTraining imported from an official DINO ``checkpoint.pth``: how far that run had
 #: come (``{"epoch": E}``), so that a run started from the folder continues its schedules at epoch E.
 PRETRAINING_PROGRESS_NAME = "pretraining_progress.json"
@@ -88,6 +91,7 @@ RUN_FACT_KEYS = (
     "num_processes",
     "global_batch_size",
     "scaled_learning_rate",
+    "distillation_teacher_sha256",
     "steps_per_epoch",
     "planned_total_steps",
     "calibrated_seconds_per_step",
@@ -119,6 +123,11 @@ class RunFolder:
     def initial_model(self) -> Path:
         """Where ``DinoTrainer`` saves a model object it was given, to start (and resume) from it."""
         return self.root / INITIAL_MODEL_DIRNAME
+
+    @property
+    def distillation_teacher(self) -> Path:
+        """Where ``DinoTrainer`` saves a distillation teacher object it was given (the run reads it from there)."""
+        return self.root / DISTILLATION_TEACHER_DIRNAME
 
     @property
     def checkpoints(self) -> Path:
@@ -276,8 +285,9 @@ def read_training_output(model_dir: str | Path, *, include_training_model: bool 
         )
     backbone_dir = Path(backbone_dir) if backbone_dir is not None else folder.backbone
     if not backbone_dir.is_dir():
-        if read_json(folder.model_config).get("model_type") == "vit":
-            # an exported backbone on its own (e.g. a converted official checkpoint)
+        model_type = read_json(folder.model_config).get("model_type")
+        if model_type and model_type != DINO_MODEL_TYPE:
+            # an exported backbone of any family on its own (e.g. a converted official checkpoint)
             backbone_dir = model_dir
         else:
             raise FileNotFoundError(

@@ -1,7 +1,7 @@
 """The flags that name a model, declared once for every command that loads one, and the backbone they name.
 
 - :func:`add_model_arguments`: ``--model_name_or_path`` (old spelling ``--model``), ``--which`` and
-  ``--revision``, for ``dino-hf-eval``, ``dino-hf-attention`` and ``dino-hf-embed``;
+  ``--model_revision``, for ``dino-hf-eval``, ``dino-hf-attention`` and ``dino-hf-embed``;
 - :func:`add_which_argument`: ``--which`` alone (``dino-hf-push`` names its model with ``--output_dir``);
 - :func:`load_model_backbone`: the backbone those flags name, or one sentence naming the flag that is wrong.
 """
@@ -12,7 +12,7 @@ import argparse
 
 from torch import nn
 
-from dino_hf.cli.console import first_line
+from dino_hf.cli.console import deprecated_spelling, first_line
 from dino_hf.eval.loading import NETWORKS, backbone_config_of, load_backbone
 from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, family_of
 
@@ -25,7 +25,7 @@ def add_which_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
 
 
 def add_model_arguments(parser: argparse.ArgumentParser, use: str) -> None:
-    """``--model_name_or_path`` (alias ``--model``, required), ``--which`` and ``--revision``.
+    """``--model_name_or_path`` (alias ``--model``, required), ``--which`` and ``--model_revision``.
 
     Args:
         parser: the command's parser.
@@ -35,11 +35,12 @@ def add_model_arguments(parser: argparse.ArgumentParser, use: str) -> None:
     parser.add_argument("--model_name_or_path", "--model", dest="model_name_or_path", required=True,
                         help="Backbone folder or Hub id, a training run's --output_dir, or a DinoForPreTraining folder.")
     add_which_argument(parser, f"Network of a DINO run or model to {use}.")
-    parser.add_argument("--revision", default=None, help="Hub revision of --model_name_or_path.")
+    parser.add_argument("--model_revision", "--revision", dest="model_revision", default=None,
+                        help="Hub revision (branch, tag or commit) of --model_name_or_path." + deprecated_spelling("--revision"))
 
 
 def load_model_backbone(args: argparse.Namespace, *, attention: bool = False) -> nn.Module:
-    """The ``--which`` backbone of ``--model_name_or_path`` at ``--revision`` (flags of :func:`add_model_arguments`),
+    """The ``--which`` backbone of ``--model_name_or_path`` at ``--model_revision`` (flags of :func:`add_model_arguments`),
     of any family dino_hf trains (or another ``AutoModel`` backbone).
 
     Args:
@@ -52,9 +53,9 @@ def load_model_backbone(args: argparse.Namespace, *, attention: bool = False) ->
     """
     try:
         if attention:
-            _check_attention(args, backbone_config_of(args.model_name_or_path, args.which, args.revision))
+            _check_attention(args, backbone_config_of(args.model_name_or_path, args.which, args.model_revision))
         backbone = load_backbone(args.model_name_or_path, attn_implementation="eager" if attention else None,
-                                 revision=args.revision, which=args.which)
+                                 revision=args.model_revision, which=args.which)
     except (OSError, ValueError, KeyError) as error:
         message = first_line(error)
         if "--which" in message or "--model_name_or_path" in message:

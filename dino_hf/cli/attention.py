@@ -74,7 +74,7 @@ def draw_attention(args: argparse.Namespace) -> list[Path]:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     backbone.to(device)
 
-    processor = load_image_processor(args.model_name_or_path, backbone.config, revision=args.revision)
+    processor = load_image_processor(args.model_name_or_path, backbone.config, revision=args.model_revision)
     mean = list(getattr(processor, "image_mean", None) or IMAGENET_DEFAULT_MEAN)
     std = list(getattr(processor, "image_std", None) or IMAGENET_DEFAULT_STD)
     patch = config_patch_size(backbone.config)[0]

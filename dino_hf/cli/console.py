@@ -15,10 +15,12 @@ import os
 import sys
 from collections.abc import Callable
 
+from transformers.hf_argparser import string_to_bool
+
 from dino_hf.base.progress import configure_output
 
-__all__ = ["CommandParser", "configure_output", "first_line", "is_main_process", "report_error", "run_command",
-           "run_main", "wants_debug"]
+__all__ = ["CommandParser", "add_boolean_flag", "configure_output", "deprecated_spelling", "first_line",
+           "is_main_process", "report_error", "run_command", "run_main", "wants_debug"]
 
 #: Errors that mean "the input was wrong": one sentence, exit status 2, nothing written.
 BAD_INPUT_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
@@ -31,11 +33,24 @@ class CommandParser(argparse.ArgumentParser):
         kwargs.setdefault("formatter_class", argparse.ArgumentDefaultsHelpFormatter)
         kwargs.setdefault("allow_abbrev", False)  # old flag spellings are explicit aliases instead
         super().__init__(*args, **kwargs)
-        self.add_argument("--debug", action="store_true", help="Show full tracebacks instead of one-sentence errors.")
+        add_boolean_flag(self, "debug", False, "Show full tracebacks instead of one-sentence errors.")
 
     def error(self, message: str) -> None:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")
         raise SystemExit(2)
+
+
+def add_boolean_flag(parser: argparse.ArgumentParser, name: str, default: bool, help_text: str) -> None:
+    """``--NAME`` as ``dino-hf-train`` (HfArgumentParser) spells a boolean: a switch that also takes a value
+    (``--NAME``, ``--NAME false``), with ``--no_NAME`` to turn a default-on flag off."""
+    parser.add_argument(f"--{name}", type=string_to_bool, nargs="?", const=True, default=default, help=help_text)
+    if default:
+        parser.add_argument(f"--no_{name}", dest=name, action="store_false", help=f"Turn --{name} off.")
+
+
+def deprecated_spelling(*old: str) -> str:
+    """The note an old spelling of a flag gets in ``--help``: it still works, and will not forever."""
+    return f" ({', '.join(old)}: the old spelling, deprecated.)"
 
 
 def is_main_process() -> bool:
@@ -44,8 +59,20 @@ def is_main_process() -> bool:
 
 
 def wants_debug(argv: list[str]) -> bool:
-    """Whether ``argv`` asks for tracebacks (``--debug``), read before the arguments are parsed."""
-    return any(arg == "--debug" or arg.startswith("--debug=") for arg in argv)
+    """Whether ``argv`` asks for tracebacks (``--debug``, ``--debug true``), read before the arguments are parsed."""
+    wanted = False
+    for index, arg in enumerate(argv):
+        value = arg.partition("=")[2] if arg.startswith("--debug=") else None
+        if arg == "--debug":
+            following = argv[index + 1] if index + 1 < len(argv) else ""
+            value = following if following.lower() in _BOOLEAN_TEXT else "true"
+        if value is not None:
+            wanted = value.lower() in ("yes", "true", "t", "y", "1")
+    return wanted
+
+
+#: The values a boolean flag takes (transformers' ``string_to_bool``).
+_BOOLEAN_TEXT = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
 
 
 def first_line(error: BaseException) -> str:

@@ -1,6 +1,6 @@
 """``dino-hf-embed``: embeddings of every image of a dataset, as a ``datasets`` parquet set (id, label, embedding).
 
-    dino-hf-embed --model_name_or_path outputs/demo --dataset_name data/fashion_mnist --split test \\
+    dino-hf-embed --model_name_or_path outputs/demo --dataset_name data/fashion_mnist --dataset_split test \\
         --output_dir outputs/demo/embeddings
     dino-hf-embed --model_name_or_path facebook/dino-vits16 --dataset_name frgfm/imagenette \\
         --dataset_config_name 160px --streaming --output_dir imagenette-dino --push_to_hub \\
@@ -20,7 +20,7 @@ import argparse
 import sys
 
 from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
-from dino_hf.cli.console import CommandParser, first_line, run_main
+from dino_hf.cli.console import CommandParser, add_boolean_flag, deprecated_spelling, first_line, run_main
 
 PROG = "dino-hf-embed"
 #: Columns that identify a row, looked for in this order when --id_column is unset (webdataset's key last).
@@ -34,7 +34,8 @@ def build_parser(prog: str = PROG) -> CommandParser:
     parser.add_argument("--dataset_name", required=True,
                         help="Local folder (imagefolder or parquet), *.parquet, *.tar shards, or a Hub dataset id.")
     parser.add_argument("--dataset_config_name", default=None, help="Hub dataset configuration.")
-    parser.add_argument("--split", default="train", help="Split to embed.")
+    parser.add_argument("--dataset_split", "--split", dest="dataset_split", default="train",
+                        help="Split to embed; the export's files are named after it." + deprecated_spelling("--split"))
     parser.add_argument("--image_column", default=None,
                         help="Column holding the images; unset finds 'image', 'img' or the first Image column.")
     parser.add_argument("--id_column", default=None,
@@ -48,14 +49,17 @@ def build_parser(prog: str = PROG) -> CommandParser:
                         help="Start over instead of resuming an export in --output_dir.")
     parser.add_argument("--rows_per_shard", type=int, default=10_000,
                         help="Rows per parquet file: the unit of resumption and of parallel reading.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass.")
+    parser.add_argument("--per_device_eval_batch_size", "--batch_size", dest="per_device_eval_batch_size", type=int,
+                        default=64, help="Images per forward pass." + deprecated_spelling("--batch_size"))
     parser.add_argument("--dataloader_num_workers", "--num_workers", dest="dataloader_num_workers", type=int,
                         default=0, help="DataLoader workers decoding images (not with --streaming, which reads in order).")
     parser.add_argument("--image_size", type=int, default=None,
                         help="Input resolution; default the model's image processor (or config) size.")
     parser.add_argument("--max_samples", type=int, default=None, help="Embed only the first this many rows.")
-    parser.add_argument("--streaming", action="store_true",
-                        help="Stream the dataset instead of downloading / converting it first (large Hub sets).")
+    add_boolean_flag(parser, "streaming", False,
+                     "Stream the dataset instead of downloading and converting it first (a large Hub dataset). Off by default, "
+                     "unlike dino-hf-train: every image of the split is read anyway, and an indexed split gives the seeded "
+                     "--max_*_samples subsets an unbiased draw even from a class-sorted folder.")
     parser.add_argument("--l2_normalize", action="store_true",
                         help="L2-normalise the embeddings (cosine similarity becomes a dot product).")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the export as a Hub dataset.")
@@ -67,7 +71,7 @@ def build_parser(prog: str = PROG) -> CommandParser:
 
 def embed(args: argparse.Namespace) -> int:
     """Run the export ``args`` describe (and its push); returns the exit status."""
-    for name in ("rows_per_shard", "batch_size", "image_size", "max_samples"):
+    for name in ("rows_per_shard", "per_device_eval_batch_size", "image_size", "max_samples"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -81,12 +85,12 @@ def embed(args: argparse.Namespace) -> int:
     from dino_hf.eval.loading import load_image_processor
 
     try:
-        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, split=args.split,
+        dataset = load_image_dataset(args.dataset_name, args.dataset_config_name, split=args.dataset_split,
                                      streaming=args.streaming)
     except (ValueError, KeyError) as error:
         message = first_line(error)
         if "--dataset_name" not in message:
-            message = f"cannot load split {args.split!r} (--split) of --dataset_name {args.dataset_name!r}: {message}"
+            message = f"cannot load split {args.dataset_split!r} (--dataset_split) of --dataset_name {args.dataset_name!r}: {message}"
         raise ValueError(message) from None
     image_column = detect_image_column(dataset, args.image_column, args.dataset_name)
     columns = getattr(dataset, "column_names", None) or []
@@ -104,16 +108,16 @@ def embed(args: argparse.Namespace) -> int:
             range(min(args.max_samples, len(dataset))))
     backbone = load_model_backbone(args)
     backbone.to(torch.device("cuda" if torch.cuda.is_available() else "cpu"))
-    processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.revision)
+    processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.model_revision)
     settings = {
-        "model": portable_path(str(args.model_name_or_path)), "which": args.which, "revision": args.revision,
+        "model": portable_path(str(args.model_name_or_path)), "which": args.which, "revision": args.model_revision,
         "dataset_name": portable_path(str(args.dataset_name)), "dataset_config_name": args.dataset_config_name,
         "image_size": args.image_size, "max_samples": args.max_samples,
     }
-    export = export_embeddings(backbone, processor, dataset, args.output_dir, split=args.split,
+    export = export_embeddings(backbone, processor, dataset, args.output_dir, split=args.dataset_split,
                                image_column=image_column, id_column=id_column, label_column=label_column,
                                rows_per_shard=args.rows_per_shard,
-                               batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
+                               batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
                                l2_normalize=args.l2_normalize, settings=settings, overwrite=args.overwrite_output_dir)
     print(f"{export.num_rows} embeddings of dimension {export.embedding_dim} in {len(export.shards)} shard(s) under "
           f"{export.output_dir}" + (f" ({export.resumed_shards} already written)" if export.resumed_shards else ""))

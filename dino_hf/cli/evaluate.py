@@ -28,7 +28,7 @@ from typing import Any
 
 from dino_hf.base.official_recipe import OFFICIAL_KNN_TEMPERATURE
 from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
-from dino_hf.cli.console import CommandParser, first_line, run_main
+from dino_hf.cli.console import CommandParser, add_boolean_flag, deprecated_spelling, first_line, run_main
 
 PROG = "dino-hf-eval"
 
@@ -53,15 +53,18 @@ def build_parser(prog: str = PROG) -> CommandParser:
                         help=f"Vote temperature T: weights exp(sim / T). {OFFICIAL_KNN_TEMPERATURE} is the official value.")
     parser.add_argument("--image_size", type=int, default=None,
                         help="Evaluation resolution; default the model's image processor (or config) size.")
-    parser.add_argument("--batch_size", type=int, default=64, help="Images per forward pass and process.")
+    parser.add_argument("--per_device_eval_batch_size", "--batch_size", dest="per_device_eval_batch_size", type=int,
+                        default=64, help="Images per forward pass and process." + deprecated_spelling("--batch_size"))
     parser.add_argument("--dataloader_num_workers", "--num_workers", dest="dataloader_num_workers", type=int,
                         default=0, help="DataLoader workers decoding images.")
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="Seeded random subset of the train split (quick checks).")
     parser.add_argument("--max_eval_samples", "--max_test_samples", dest="max_eval_samples", type=int, default=None,
                         help="Seeded random subset of the evaluation split.")
-    parser.add_argument("--streaming", action="store_true",
-                        help="Stream the dataset instead of downloading / converting it first (large Hub sets).")
+    add_boolean_flag(parser, "streaming", False,
+                     "Stream the dataset instead of downloading and converting it first (a large Hub dataset). Off by default, "
+                     "unlike dino-hf-train: every image of the split is read anyway, and an indexed split gives the seeded "
+                     "--max_*_samples subsets an unbiased draw even from a class-sorted folder.")
     parser.add_argument("--linear_probe", action="store_true",
                         help="Also fit a logistic-regression probe on the frozen features (L-BFGS).")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no",
@@ -72,7 +75,7 @@ def build_parser(prog: str = PROG) -> CommandParser:
 
 
 def _check(args: argparse.Namespace) -> None:
-    for name in ("batch_size", "max_train_samples", "max_eval_samples", "image_size"):
+    for name in ("per_device_eval_batch_size", "max_train_samples", "max_eval_samples", "image_size"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise ValueError(f"--{name} must be a positive integer, got {value}")
@@ -128,12 +131,12 @@ def evaluate(args: argparse.Namespace) -> dict[str, Any]:
     backbone = load_model_backbone(args)
     accelerator = Accelerator(mixed_precision=args.mixed_precision)  # after the input checks
     backbone.to(accelerator.device)
-    processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.revision)
+    processor = load_image_processor(args.model_name_or_path, backbone.config, args.image_size, revision=args.model_revision)
 
     label_encoder = LabelEncoder()
     loaders = {
         name: make_eval_dataloader(dataset, processor, image_column=image_column, label_column=args.label_column,
-                                   batch_size=args.batch_size, num_workers=args.dataloader_num_workers,
+                                   batch_size=args.per_device_eval_batch_size, num_workers=args.dataloader_num_workers,
                                    label_encoder=label_encoder)
         for name, dataset in datasets.items()
     }

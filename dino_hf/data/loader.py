@@ -22,7 +22,7 @@ import math
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -432,6 +432,7 @@ def create_train_dataloader(
     pin_memory: bool = False,
     prefetch_factor: int | None = None,
     working_size: int | None = None,
+    hub_options: Mapping[str, Any] | None = None,
 ) -> DinoDataLoader:
     """Build this process's training loader of DINO multi-crop batches (or of decoded images).
 
@@ -454,6 +455,7 @@ def create_train_dataloader(
         drop_last: drop each worker's last incomplete batch (the official recipe does).
         min_image_size: images with a smaller side are skipped as bad (default 2: drops 1x1 images).
         pin_memory, prefetch_factor: passed to ``torch.utils.data.DataLoader``.
+        hub_options: ``token`` and ``cache_dir`` for a Hub dataset (``datasets.load_dataset``).
         working_size: decode only: batches of ``(B, 3, working_size, working_size)`` uint8 images
             (each shrunk to fit, aspect kept, top-left aligned) with their ``(B, 2)`` valid sizes, for
             :class:`~dino_hf.data.batched_augmentation.BatchedMultiCropAugmentation` on the training device.
@@ -474,7 +476,7 @@ def create_train_dataloader(
         raise ValueError(f"working_size must be at least 2 pixels, got {working_size}.")
     if not 0 <= process_index < num_processes:
         raise ValueError(f"process_index must be in [0, {num_processes}), got {process_index}.")
-    opened = open_image_source(dataset_name, split, dataset_config_name, streaming=streaming)
+    opened = open_image_source(dataset_name, split, dataset_config_name, streaming=streaming, hub_options=hub_options)
     dataset, num_examples, dataset_name = opened.dataset, opened.num_examples, opened.description
     image_column = detect_image_column(dataset, image_column, dataset_name)
     dataset = dataset.select_columns([image_column])

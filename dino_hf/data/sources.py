@@ -63,8 +63,10 @@ def open_image_source(
     dataset_config_name: str | None = None,
     streaming: bool = True,
     flag: str = "--dataset_name",
+    hub_options: Mapping[str, Any] | None = None,
 ) -> OpenedImages:
-    """Open ``split`` of ``source`` (any kind of the module docstring).
+    """Open ``split`` of ``source`` (any kind of the module docstring); ``hub_options`` (``token``,
+    ``cache_dir``) reach ``datasets.load_dataset`` for a name.
 
     Raises:
         ValueError: one sentence naming ``flag``: an unknown split of a dict of splits, an object that is
@@ -78,7 +80,8 @@ def open_image_source(
         if path.is_dir() and any((path / name).is_file() for name in _SAVED_DATASET_FILES):
             opened = open_image_source(datasets.load_from_disk(str(path)), split, flag=flag)
             return dataclasses.replace(opened, description=description)
-        dataset = load_image_dataset(os.fspath(source), dataset_config_name, split=split, streaming=streaming)
+        dataset = load_image_dataset(os.fspath(source), dataset_config_name, split=split, streaming=streaming,
+                                     hub_options=hub_options)
         num_examples = None
         if isinstance(dataset, datasets.IterableDataset):
             splits = dataset.info.splits

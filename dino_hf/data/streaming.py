@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -111,8 +112,11 @@ def load_image_dataset(
     dataset_config_name: str | None = None,
     split: str = "train",
     streaming: bool = True,
+    hub_options: Mapping[str, Any] | None = None,
 ) -> Any:
     """Load an image dataset split as a ``datasets`` ``IterableDataset`` (streaming) or ``Dataset``.
+
+    ``hub_options``: ``token`` and ``cache_dir`` for ``datasets.load_dataset`` (``None`` values dropped).
 
     ``dataset_name`` may be:
 
@@ -128,18 +132,19 @@ def load_image_dataset(
     import datasets
 
     expanded = os.path.expanduser(dataset_name)
+    options = {key: value for key, value in (hub_options or {}).items() if value is not None}
     try:
         if os.path.isdir(expanded):
-            return datasets.load_dataset(expanded, dataset_config_name, split=split, streaming=streaming)
+            return datasets.load_dataset(expanded, dataset_config_name, split=split, streaming=streaming, **options)
         builder = _builder_for_file(expanded)
         if builder in ("parquet", "webdataset") and (os.path.isfile(expanded) or "*" in expanded):
-            return datasets.load_dataset(builder, data_files={split: expanded}, split=split, streaming=streaming)
+            return datasets.load_dataset(builder, data_files={split: expanded}, split=split, streaming=streaming, **options)
         if looks_like_local_path(dataset_name) and not os.path.exists(expanded):
             raise ValueError(
                 f"--dataset_name {dataset_name} does not exist (a local path, so it is not looked up on the Hub); "
                 f"{PREPARE_HINT}, or pass an existing folder, parquet/webdataset files or a Hub dataset id."
             )
-        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming)
+        return datasets.load_dataset(dataset_name, dataset_config_name, split=split, streaming=streaming, **options)
     except ConnectionError as error:
         raise ValueError(
             f"Dataset {dataset_name!r} is not a local path and the Hub could not be reached ({error}); pass a local "

@@ -165,7 +165,7 @@ def export_embeddings(
     import datasets
 
     if rows_per_shard < 1 or batch_size < 1:
-        raise ValueError(f"--rows_per_shard and --batch_size must be positive, not {rows_per_shard}, {batch_size}.")
+        raise ValueError(f"--rows_per_shard and --per_device_eval_batch_size must be positive, not {rows_per_shard}, {batch_size}.")
     output_dir = Path(output_dir)
     settings = {**(settings or {}), "split": split, "image_column": image_column, "id_column": id_column,
                 "rows_per_shard": rows_per_shard, "l2_normalize": l2_normalize}

@@ -485,6 +485,7 @@ class KnnMonitor:
         seed: seed of the subset draw.
         image_processor: the preprocessor config dict a backbone came with (else what an export of a
             backbone trained from scratch gets: ImageNet mean/std at the backbone's resolution).
+        hub_options: ``token`` and ``cache_dir`` for a Hub dataset.
     """
 
     def __init__(
@@ -508,6 +509,7 @@ class KnnMonitor:
         cache_max_bytes: int = 2 * 1024**3,
         seed: int = 0,
         image_processor: dict | None = None,
+        hub_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.dataset_name = dataset_name
         self.image_column = image_column
@@ -527,7 +529,7 @@ class KnnMonitor:
             ("test", test_split, max_test_samples),
         ):
             dataset = open_image_source(dataset_name, split, dataset_config_name, streaming=streaming,
-                                        flag="--eval_dataset_name").dataset
+                                        flag="--eval_dataset_name", hub_options=hub_options).dataset
             self.image_column = image_column = detect_image_column(dataset, image_column,
                                                                    describe_image_source(dataset_name))
             check_columns(dataset, [image_column, label_column], ["--image_column", "--label_column"])

@@ -335,11 +335,19 @@ def _architecture_rows(run: TrainingOutput, family: dict[str, Any], processor: d
 
 
 def _objective_text(head: dict) -> str | None:
-    """DINOv2's terms when the run used them (``None`` for DINO alone, whose card is unchanged)."""
+    """DINOv2's terms and a frozen teacher's distillation when the run used them (``None`` for DINO alone,
+    whose card is unchanged)."""
     ibot, koleo = head.get("ibot_loss_weight") or 0, head.get("koleo_loss_weight") or 0
-    if not ibot and not koleo:
+    distils = head.get("distillation_embedding_size") is not None
+    if not ibot and not koleo and not distils:
         return None
-    terms = ["DINO"]
+    dino = head.get("dino_loss_weight", 1)
+    terms = [] if dino == 0 else ["DINO" if dino == 1 else f"DINO (weight {_format_number(dino)})"]
+    if distils:
+        weights = [f"{name} {_format_number(head.get(f'distillation_{name}_weight') or 0)}"
+                   for name in ("cosine", "soft", "dense") if head.get(f"distillation_{name}_weight")]
+        terms.append(f"distillation of a frozen teacher of width {head['distillation_embedding_size']} "
+                     f"({', '.join(weights)}; the projectors are not part of this backbone)")
     if ibot:
         own = head.get("ibot_separate_head")
         prototypes = head.get("ibot_num_prototypes") or head.get("num_prototypes")
@@ -347,7 +355,8 @@ def _objective_text(head: dict) -> str | None:
                      + (f"own head, K {_format_number(prototypes)})" if own else "shared head)"))
     if koleo:
         terms.append(f"KoLeo (weight {_format_number(koleo)})")
-    return " + ".join(terms) + f", teachers: {head.get('teacher_centering', 'centering').replace('_', '-')}"
+    centering = f", teachers: {head.get('teacher_centering', 'centering').replace('_', '-')}" if dino or ibot else ""
+    return " + ".join(terms) + centering
 
 
 def _training_rows(run: TrainingOutput) -> list[tuple[str, str]]:
@@ -374,6 +383,11 @@ def _training_rows(run: TrainingOutput) -> list[tuple[str, str]]:
         add("Data", f"{source} `{_local_name(dataset)}`" + (f" ({extra})" if extra else ""))
     if args.get("model_name_or_path"):
         add("Initialised from", _start_text(args, _base_model(args)))
+    if args.get("distillation_teacher"):
+        teacher = args["distillation_teacher"]
+        digest = args.get("distillation_teacher_sha256")
+        add("Distilled from", f"`{teacher if _looks_like_hub_id(teacher) else _local_name(teacher)}` (frozen"
+            + (f"; weights SHA-256 `{digest[:16]}`" if digest else "") + ")")
     if args.get("global_crop_size") is not None:
         scale = f", scale {tuple(args['global_crop_scale'])}" if args.get("global_crop_scale") else ""
         add("Global crops", f"2 x {args['global_crop_size']} px{scale}")
@@ -408,17 +422,24 @@ def _training_rows(run: TrainingOutput) -> list[tuple[str, str]]:
             "Batch size",
             (f"{global_batch} images per step ({' '.join(parts)})" if global_batch else " ".join(parts)),
         )
-    if args.get("learning_rate") is not None:
-        text = f"{_format_number(args['learning_rate'])} per 256 images"
-        peak = args.get("scaled_learning_rate")
-        if peak is not None:
-            text += f" (peak {_format_number(peak)} for the global batch)"
+    # a run of dino_hf < 0.2 recorded the per-256 value as learning_rate (no base_learning_rate key)
+    base = args["base_learning_rate"] if "base_learning_rate" in args else args.get("learning_rate")
+    absolute = args.get("learning_rate") if "base_learning_rate" in args else None
+    peak = args.get("scaled_learning_rate")
+    if base is not None or absolute is not None:
+        if absolute is not None:
+            text = f"{_format_number(absolute)} (absolute, `--learning_rate`)"
+        else:
+            text = f"{_format_number(base)} per 256 images"
+            if peak is not None:
+                text += f" (peak {_format_number(peak)} for the global batch)"
         if args.get("min_learning_rate") is not None:
             text += f", cosine to {_format_number(args['min_learning_rate'])}"
         warmup = steps_or_epochs("warmup_steps", "warmup_epochs")
         if warmup:
             text += f", {warmup} of linear warm-up"
-        add("Learning rate (AdamW)", text)
+        optimizer = {"adamw": "AdamW", "sgd": "SGD", "lars": "LARS"}.get(args.get("optimizer") or "adamw", args.get("optimizer"))
+        add(f"Learning rate ({optimizer})", text)
     if args.get("weight_decay") is not None:
         end = args.get("weight_decay_end")
         add(

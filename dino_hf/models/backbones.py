@@ -200,7 +200,8 @@ class BackboneFamily:
         pooler for a ViT/DeiT, no unexpected one for an export carrying the identity pooler)."""
         config = kwargs.pop("config", None)
         if config is None:
-            config = AutoConfig.from_pretrained(model_name_or_path, revision=kwargs.get("revision"))
+            config = AutoConfig.from_pretrained(model_name_or_path, **{key: kwargs[key] for key in
+                                                                       ("revision", "token", "cache_dir") if key in kwargs})
         return AutoModel.from_pretrained(model_name_or_path, config=config,
                                          **{**self.from_pretrained_kwargs(config), **kwargs})
 
@@ -276,6 +277,22 @@ class BackboneFamily:
             kwargs = {} if bool_masked_pos is None else {"bool_masked_pos": bool_masked_pos}
             hidden_states = backbone_forward(backbone, pixel_values, **kwargs).last_hidden_state
         return hidden_states[:, 0], hidden_states[:, self.num_prefix_tokens(backbone.config):]
+
+    def embed_map(self, backbone: PreTrainedModel, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The DINO embedding and the spatial feature map of a crop batch, from one forward pass.
+
+        Returns:
+            ``(N, embedding_size)`` and ``(N, C, h, w)``: a transformer's patch tokens on its patch grid
+            (``C = hidden_size``, ``h = H / patch``), a ConvNet's last stage before pooling
+            (``C = hidden_sizes[-1]``).
+        """
+        if self.embedding == "class_token":
+            embedding, patches = self.embed_tokens(backbone, pixel_values)
+            patch_height, patch_width = config_patch_size(backbone.config)
+            height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
+            return embedding, patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], height, width)
+        output = backbone_forward(backbone, pixel_values.to(next(backbone.parameters()).dtype))
+        return self.embedding_of(output), output.last_hidden_state
 
     def _uses_fast_path(self, backbone: PreTrainedModel) -> bool:
         """The ViT fast path runs the blocks' modules directly: not on blocks sharded by FSDP."""
@@ -613,10 +630,11 @@ def _with_identity_pooler(backbone: PreTrainedModel) -> PreTrainedModel:
     return exported
 
 
-def image_processor_dict(model_name_or_path: str | Path) -> dict[str, Any] | None:
-    """The ``preprocessor_config.json`` a local folder or Hub model comes with, as a dict (else ``None``)."""
+def image_processor_dict(model_name_or_path: str | Path, **hub_options: Any) -> dict[str, Any] | None:
+    """The ``preprocessor_config.json`` a local folder or Hub model comes with, as a dict (else ``None``);
+    ``hub_options``: ``revision``, ``token``, ``cache_dir``."""
     try:
-        return AutoImageProcessor.from_pretrained(model_name_or_path).to_dict()
+        return AutoImageProcessor.from_pretrained(model_name_or_path, **hub_options).to_dict()
     except (OSError, ValueError, KeyError) as error:
         logger.info("%s has no image processor (%s); exports will get an ImageNet one.", model_name_or_path, error)
         return None

@@ -24,6 +24,7 @@ from dino_hf.base.official_recipe import (
     OFFICIAL_DROP_PATH_RATE,
     OFFICIAL_STUDENT_TEMPERATURE,
 )
+from dino_hf.base.run_folder import DINO_MODEL_TYPE
 from dino_hf.losses.validation import (
     check_centering,
     check_fraction,
@@ -37,7 +38,9 @@ from dino_hf.models.backbones import family_of
 #: a flag that is given sets the field of the same name, after ``--config_overrides``.
 TRAINING_FLAG_FIELDS = ("num_prototypes", "student_temperature", "center_momentum", "teacher_centering",
                         "sinkhorn_iterations", "ibot_loss_weight", "ibot_separate_head", "ibot_num_prototypes",
-                        "koleo_loss_weight")
+                        "koleo_loss_weight", "dino_loss_weight", "distillation_cosine_weight",
+                        "distillation_soft_weight", "distillation_dense_weight", "distillation_queue_size",
+                        "distillation_student_temperature", "distillation_teacher_temperature")
 
 
 def _check_drop_path_rate(name: str, value: object) -> None:
@@ -76,6 +79,14 @@ _SETTING_CHECKS: dict[str, Callable[[str, object], None]] = {
     "koleo_loss_weight": _check_loss_weight,
     "ibot_separate_head": _check_bool,
     "ibot_num_prototypes": _check_optional_positive_integer,
+    "dino_loss_weight": _check_loss_weight,
+    "distillation_embedding_size": _check_optional_positive_integer,
+    "distillation_cosine_weight": _check_loss_weight,
+    "distillation_soft_weight": _check_loss_weight,
+    "distillation_dense_weight": _check_loss_weight,
+    "distillation_queue_size": check_positive_integer,
+    "distillation_student_temperature": check_positive_number,
+    "distillation_teacher_temperature": check_positive_number,
 }
 
 
@@ -203,6 +214,25 @@ class DinoConfig(PreTrainedConfig):
         koleo_loss_weight (`float`, *optional*, defaults to 0.0):
             Weight of the KoLeo regulariser on the student's global-crop embeddings (DINOv2: 0.1; as in
             DINOv2 the term is summed over the global crops).
+        dino_loss_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the DINO self-distillation term. 0 is pure distillation from a frozen teacher (then the
+            EMA teacher and the local crops are not run at all); it needs `distillation_embedding_size`.
+        distillation_embedding_size (`int`, *optional*):
+            Width of the frozen teacher a run distils (`--distillation_teacher`, set by the trainer from the
+            teacher's config); `None` is no distillation. The student then gets the projectors of
+            `dino_hf.models.distillation` (trained and checkpointed, never exported).
+        distillation_cosine_weight (`float`, *optional*, defaults to 1.0):
+            Weight of the cosine term: the student's projected embedding against the teacher's, per crop.
+        distillation_soft_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the soft-target term over a queue of teacher embeddings (LightlyTrain's v1).
+        distillation_dense_weight (`float`, *optional*, defaults to 0.0):
+            Weight of the dense term: the student's feature map through a 1x1 projection against the teacher's
+            patch tokens resized to its grid (LightlyTrain's v2); a ViT-family teacher only.
+        distillation_queue_size (`int`, *optional*, defaults to 4096):
+            Teacher embeddings the soft targets are computed over.
+        distillation_student_temperature (`float`, *optional*, defaults to 0.1),
+        distillation_teacher_temperature (`float`, *optional*, defaults to 0.04):
+            Softmax temperatures of the soft targets (the teacher's sharper, as in DINO).
         backbone_image_processor (`dict`, *optional*):
             The `preprocessor_config.json` the backbone came with (continued pre-training of a Hub or
             local backbone): every export writes it again, so a DINOv2 keeps its own resize rule and
@@ -218,7 +248,7 @@ class DinoConfig(PreTrainedConfig):
     >>> model = DinoForPreTraining(config)
     ```"""
 
-    model_type = "dino_hf"
+    model_type = DINO_MODEL_TYPE
     sub_configs_defaults = {
         "backbone_config": SubConfigSpec(
             config_class=ViTConfig,
@@ -246,12 +276,38 @@ class DinoConfig(PreTrainedConfig):
     ibot_separate_head: bool = False
     ibot_num_prototypes: int | None = None
     koleo_loss_weight: float | int = 0.0
+    dino_loss_weight: float | int = 1.0
+    distillation_embedding_size: int | None = None
+    distillation_cosine_weight: float | int = 1.0
+    distillation_soft_weight: float | int = 0.0
+    distillation_dense_weight: float | int = 0.0
+    distillation_queue_size: int = 4096
+    distillation_student_temperature: float | int = 0.1
+    distillation_teacher_temperature: float | int = 0.04
     backbone_image_processor: dict | None = None
 
     @property
     def uses_ibot(self) -> bool:
         """Whether the iBOT masked-patch loss is on (the model then masks and has a mask token)."""
         return self.ibot_loss_weight > 0
+
+    @property
+    def distils(self) -> bool:
+        """Whether the student also learns from a frozen teacher (``distillation_embedding_size`` is set)."""
+        return self.distillation_embedding_size is not None
+
+    @property
+    def self_distils(self) -> bool:
+        """Whether DINO's own student/teacher path runs (its term has a weight, or iBOT needs its teacher)."""
+        return self.dino_loss_weight > 0 or self.uses_ibot
+
+    @property
+    def distillation_loss_settings(self) -> dict:
+        """The :class:`~dino_hf.losses.distillation.DistillationLoss` arguments these fields give."""
+        return {"cosine_weight": self.distillation_cosine_weight, "soft_weight": self.distillation_soft_weight,
+                "dense_weight": self.distillation_dense_weight, "queue_size": self.distillation_queue_size,
+                "student_temperature": self.distillation_student_temperature,
+                "teacher_temperature": self.distillation_teacher_temperature}
 
     @property
     def ibot_head_num_prototypes(self) -> int:
@@ -273,6 +329,21 @@ class DinoConfig(PreTrainedConfig):
         family.check(self.backbone_config)
         if self.uses_ibot:
             family.check_masking(self.backbone_config, "DinoConfig.ibot_loss_weight")
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        """The objective has a term to learn from, and the distillation terms combine with it."""
+        if self.dino_loss_weight == 0 and not self.distils:
+            raise ValueError("DinoConfig.dino_loss_weight 0 leaves nothing to learn without a distillation teacher: "
+                             "give one (--distillation_teacher) or a weight above 0.")
+        if not self.distils:
+            return
+        if not (self.distillation_cosine_weight or self.distillation_soft_weight or self.distillation_dense_weight):
+            raise ValueError("Distillation needs one of distillation_cosine_weight, distillation_soft_weight or "
+                             "distillation_dense_weight above 0.")
+        if self.distillation_dense_weight and self.uses_ibot:
+            raise ValueError("The dense distillation term and iBOT both take the student's patch tokens (iBOT masked): "
+                             "use --distillation_dense_weight 0 or --ibot_loss_weight 0.")
 
     @staticmethod
     def preset_names() -> list[str]:

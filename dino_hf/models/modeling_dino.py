@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -32,6 +33,7 @@ from dino_hf.losses.ibot import IBOTPatchLoss
 from dino_hf.losses.koleo import KoLeoLoss
 from dino_hf.models.backbones import family_of, image_processor_dict, save_backbone
 from dino_hf.models.configuration_dino import DinoConfig
+from dino_hf.models.distillation import DistillationProjectors, DistillationTargets
 
 
 @dataclass
@@ -59,6 +61,9 @@ class DinoForPreTrainingOutput(ModelOutput):
         ibot_teacher_logits_sum: ``(1, K_ibot)``, sum of the iBOT teacher logits over this process's
             masked patches, and ``ibot_num_masked_patches`` (0-dim) their number: what the iBOT
             center EMA consumes (``IBOTPatchLoss.update_center``).
+        distillation_loss: 0-dim, the weighted distillation terms (``None`` without a frozen teacher), and
+            ``distillation_terms`` each of them (``{"cosine": ..., "soft": ..., "dense": ...}``, those weighted).
+            Without DINO's own term (``dino_loss_weight`` 0) the DINO fields above are ``None``.
     """
 
     loss: torch.FloatTensor | None = None
@@ -75,6 +80,8 @@ class DinoForPreTrainingOutput(ModelOutput):
     ibot_teacher_mean_entropy: torch.FloatTensor | None = None
     ibot_teacher_logits_sum: torch.FloatTensor | None = None
     ibot_num_masked_patches: torch.FloatTensor | None = None
+    distillation_loss: torch.FloatTensor | None = None
+    distillation_terms: dict[str, torch.Tensor] | None = None
 
 
 def initialize_head_module(module: nn.Module, initialization: ModuleType = nn.init) -> None:
@@ -337,6 +344,11 @@ class DinoForPreTraining(DinoPreTrainedModel):
         if config.uses_ibot:
             self.ibot_loss_fn = IBOTPatchLoss(num_prototypes=config.ibot_head_num_prototypes, **loss_settings)
         self.koleo_loss_fn = KoLeoLoss() if config.koleo_loss_weight > 0 else None
+        self.distillation = None
+        if config.distils:
+            width = self.student.family.embedding_size(config.backbone_config)
+            self.distillation = DistillationProjectors(width, width, config.distillation_embedding_size,
+                                                       **config.distillation_loss_settings)
         self.post_init()
         # FSDP wraps the blocks of this backbone family (accelerate reads the model's _no_split_modules)
         self._no_split_modules = set(self.student.backbone._no_split_modules or [])
@@ -404,6 +416,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         return_dict: bool = True,
         freeze_backbone: bool = False,
         masks: torch.Tensor | None = None,
+        distillation_targets: DistillationTargets | None = None,
     ) -> DinoForPreTrainingOutput | tuple:
         """Run teacher on the global crops and student on all crops; compute the DINO (v2) objective.
 
@@ -424,10 +437,18 @@ class DinoForPreTraining(DinoPreTrainedModel):
                 the patches of the student's global crops to mask (:class:`dino_hf.data.masking.MaskSampler`);
                 only with iBOT. Best given on the CPU (the masked positions are then found without a
                 device synchronisation).
+            distillation_targets: what a frozen teacher says about ``global_crops.flatten(0, 1)``
+                (:class:`~dino_hf.models.distillation.FrozenTeacher`); required exactly when the model distils.
         """
         self._check_crops(global_crops, local_crops)
+        if (self.distillation is None) != (distillation_targets is None):
+            raise ValueError("distillation_targets must be given exactly when the model distils a teacher "
+                             "(config.distillation_embedding_size is set).")
         num_global, batch = global_crops.shape[:2]
         global_flat = global_crops.flatten(0, 1)
+        if not self.config.self_distils:
+            output = self._distillation_forward(global_flat, num_global, batch, distillation_targets, freeze_backbone)
+            return output if return_dict else output.to_tuple()
         patch_masks = self._flat_masks(masks, num_global, batch)
         use_ibot = patch_masks is not None
         if use_ibot:
@@ -448,8 +469,9 @@ class DinoForPreTraining(DinoPreTrainedModel):
             if use_ibot:
                 global_class, student_patches = self.student.embed_tokens(global_flat, bool_masked_pos)
                 student_masked = self._masked_patches(student_patches, masked_rows, patch_masks.shape[1])
+                student_map = None  # the dense distillation term is refused with iBOT (DinoConfig)
             else:
-                global_class = self.student.embed(global_flat)
+                global_class, student_map = self._student_global(global_flat)
             class_tokens = [global_class]
             if local_crops is not None and local_crops.shape[0] > 0:
                 class_tokens.append(self.student.embed(local_crops.flatten(0, 1)))
@@ -464,7 +486,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
             student_logits, teacher_logits, teacher_temperature, update_center=update_center, return_statistics=True
         )
         output = DinoForPreTrainingOutput(
-            loss=losses.loss,
+            loss=self.config.dino_loss_weight * losses.loss,
             dino_loss=losses.loss,
             student_logits=student_logits,
             teacher_logits=teacher_logits,
@@ -491,7 +513,38 @@ class DinoForPreTraining(DinoPreTrainedModel):
             per_crop = torch.stack([self.koleo_loss_fn(crop) for crop in global_class.view(num_global, batch, -1)])
             output.koleo_loss = per_crop.mean()
             output.loss = output.loss + self.config.koleo_loss_weight * per_crop.sum()
+        if self.distillation is not None:
+            self._add_distillation(output, global_class, student_map, distillation_targets)
         return output if return_dict else output.to_tuple()
+
+    def _student_global(self, global_flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The student's ``(N, D)`` embedding of the global crops and, when the dense distillation term needs
+        it, its ``(N, C, h, w)`` feature map (else ``None``), from one forward pass."""
+        if self.distillation is not None and self.distillation.uses_dense:
+            return self.student.family.embed_map(self.student.backbone, global_flat)
+        return self.student.embed(global_flat), None
+
+    def _add_distillation(self, output: DinoForPreTrainingOutput, global_class: torch.Tensor,
+                          student_map: torch.Tensor | None, targets: DistillationTargets) -> None:
+        """The distillation terms of the student's global crops, added to ``output`` and its loss."""
+        distilled = self.distillation(global_class, student_map, targets)
+        output.distillation_loss = distilled.loss
+        output.distillation_terms = distilled.terms
+        output.loss = distilled.loss if output.loss is None else output.loss + distilled.loss
+
+    def _distillation_forward(self, global_flat: torch.Tensor, num_global: int, batch: int,
+                              targets: DistillationTargets, freeze_backbone: bool) -> DinoForPreTrainingOutput:
+        """Pure distillation (``dino_loss_weight`` 0, no iBOT): the student on its global crops against the frozen
+        teacher, with KoLeo when it has a weight; the EMA teacher and the local crops are not run."""
+        with torch.no_grad() if freeze_backbone else contextlib.nullcontext():
+            global_class, student_map = self._student_global(global_flat)
+        output = DinoForPreTrainingOutput()
+        self._add_distillation(output, global_class, student_map, targets)
+        if self.koleo_loss_fn is not None:
+            per_crop = torch.stack([self.koleo_loss_fn(crop) for crop in global_class.view(num_global, batch, -1)])
+            output.koleo_loss = per_crop.mean()
+            output.loss = output.loss + self.config.koleo_loss_weight * per_crop.sum()
+        return output
 
     def _flat_masks(self, masks: torch.Tensor | None, num_global: int, batch: int) -> torch.Tensor | None:
         """``masks`` as ``(num_global * batch, P)`` bool in the order of ``global_crops.flatten(0, 1)``, or
@@ -574,7 +627,7 @@ class DinoForPreTraining(DinoPreTrainedModel):
         backbone_learning_rate_scale: float = 1.0,
         layerwise_learning_rate_decay: float = 1.0,
     ) -> list[dict]:
-        """Optimiser parameter groups of the student, following the official DINO rule.
+        """Optimiser parameter groups of the student (and its distillation projectors), following the official DINO rule.
 
         Biases and all 1-D parameters (norm weights, layer scales) get no weight decay; frozen
         parameters (the teacher, a fixed prototype norm) are left out. Each group carries
@@ -591,7 +644,10 @@ class DinoForPreTraining(DinoPreTrainedModel):
         family = self.student.family
         num_blocks = family.num_blocks(self.config.backbone_config)
         groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
-        for name, parameter in self.student.named_parameters():
+        named = list(self.student.named_parameters())
+        if self.distillation is not None:  # the projectors to a frozen teacher learn as the heads do
+            named += list(self.distillation.named_parameters(prefix="distillation"))
+        for name, parameter in named:
             if not parameter.requires_grad:
                 continue
             scale = 1.0
@@ -653,7 +709,8 @@ class DinoForPreTraining(DinoPreTrainedModel):
 
     @classmethod
     def from_backbone(
-        cls, backbone: str | Path | PreTrainedModel, config: DinoConfig | None = None, **config_kwargs
+        cls, backbone: str | Path | PreTrainedModel, config: DinoConfig | None = None,
+        hub_options: Mapping[str, Any] | None = None, **config_kwargs
     ) -> DinoForPreTraining:
         """Start DINO pre-training from an existing backbone of any supported family (continued pre-training).
 
@@ -663,14 +720,16 @@ class DinoForPreTraining(DinoPreTrainedModel):
                 processor, when it has one, is kept for the exports.
             config: a DinoConfig for the heads and loss; its ``backbone_config`` is replaced by the
                 backbone's own. When omitted, DINO defaults plus ``config_kwargs`` are used.
+            hub_options: ``revision``, ``token`` and ``cache_dir`` of a Hub id (``from_pretrained``'s).
         Returns:
             A model whose student and teacher backbones both hold the given weights and whose heads
             are freshly initialised.
         """
         processor = None
         if not isinstance(backbone, PreTrainedModel):
-            processor = image_processor_dict(backbone)
-            backbone = family_of(AutoConfig.from_pretrained(backbone)).load(backbone)
+            hub_options = dict(hub_options or {})
+            processor = image_processor_dict(backbone, **hub_options)
+            backbone = family_of(AutoConfig.from_pretrained(backbone, **hub_options)).load(backbone, **hub_options)
         family = family_of(backbone.config)
         backbone_config = copy.deepcopy(backbone.config)
         if config is None:

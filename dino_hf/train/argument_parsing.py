@@ -17,7 +17,17 @@ __all__ = ["build_argument_parser", "parse_training_args"]
 
 
 class _OneLineErrorParser(HfArgumentParser):
-    """HfArgumentParser whose usage errors are one line on stderr and exit status 2."""
+    """HfArgumentParser whose usage errors are one line on stderr and exit status 2, and whose ``--no_X``
+    flags (HfArgumentParser adds one for each boolean that defaults to true) say what they do instead of
+    repeating ``--X``'s help."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        for action in self._actions:
+            negative = [option for option in action.option_strings if option.startswith("--no_")]
+            if negative and action.const is False:
+                action.help = f"Turn --{action.dest} off (it is on by default)."
+                action.default = argparse.SUPPRESS  # --X's default is the field's; "(default: False)" would mislead
 
     def error(self, message: str) -> None:
         sys.stderr.write(f"{self.prog}: error: {message} (see --help)\n")

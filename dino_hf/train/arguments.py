@@ -14,7 +14,6 @@ string says why and what range is sane.
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -27,11 +26,10 @@ from dino_hf.base.official_recipe import (
     OFFICIAL_WEIGHT_DECAY,
     OFFICIAL_WEIGHT_DECAY_END,
 )
-from dino_hf.losses.validation import check_positive_number
-from dino_hf.models.configuration_dino import TRAINING_FLAG_FIELDS, DinoConfig, check_settings
+from dino_hf.models.configuration_dino import DinoConfig
+from dino_hf.train.argument_checks import check_training_arguments
 from dino_hf.train.recipes import applies_its_recipe, shipped_recipes
 from dino_hf.train.step_plan import RunLength
-from dino_hf.train.trackers import parse_report_to
 
 __all__ = [
     "DinoTrainingArguments",
@@ -79,8 +77,11 @@ class DinoTrainingArguments:
     streaming: bool = field(
         default=True,
         metadata=_help(
-            "Stream the dataset instead of downloading and converting it first. Streaming starts at "
-            "once and needs no disk space; a stream whose length is unknown needs --max_steps."
+            "Stream the training dataset instead of downloading and converting it first: training starts at "
+            "once, needs no disk space and reads each image once per epoch anyway (a stream whose length is "
+            "unknown needs --max_steps). dino-hf-eval and dino-hf-embed default to --no_streaming: they "
+            "read every image of a split anyway, and an indexed split gives their seeded --max_*_samples subsets an "
+            "unbiased draw even from a class-sorted folder."
         ),
     )
     shuffle_buffer_size: int = field(
@@ -134,6 +135,68 @@ class DinoTrainingArguments:
             "(student, teacher and center) or a backbone folder or Hub id of any supported family (student and teacher "
             "both start from it; a new head is initialised)."
         ),
+    )
+    model_revision: str | None = field(
+        default=None,
+        metadata=_help("Hub revision (branch, tag or commit) of --model_name_or_path; unset is the default branch."),
+    )
+    cache_dir: str | None = field(
+        default=None,
+        metadata=_help("Where Hub models and datasets are cached; unset is the Hugging Face cache (HF_HOME)."),
+    )
+    token: str | None = field(
+        default=None,
+        repr=False,  # never printed with the arguments
+        metadata=_help(
+            "Hub token for private or gated models and datasets; unset uses HF_TOKEN or the `hf auth login` "
+            "token. Never written to the run folder, the logs or the card."
+        ),
+    )
+
+    # ------------------------------------------------------------------ distillation
+    distillation_teacher: str | None = field(
+        default=None,
+        metadata=_help(
+            "Distil a frozen foundation model into the student: a Hub id, a backbone folder, a run's --output_dir "
+            "or a DinoForPreTraining folder (its teacher network), of any supported family. It sees the student's "
+            "global crops through its own image processor, runs in the run's precision without gradients and is "
+            "never trained nor checkpointed (its weights' SHA-256 is recorded; a resume with another teacher is "
+            "refused). The student exports as its own stock class, without the projectors."
+        ),
+    )
+    distillation_teacher_revision: str | None = field(
+        default=None, metadata=_help("Hub revision (branch, tag or commit) of --distillation_teacher.")
+    )
+    distillation_cosine_weight: float | None = field(
+        default=None,
+        metadata=_help("Weight of the global cosine term: the student's projected embedding against the teacher's "
+                       "embedding of the same crop (unset: DinoConfig's 1.0)."),
+    )
+    distillation_soft_weight: float | None = field(
+        default=None,
+        metadata=_help("Weight of the soft-target term: both embeddings' softmax over a queue of teacher embeddings, "
+                       "the teacher's the target (LightlyTrain's v1; unset: DinoConfig's 0)."),
+    )
+    distillation_dense_weight: float | None = field(
+        default=None,
+        metadata=_help("Weight of the dense term: the student's feature map (patch tokens or last ConvNet stage) "
+                       "through a 1x1 projection against the teacher's patch tokens on the same grid, MSE of "
+                       "L2-normalised features (LightlyTrain's v2; a ViT-family teacher; unset: DinoConfig's 0)."),
+    )
+    distillation_queue_size: int | None = field(
+        default=None, metadata=_help("Teacher embeddings the soft targets compare with (unset: DinoConfig's 4096).")
+    )
+    distillation_student_temperature: float | None = field(
+        default=None, metadata=_help("Student softmax temperature of the soft targets (unset: DinoConfig's 0.1).")
+    )
+    distillation_teacher_temperature: float | None = field(
+        default=None, metadata=_help("Teacher softmax temperature of the soft targets (unset: DinoConfig's 0.04).")
+    )
+    dino_loss_weight: float | None = field(
+        default=None,
+        metadata=_help("Weight of DINO's own self-distillation term (unset: DinoConfig's 1.0). With a distillation "
+                       "teacher, 0 trains on the teacher alone: the EMA teacher and the local crops are then not "
+                       "run, which makes each step far cheaper; DINOv3's distillation keeps the term."),
     )
 
     # ------------------------------------------------------------------ crops
@@ -259,11 +322,20 @@ class DinoTrainingArguments:
             "ViT-S/16 on ImageNet); 300-800 epochs add a few points."
         ),
     )
-    learning_rate: float = field(
+    base_learning_rate: float = field(
         default=OFFICIAL_LEARNING_RATE,
         metadata=_help(
-            "Peak AdamW learning rate per 256 images: the rate used is this times the global batch "
-            "size / 256 (linear scaling rule), reached after the warm-up."
+            "Peak learning rate per 256 images, the recipes' value (official 5e-4 for AdamW): the rate used is "
+            "this times the global batch size / 256 (the linear scaling rule of DINO and of transformers' "
+            "run_mae.py), reached after the warm-up. --learning_rate, when given, replaces it."
+        ),
+    )
+    learning_rate: float | None = field(
+        default=None,
+        metadata=_help(
+            "Absolute peak learning rate, as in transformers' TrainingArguments: used as given, whatever the "
+            "batch (overrides --base_learning_rate). Before dino_hf 0.2 this flag was the per-256 value: "
+            "that value is now --base_learning_rate."
         ),
     )
     min_learning_rate: float = field(
@@ -621,132 +693,7 @@ class DinoTrainingArguments:
     )
 
     def __post_init__(self) -> None:
-        for name, allowed in (
-            ("clip_mode", ("per_parameter", "global")),
-            ("mixed_precision", ("auto", "no", "bf16", "fp16")),
-            ("hub_strategy", ("end", "checkpoint")),
-            ("augmentation_device", ("loader", "cpu", "cuda")),
-            ("optimizer", ("adamw", "sgd", "lars")),
-        ):
-            value = getattr(self, name)
-            _check(value in allowed, f"--{name} must be one of {', '.join(allowed)}, not {value!r}.")
-
-        object.__setattr__(self, "report_to", parse_report_to(self.report_to) or ["none"])
-        _check(bool(self.eval_k) and min(self.eval_k) >= 1, f"--eval_k must be positive integers, not {self.eval_k}.")
-        _check(math.isfinite(self.grad_norm_spike_factor) and self.grad_norm_spike_factor >= 0,
-               f"--grad_norm_spike_factor must be 0 or more, not {self.grad_norm_spike_factor}.")
-        _check(bool(self.output_dir), "--output_dir is required: pass the folder where the run is written.")
-
-        for name in ("per_device_train_batch_size", "gradient_accumulation_steps", "shuffle_buffer_size",
-                     "global_crop_size", "local_crop_size", "checkpointing_steps", "logging_steps",
-                     "max_consecutive_nonfinite_steps", "collapse_warning_steps"):
-            value = getattr(self, name)
-            _check(value >= 1, f"--{name} must be a positive integer, not {value}.")
-        _check(self.num_local_crops >= 0, f"--num_local_crops must be 0 or more, not {self.num_local_crops}.")
-        # "auto" or a count; stored as written ("auto" / "3"), read through requested_num_workers.
-        object.__setattr__(self, "dataloader_num_workers", _auto_or_count("dataloader_num_workers", self.dataloader_num_workers, 0))
-        object.__setattr__(self, "torch_num_threads", _auto_or_count("torch_num_threads", self.torch_num_threads, 1))
-        _check(
-            self.checkpoints_total_limit is None or self.checkpoints_total_limit >= 0,
-            f"--checkpoints_total_limit must be 0 (keep all) or more, not {self.checkpoints_total_limit}.",
-        )
-        for name in ("max_steps", "eval_steps", "eval_max_samples"):
-            value = getattr(self, name)
-            _check(value is None or value >= 1, f"--{name} must be a positive integer (or unset), not {value}.")
-        for name in ("warmup_steps", "warmup_teacher_temperature_steps", "freeze_last_layer_steps",
-                     "freeze_backbone_steps"):
-            value = getattr(self, name)
-            _check(value is None or value >= 0, f"--{name} must be 0 or more (or unset), not {value}.")
-        _check(
-            self.freeze_backbone_epochs is None or (math.isfinite(self.freeze_backbone_epochs)
-                                                    and self.freeze_backbone_epochs >= 0),
-            f"--freeze_backbone_epochs must be 0 or more (or unset), not {self.freeze_backbone_epochs}.",
-        )
-        _check(
-            self.backbone_learning_rate_scale is None or 0.0 <= self.backbone_learning_rate_scale <= 10.0,
-            f"--backbone_learning_rate_scale must be between 0 and 10, not {self.backbone_learning_rate_scale}.",
-        )
-        _check(
-            0.0 < self.layerwise_learning_rate_decay <= 1.0,
-            f"--layerwise_learning_rate_decay must be in (0, 1], not {self.layerwise_learning_rate_decay}.",
-        )
-        for name in ("warmup_epochs", "warmup_teacher_temperature_epochs", "freeze_last_layer_epochs",
-                     "min_learning_rate", "weight_decay", "weight_decay_end", "max_grad_norm"):
-            value = getattr(self, name)
-            _check(math.isfinite(value) and value >= 0, f"--{name} must be 0 or more, not {value}.")
-        _check(math.isfinite(self.learning_rate) and self.learning_rate > 0,
-               f"--learning_rate must be greater than 0, not {self.learning_rate}.")
-        for name in ("teacher_temperature", "warmup_teacher_temperature"):
-            check_positive_number(f"--{name}", getattr(self, name))  # the loss's own rule
-        for name in ("num_train_epochs", "max_train_minutes"):
-            value = getattr(self, name)
-            _check(value is None or (math.isfinite(value) and value > 0), f"--{name} must be greater than 0, not {value}.")
-        if self.max_train_minutes is not None:
-            for name in ("max_steps", "num_train_epochs"):
-                _check(
-                    getattr(self, name) is None,
-                    f"--max_train_minutes and --{name} both set the length of the run: pass only one of them.",
-                )
-        _check(
-            0.0 <= self.teacher_momentum <= 1.0,
-            f"--teacher_momentum must be between 0 and 1, not {self.teacher_momentum}.",
-        )
-        # the model-setting flags follow DinoConfig's own rules (one validation, flag-named messages)
-        check_settings({name: getattr(self, name) for name in TRAINING_FLAG_FIELDS
-                        if getattr(self, name) is not None}, "--{}")
-        ratios = list(self.mask_ratio_min_max)
-        _check(
-            len(ratios) == 2 and all(math.isfinite(value) for value in ratios) and 0.0 <= ratios[0] <= ratios[1] <= 1.0,
-            f"--mask_ratio_min_max must be two numbers 0 <= min <= max <= 1, not {ratios}.",
-        )
-        _check(
-            math.isfinite(self.mask_sample_probability) and 0.0 <= self.mask_sample_probability <= 1.0,
-            f"--mask_sample_probability must be between 0 and 1, not {self.mask_sample_probability}.",
-        )
-        for name in ("color_jitter_probability", "grayscale_probability", "solarize_probability"):
-            value = getattr(self, name)
-            _check(0.0 <= value <= 1.0, f"--{name} must be between 0 and 1, not {value}.")
-        _check(
-            0.0 <= self.color_jitter_strength <= 5.0,
-            f"--color_jitter_strength must be between 0 and 5, not {self.color_jitter_strength}.",
-        )
-        _check(
-            0.0 <= self.blur_probability_scale <= 10.0,
-            f"--blur_probability_scale must be between 0 and 10, not {self.blur_probability_scale}.",
-        )
-        if self.augmentation_working_size is not None:
-            _check(
-                self.augmentation_device != "loader",
-                "--augmentation_working_size only applies with --augmentation_device cpu or cuda: drop it or "
-                "choose one of those.",
-            )
-            _check(
-                self.augmentation_working_size >= 2,
-                f"--augmentation_working_size must be at least 2 pixels, not {self.augmentation_working_size}.",
-            )
-        _check(
-            len(self.blur_sigma) == 2 and 0.0 < self.blur_sigma[0] <= self.blur_sigma[1],
-            f"--blur_sigma must be two numbers 0 < min <= max, not {list(self.blur_sigma)}.",
-        )
-        _check(
-            self.local_crop_size <= self.global_crop_size,
-            f"--local_crop_size ({self.local_crop_size}) must not exceed --global_crop_size "
-            f"({self.global_crop_size}).",
-        )
-        for name in ("global_crop_scale", "local_crop_scale"):
-            scale = list(getattr(self, name))
-            _check(
-                len(scale) == 2 and 0.0 < scale[0] <= scale[1] <= 1.0,
-                f"--{name} must be two numbers 0 < min <= max <= 1, not {scale}.",
-            )
-        _check(
-            not self.push_to_hub or bool(self.hub_model_id),
-            "--push_to_hub needs --hub_model_id user/name to know where to push.",
-        )
-        _check(
-            self.resume_from_checkpoint is None or not self.overwrite_output_dir,
-            "--overwrite_output_dir deletes the checkpoints that --resume_from_checkpoint would use; pass only one.",
-        )
+        check_training_arguments(self)  # every rule in one place, the flags' own names in each sentence
 
     # ------------------------------------------------------------------ derived values
     @property
@@ -765,6 +712,12 @@ class DinoTrainingArguments:
         ``overrides`` (e.g. ``output_dir``, ``max_steps``) on top: ``cls(config=name, **overrides)``."""
         return cls(config=name, **overrides)
 
+    def hub_options(self, model: bool = False) -> dict[str, Any]:
+        """``token`` and ``cache_dir`` for ``datasets.load_dataset``, with ``revision`` (``--model_revision``)
+        for ``from_pretrained`` when ``model``; unset values are left out, so the libraries' defaults apply."""
+        options = {"token": self.token, "cache_dir": self.cache_dir, **({"revision": self.model_revision} if model else {})}
+        return {key: value for key, value in options.items() if value is not None}
+
     def run_length(self) -> RunLength:
         """The values the step plan reads (:func:`dino_hf.train.step_plan.plan_steps`)."""
         return RunLength(**{field.name: getattr(self, field.name) for field in dataclasses.fields(RunLength)
@@ -775,23 +728,10 @@ class DinoTrainingArguments:
         return self.run_length().global_batch_size(num_processes)
 
     def scaled_learning_rate(self, num_processes: int) -> float:
-        """Peak learning rate after the linear scaling rule: learning_rate * global batch / 256."""
+        """The peak learning rate: ``--learning_rate`` when given, else ``--base_learning_rate`` x global batch / 256."""
         return self.run_length().scaled_learning_rate(num_processes)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
-
-
-def _check(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _auto_or_count(name: str, value: object, minimum: int) -> str:
-    """``"auto"`` or a whole number >= ``minimum`` (given as a number or its text), as text."""
-    text = str(value).strip().lower()
-    _check(
-        text == "auto" or (text.isdigit() and int(text) >= minimum),
-        f"--{name} must be auto or a whole number of {minimum} or more, not {value!r}.",
-    )
-    return "auto" if text == "auto" else str(int(text))
+        """The arguments as plain values, for ``training_args.json`` and the trackers: without ``token``,
+        which is never written or logged."""
+        return {key: value for key, value in dataclasses.asdict(self).items() if key != "token"}

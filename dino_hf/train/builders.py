@@ -141,8 +141,9 @@ def _convert_override(raw_value: str, current: Any, key: str, flag: str) -> Any:
     raise ValueError(f"{flag} cannot set {key!r}: its value is a {type(current).__name__}, not a number or string.")
 
 
-def build_model_config(args: DinoTrainingArguments) -> DinoConfig:
-    """`DinoConfig` from ``--model_config`` (preset name, folder or JSON) plus overrides."""
+def build_model_config(args: DinoTrainingArguments, distillation_embedding_size: int | None = None) -> DinoConfig:
+    """`DinoConfig` from ``--model_config`` (preset name, folder or JSON) plus overrides; a distillation
+    teacher's width when there is one."""
     name = os.path.expanduser(args.model_config)
     if name in DinoConfig.preset_names():
         config = DinoConfig.from_preset(name)
@@ -157,7 +158,7 @@ def build_model_config(args: DinoTrainingArguments) -> DinoConfig:
             f"--model_config {name!r} is neither a preset ({', '.join(DinoConfig.preset_names())}) nor a "
             "folder or JSON file written by DinoConfig.save_pretrained."
         )
-    _apply_model_settings(config, args)
+    _apply_model_settings(config, args, distillation_embedding_size)
     return config
 
 
@@ -178,9 +179,11 @@ def _check_dino_config_file(path: str, flag_value: str) -> None:
         )
 
 
-def _apply_model_settings(config: DinoConfig, args: DinoTrainingArguments) -> None:
+def _apply_model_settings(config: DinoConfig, args: DinoTrainingArguments,
+                          distillation_embedding_size: int | None = None) -> None:
     """``--config_overrides``, then the model-setting flags that are given
-    (:data:`dino_hf.models.configuration_dino.TRAINING_FLAG_FIELDS`), into ``config``."""
+    (:data:`dino_hf.models.configuration_dino.TRAINING_FLAG_FIELDS`), into ``config``; and the width of the
+    distillation teacher (``None``: the run distils nothing)."""
     backbone = config.backbone_config
     width = getattr(backbone, "hidden_size", None)
     follows_width = width is not None and getattr(backbone, "pooler_output_size", None) == width
@@ -193,6 +196,7 @@ def _apply_model_settings(config: DinoConfig, args: DinoTrainingArguments) -> No
         value = getattr(args, name)
         if value is not None:
             setattr(config, name, value)
+    config.distillation_embedding_size = distillation_embedding_size
     if args.ibot_num_prototypes is not None and not config.ibot_separate_head:
         raise ValueError(
             f"--ibot_num_prototypes {args.ibot_num_prototypes} sets the separate iBOT head's size: add "
@@ -202,8 +206,9 @@ def _apply_model_settings(config: DinoConfig, args: DinoTrainingArguments) -> No
         family_of(config.backbone_config).check_masking(config.backbone_config, "--ibot_loss_weight")
 
 
-def _checkpoint_model_type(path: str) -> str:
-    """``model_type`` of a local folder or Hub id (e.g. ``"vit"`` for an exported backbone)."""
+def _checkpoint_model_type(path: str, hub_options: dict[str, Any] | None = None) -> str:
+    """``model_type`` of a local folder or Hub id (e.g. ``"vit"`` for an exported backbone); ``hub_options``:
+    ``revision``, ``token``, ``cache_dir`` of a Hub id."""
     config_file = os.path.join(path, CONFIG_NAME)
     if os.path.isdir(path):
         if not os.path.isfile(config_file):
@@ -213,7 +218,7 @@ def _checkpoint_model_type(path: str) -> str:
     if os.path.exists(path):
         raise ValueError(f"--model_name_or_path {path} is a file: pass a folder written by save_pretrained or a Hub id.")
     try:
-        return str(AutoConfig.from_pretrained(path).model_type)
+        return str(AutoConfig.from_pretrained(path, **(hub_options or {})).model_type)
     except (OSError, ValueError):
         raise ValueError(
             f"--model_name_or_path {path} is neither a local folder nor a reachable Hub model id."
@@ -224,37 +229,42 @@ def starts_from_backbone(args: DinoTrainingArguments) -> bool:
     """Whether the run continues pre-training of a backbone with fresh heads (``--model_name_or_path``
     names a backbone, not a DinoForPreTraining folder): the head warm-up and the lower backbone
     learning rate of continued pre-training then apply by default."""
-    return args.model_name_or_path is not None and _checkpoint_model_type(args.model_name_or_path) != DinoConfig.model_type
+    return (args.model_name_or_path is not None
+            and _checkpoint_model_type(args.model_name_or_path, args.hub_options(model=True)) != DinoConfig.model_type)
 
 
-def build_model(args: DinoTrainingArguments) -> DinoForPreTraining:
-    """The `DinoForPreTraining` to train: fresh, from a DINO checkpoint or from a backbone of any family.
+def build_model(args: DinoTrainingArguments, distillation_embedding_size: int | None = None) -> DinoForPreTraining:
+    """The `DinoForPreTraining` to train: fresh, from a DINO checkpoint or from a backbone of any family; with
+    the projectors to a frozen teacher of ``distillation_embedding_size`` when the run distils one.
 
     A fresh backbone whose config has an ``image_size`` gets ``--global_crop_size`` unless the
     overrides set it; crop sizes must suit the backbone (multiples of the patch size for ViTs).
     """
     try:
         if args.model_name_or_path is None:
-            config = build_model_config(args)
+            config = build_model_config(args, distillation_embedding_size)
             backbone_config = config.backbone_config
             if hasattr(backbone_config, "image_size") and "backbone_config.image_size" not in (args.config_overrides or ""):
                 backbone_config.image_size = args.global_crop_size
             _check_crop_sizes(args, backbone_config)
             model = DinoForPreTraining(config)
         else:
-            model_type = _checkpoint_model_type(args.model_name_or_path)
+            hub_options = args.hub_options(model=True)
+            model_type = _checkpoint_model_type(args.model_name_or_path, hub_options)
             if model_type == DinoConfig.model_type:
-                config = DinoConfig.from_pretrained(args.model_name_or_path)
+                config = DinoConfig.from_pretrained(args.model_name_or_path, **hub_options)
                 if args.num_prototypes is not None and args.num_prototypes != config.num_prototypes:
                     raise ValueError(
                         f"--num_prototypes {args.num_prototypes} differs from the {config.num_prototypes} trained "
                         f"prototypes of {args.model_name_or_path}: drop the flag, or start a new head from its "
                         "exported backbone (--model_name_or_path of the run's backbone/ folder)."
                     )
-                _apply_model_settings(config, args)
-                model = DinoForPreTraining.from_pretrained(args.model_name_or_path, config=config)
+                _apply_model_settings(config, args, distillation_embedding_size)
+                model = DinoForPreTraining.from_pretrained(args.model_name_or_path, config=config, **hub_options)
             elif model_type in SUPPORTED_MODEL_TYPES:
-                model = DinoForPreTraining.from_backbone(args.model_name_or_path, config=build_model_config(args))
+                model = DinoForPreTraining.from_backbone(
+                    args.model_name_or_path, config=build_model_config(args, distillation_embedding_size),
+                    hub_options=hub_options)
             else:
                 raise ValueError(
                     f"--model_name_or_path {args.model_name_or_path} holds a {model_type!r} model: pass a "
@@ -390,6 +400,7 @@ def build_dataloader(
         seed=args.seed,
         process_index=process_index,
         num_processes=num_processes,
+        hub_options=args.hub_options(),
     )
 
 
@@ -668,6 +679,7 @@ def build_knn_monitor(
         image_processor=image_processor,
         # without the processor a backbone came with, the export's: a resize to the global crop
         image_size=None if image_processor else args.global_crop_size,
+        hub_options=args.hub_options(),
     )
 
 

@@ -45,6 +45,8 @@ from dino_hf.eval.evaluation import KnnMonitor
 from dino_hf.eval.visualization import plot_training_curves
 from dino_hf.hub.model_card import write_run_cards
 from dino_hf.hub.push import check_push_target, try_push_training_output
+from dino_hf.losses.distillation import DISTILLATION_TERMS
+from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.modeling_dino import DinoForPreTraining
 from dino_hf.train.arguments import DinoTrainingArguments
 from dino_hf.train.builders import (
@@ -80,6 +82,7 @@ from dino_hf.train.checkpointing import (
     resume_command,
     save_checkpoint,
 )
+from dino_hf.train.distillation import attach_distillation_teacher, open_distillation_teacher
 from dino_hf.train.hardware import MachineSettings, PrecisionChoice, describe_cpu
 from dino_hf.train.metrics import (
     CollapseMonitor,
@@ -89,7 +92,13 @@ from dino_hf.train.metrics import (
     ThroughputWindow,
     metric_keys,
 )
-from dino_hf.train.run_records import log_plan, tracker_config, tracker_init_kwargs, write_training_args
+from dino_hf.train.run_records import (
+    log_plan,
+    resumed_learning_rate_warning,
+    tracker_config,
+    tracker_init_kwargs,
+    write_training_args,
+)
 from dino_hf.train.schedules import DinoSchedules, ScheduleValues
 from dino_hf.train.step import DinoTrainStep
 from dino_hf.train.step_plan import (
@@ -174,6 +183,7 @@ class _Run:
     run_length: RunLength  # what the plan is computed from
     train_source: str | None  # the training data, as the records name it
     eval_source: str | None  # the evaluation data, as the records name it
+    teacher_facts: dict[str, str]  # what training_args.json records of a distillation teacher
     step: int = 0
     last_row: dict[str, Any] = field(default_factory=dict)
     last_good_checkpoint: Path | None = None
@@ -250,7 +260,8 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     """`_set_up` once the output folder is locked."""
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     set_seed(args.seed)
-    model = build_model(args)
+    teacher, teacher_facts = open_distillation_teacher(args, resume_path is not None, read_json(folder.training_args))
+    model = build_model(args, None if teacher is None else teacher.embedding_size)
     loader = open_training_data(args, accelerator, dataset=inputs.train_dataset)
     machine = MachineSettings(
         device=str(accelerator.device),
@@ -260,6 +271,9 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
         num_workers=loader.num_workers,
         num_threads=set_compute_threads(args, accelerator, loader.num_workers),
     )
+    if teacher is not None:
+        teacher = attach_distillation_teacher(teacher, model.config, accelerator.device, args,
+                                              precision.mixed_precision)
     augment = build_device_augmentation(args, accelerator.device, accelerator.process_index)
     masks = build_mask_sampler(args, model.config, accelerator.process_index)
     continued = starts_from_backbone(args)
@@ -267,6 +281,10 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
                                     image_processor=model.config.backbone_image_processor, dataset=inputs.eval_dataset)
     run_length = dataclasses.replace(args.run_length(), evaluates=knn_monitor is not None)
     plan = plan_steps(run_length, loader.num_examples, accelerator.num_processes, continued=continued)
+    if resume_path is not None and accelerator.is_main_process:
+        warning = resumed_learning_rate_warning(read_json(folder.training_args), plan.learning_rate)
+        if warning:
+            logger.warning(warning)
     schedules = build_schedules(args, plan)
     _prepare_output_dir(args, accelerator, folder, resuming=resume_path is not None)
 
@@ -276,24 +294,23 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     run = _Run(
         args=args, accelerator=accelerator, model=model, unwrapped=unwrapped,
         step_fn=DinoTrainStep(accelerator, model, optimizer, args.gradient_accumulation_steps,
-                              args.max_grad_norm, args.clip_mode),
+                              args.max_grad_norm, args.clip_mode, distillation_teacher=teacher),
         stream=BatchStream(loader, augment=augment, masks=masks), schedules=schedules, plan=plan, folder=folder,
         metrics=MetricsLog(folder.metrics, accelerator),
-        accumulator=MetricsAccumulator(accelerator.device, metric_keys(unwrapped.config.uses_ibot,
-                                                                       unwrapped.config.koleo_loss_weight > 0)),
+        accumulator=MetricsAccumulator(accelerator.device, _metric_keys(unwrapped.config)),
         collapse=CollapseMonitor(unwrapped.config.num_prototypes, args.collapse_warning_steps,
                                  teacher_temperature=args.teacher_temperature,
                                  student_temperature=unwrapped.config.student_temperature,
                                  teacher_momentum=args.teacher_momentum, center_momentum=unwrapped.config.center_momentum,
-                                 learning_rate=args.learning_rate,
+                                 **_learning_rate_setting(args),
                                  ibot_num_prototypes=(unwrapped.config.ibot_head_num_prototypes
                                                       if unwrapped.config.uses_ibot else None)),
         spikes=GradientSpikeMonitor(args.grad_norm_spike_factor, max_grad_norm=args.max_grad_norm,
-                                    learning_rate=args.learning_rate, warmup_steps=plan.warmup_steps),
+                                    **_learning_rate_setting(args), warmup_steps=plan.warmup_steps),
         knn_monitor=knn_monitor, signals=signals, stop=StopAgreement(signals, accelerator.num_processes),
         lock=lock, machine=machine, clock=clock, num_examples_per_process=loader.num_examples, continued=continued,
         run_length=run_length, train_source=_source_name(inputs.train_dataset, args.dataset_name),
-        eval_source=_source_name(inputs.eval_dataset, args.eval_dataset_name),
+        eval_source=_source_name(inputs.eval_dataset, args.eval_dataset_name), teacher_facts=teacher_facts,
         callbacks=CallbackRunner(inputs.callbacks, args, accelerator.is_main_process, accelerator.is_local_main_process),
     )
     rng_state = _restore(run, resume_path) if resume_path is not None else None
@@ -311,6 +328,13 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     if rng_state is not None:
         restore_rng_state(rng_state)  # last, so that nothing above shifts the random streams
     return run
+
+
+def _metric_keys(config: DinoConfig) -> tuple[str, ...]:
+    """What the run logs for its objective (:func:`dino_hf.train.metrics.metric_keys`)."""
+    terms = tuple(term for term in DISTILLATION_TERMS if getattr(config, f"distillation_{term}_weight") > 0)
+    return metric_keys(config.uses_ibot, config.koleo_loss_weight > 0, terms if config.distils else (),
+                       dino=config.self_distils)
 
 
 def _source_name(dataset: Any, name: str | None) -> str | None:
@@ -370,7 +394,8 @@ def _training_loop(run: _Run) -> TrainingResult | None:
     args, accelerator = run.args, run.accelerator
     progress = run.progress = TrainingProgress(run.plan.total_steps, initial=run.step,
                                                enabled=accelerator.is_local_main_process)
-    window = ThroughputWindow(run.stream, args.per_device_train_batch_size * accelerator.num_processes)
+    teacher_seconds = run.step_fn.take_teacher_seconds if run.step_fn.distillation_teacher is not None else None
+    window = ThroughputWindow(run.stream, args.per_device_train_batch_size * accelerator.num_processes, teacher_seconds)
     calibration = _start_calibration(run)
     first_step = run.step
     run.loop_started = run.clock()
@@ -539,14 +564,22 @@ def _log_step(run: _Run, values: ScheduleValues, timing: dict[str, float]) -> No
             logger.warning(warning)
 
 
+def _learning_rate_setting(args: DinoTrainingArguments) -> dict[str, Any]:
+    """The learning-rate flag the run set and its value, for the remedies the monitors name: ``--learning_rate``
+    (absolute) when given, else ``--base_learning_rate`` (per 256 images)."""
+    if args.learning_rate is not None:
+        return {"learning_rate": args.learning_rate, "learning_rate_flag": "--learning_rate"}
+    return {"learning_rate": args.base_learning_rate, "learning_rate_flag": "--base_learning_rate"}
+
+
 def _check_nonfinite(run: _Run, longest_run: int) -> None:
     limit = run.args.max_consecutive_nonfinite_steps
     if longest_run >= limit:
         where = f"the last good checkpoint is {run.last_good_checkpoint}" if run.last_good_checkpoint else "no checkpoint was written"
         raise NonFiniteLossError(
             f"Stopped at step {run.step}: {longest_run} optimiser steps in a row had a non-finite loss or gradient "
-            f"(limit --max_consecutive_nonfinite_steps {limit}); {where}; try a lower --learning_rate, a smaller "
-            "--max_grad_norm or --mixed_precision bf16/no."
+            f"(limit --max_consecutive_nonfinite_steps {limit}); {where}; try a lower "
+            f"{_learning_rate_setting(run.args)['learning_rate_flag']}, a smaller --max_grad_norm or --mixed_precision bf16/no."
         )
 
 
@@ -724,5 +757,5 @@ def _log_plan(run: _Run) -> None:
 
 def _write_training_args(run: _Run, final: bool = False) -> None:
     write_training_args(run.folder, run.args, run.plan, run.accelerator, run.machine,
-                        data={"train_data": run.train_source, "eval_data": run.eval_source},
+                        data={"train_data": run.train_source, "eval_data": run.eval_source, **run.teacher_facts},
                         runtime_seconds=time.perf_counter() - run.started if final else None)

@@ -13,6 +13,7 @@ import math
 import os
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,21 @@ __all__ = ["BASE_METRIC_KEYS", "CollapseMonitor", "GradientSpikeMonitor", "Metri
 BASE_METRIC_KEYS = ("loss", "grad_norm", *LOSS_STATISTICS)
 
 
-def metric_keys(ibot: bool = False, koleo: bool = False) -> tuple[str, ...]:
-    """The step statistics a run logs: :data:`BASE_METRIC_KEYS`, plus with DINOv2's terms each loss term
-    (``dino_loss``, ``ibot_loss``, ``koleo_loss``) and the iBOT teacher's entropies."""
-    keys = BASE_METRIC_KEYS
-    if ibot or koleo:
+def metric_keys(ibot: bool = False, koleo: bool = False, distillation_terms: tuple[str, ...] = (),
+                dino: bool = True) -> tuple[str, ...]:
+    """The step statistics a run logs: :data:`BASE_METRIC_KEYS` (without DINO's teacher and student
+    statistics when its term is off, ``dino`` false), plus each loss term when there are several
+    (``dino_loss``, ``ibot_loss``, ``koleo_loss``), the iBOT teacher's entropies, and with a distillation
+    teacher ``distillation_loss`` and each of its ``distillation_terms`` (``distillation_cosine_loss``...)."""
+    keys = BASE_METRIC_KEYS if dino else ("loss", "grad_norm")
+    if dino and (ibot or koleo or distillation_terms):
         keys += ("dino_loss",)
     if ibot:
         keys += ("ibot_loss", "ibot_teacher_entropy", "ibot_teacher_mean_entropy")
     if koleo:
         keys += ("koleo_loss",)
+    if distillation_terms:
+        keys += ("distillation_loss", *(f"distillation_{term}_loss" for term in distillation_terms))
     return keys
 
 
@@ -207,9 +213,10 @@ class CollapseMonitor:
     Args:
         num_prototypes: K.
         patience_steps: steps a condition must hold before the warning.
-        teacher_temperature, student_temperature, teacher_momentum, center_momentum, learning_rate:
-            this run's settings (per 256 images for the learning rate), from which the remedies are
-            computed.
+        teacher_temperature, student_temperature, teacher_momentum, center_momentum: this run's settings,
+            from which the remedies are computed.
+        learning_rate, learning_rate_flag: the learning-rate flag this run set (``--base_learning_rate``, per
+            256 images, or ``--learning_rate``, absolute) and its value, for the remedy that halves it.
         ibot_num_prototypes: the iBOT head's K when the run has DINOv2's patch term, else ``None``.
     """
 
@@ -217,7 +224,7 @@ class CollapseMonitor:
                  teacher_temperature: float = OFFICIAL_TEACHER_TEMPERATURE,
                  student_temperature: float = OFFICIAL_STUDENT_TEMPERATURE,
                  teacher_momentum: float = OFFICIAL_TEACHER_MOMENTUM, center_momentum: float = OFFICIAL_CENTER_MOMENTUM,
-                 learning_rate: float = OFFICIAL_LEARNING_RATE,
+                 learning_rate: float = OFFICIAL_LEARNING_RATE, learning_rate_flag: str = "--base_learning_rate",
                  ibot_num_prototypes: int | None = None) -> None:
         self.num_prototypes = num_prototypes
         self.log_k = math.log(num_prototypes)
@@ -229,6 +236,7 @@ class CollapseMonitor:
         self.teacher_momentum = teacher_momentum
         self.center_momentum = center_momentum
         self.learning_rate = learning_rate
+        self.learning_rate_flag = learning_rate_flag
         self._since: dict[str, int] = {}
         self._warned: set[str] = set()
 
@@ -288,7 +296,8 @@ class CollapseMonitor:
                             f"{self.student_temperature:g})")
         remedies.append(f"--center_momentum {faster_center:g} (now {self.center_momentum:g}: the center "
                         "follows the dominant prototype sooner)")
-        remedies.append(f"--learning_rate {_round_significant(self.learning_rate / 2)} (now {self.learning_rate:g})")
+        remedies.append(f"{self.learning_rate_flag} {_round_significant(self.learning_rate / 2)} "
+                        f"(now {self.learning_rate:g})")
         remedies.append("stronger augmentations (views that differ more)")
         return remedies
 
@@ -332,17 +341,19 @@ class GradientSpikeMonitor:
         history: logging windows in the running median.
         min_history: windows seen before any warning (the first steps' norms are not yet typical).
         max_grad_norm, learning_rate, warmup_steps: this run's settings, for the remedies.
+        learning_rate_flag: the flag ``learning_rate`` is the value of (``--base_learning_rate`` or ``--learning_rate``).
     """
 
     def __init__(self, factor: float = 10.0, history: int = 50, min_history: int = 5, *,
                  max_grad_norm: float = OFFICIAL_MAX_GRAD_NORM, learning_rate: float = OFFICIAL_LEARNING_RATE,
-                 warmup_steps: int = 0) -> None:
+                 learning_rate_flag: str = "--base_learning_rate", warmup_steps: int = 0) -> None:
         self.factor = factor
         self.history: list[float] = []
         self.history_size = history
         self.min_history = min_history
         self.max_grad_norm = max_grad_norm
         self.learning_rate = learning_rate
+        self.learning_rate_flag = learning_rate_flag
         self.warmup_steps = warmup_steps
         self._in_spike = False
 
@@ -367,17 +378,21 @@ class GradientSpikeMonitor:
                 if self.max_grad_norm > 0 else "gradient clipping (--max_grad_norm 3.0, now off)")
         return (f"Gradient-norm spike by step {step}: {peak:.3g}, {peak / median:.0f} times the running median "
                 f"{median:.3g} of the last {len(self.history)} logging windows. If it recurs or the loss jumps: "
-                f"{clip}, a lower --learning_rate ({_round_significant(self.learning_rate / 2)}, now "
+                f"{clip}, a lower {self.learning_rate_flag} ({_round_significant(self.learning_rate / 2)}, now "
                 f"{self.learning_rate:g}), a longer warm-up (--warmup_steps {max(2 * self.warmup_steps, 100)}, "
                 f"now {self.warmup_steps}), or --mixed_precision no.")
 
 
 class ThroughputWindow:
-    """Images per second and the fraction of time spent waiting for data since the last call."""
+    """Images per second and the fraction of time spent waiting for data since the last call; with
+    ``teacher_seconds`` (the step's :meth:`~dino_hf.train.step.DinoTrainStep.take_teacher_seconds`) also the
+    frozen distillation teacher's share of that time (``teacher_forward_share``)."""
 
-    def __init__(self, stream: BatchStream, images_per_micro_batch: int) -> None:
+    def __init__(self, stream: BatchStream, images_per_micro_batch: int,
+                 teacher_seconds: Callable[[], float] | None = None) -> None:
         self.stream = stream
         self.images_per_micro_batch = images_per_micro_batch
+        self.teacher_seconds = teacher_seconds
         self._reset()
 
     def _reset(self) -> None:
@@ -389,5 +404,7 @@ class ThroughputWindow:
             "images_per_second": (self.stream.micro_batches - self.batches) * self.images_per_micro_batch / seconds,
             "data_wait_fraction": (self.stream.wait_seconds - self.wait) / seconds,
         }
+        if self.teacher_seconds is not None:
+            values["teacher_forward_share"] = self.teacher_seconds() / seconds
         self._reset()
         return values

@@ -83,6 +83,9 @@ def load_config_file(path: str, parser: argparse.ArgumentParser) -> dict[str, An
     if not isinstance(values, dict):
         raise ValueError(f"--config {path} must hold a mapping of argument names to values.")  # noqa: TRY004
 
+    if "learning_rate" in values and "scaled_learning_rate" in values and "base_learning_rate" not in values:
+        # the training_args.json of a run of dino_hf < 0.2, where learning_rate was the per-256 value
+        values = {**values, "base_learning_rate": values["learning_rate"], "learning_rate": None}
     actions = _actions_by_name(parser)
     converted: dict[str, Any] = {}
     for key, value in values.items():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from typing import Any
 
@@ -22,7 +23,7 @@ from dino_hf.train.step_plan import StepPlan, scaling_note
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["device_name", "log_plan", "plan_warnings", "tracker_config", "tracker_init_kwargs", "write_training_args"]
+__all__ = ["device_name", "learning_rate_line", "log_plan", "plan_warnings", "resumed_learning_rate_warning", "tracker_config", "tracker_init_kwargs", "write_training_args"]
 
 
 def device_name(accelerator: Accelerator) -> str:
@@ -46,7 +47,7 @@ def log_plan(plan: StepPlan, args: DinoTrainingArguments, accelerator: Accelerat
         *machine.describe(),
         (f"global batch {plan.global_batch_size} ({args.per_device_train_batch_size} per device x "
         f"{args.gradient_accumulation_steps} accumulation x {accelerator.num_processes} processes)"),
-        f"learning rate {plan.learning_rate:.3g} (= {args.learning_rate:g} x {plan.global_batch_size} / 256)",
+        learning_rate_line(plan.learning_rate, args.learning_rate, args.base_learning_rate, plan.global_batch_size),
         f"steps per epoch {plan.steps_per_epoch:g}{size}",
         (f"{length}, warm-up {plan.warmup_steps}, teacher temperature warm-up "
         f"{plan.warmup_teacher_temperature_steps}, last layer frozen for {plan.freeze_last_layer_steps}, "
@@ -61,6 +62,28 @@ def log_plan(plan: StepPlan, args: DinoTrainingArguments, accelerator: Accelerat
             logger.info(note)
         for warning in plan_warnings(plan, args.min_learning_rate):
             logger.warning(warning)
+
+
+def learning_rate_line(peak: float, absolute: float | None, base: float, global_batch_size: int) -> str:
+    """The peak learning rate both ways: absolute (as transformers' ``TrainingArguments.learning_rate``)
+    and per 256 images (as the recipes' ``--base_learning_rate``)."""
+    if absolute is None:
+        return f"learning rate {peak:.3g} (--base_learning_rate {base:g} x global batch {global_batch_size} / 256)"
+    return (f"learning rate {peak:.3g} (--learning_rate, absolute; {peak * 256 / global_batch_size:.3g} per 256 images "
+            f"at global batch {global_batch_size}; --base_learning_rate is ignored)")
+
+
+def resumed_learning_rate_warning(recorded: dict[str, Any], peak: float) -> str | None:
+    """A warning when a resumed run's peak learning rate is not the one its ``training_args.json`` recorded
+    (``recorded``), e.g. a recipe of dino_hf < 0.2 whose ``learning_rate`` meant per 256 images and now means
+    the absolute rate; ``None`` when they agree or nothing was recorded."""
+    before = recorded.get("scaled_learning_rate")
+    if not isinstance(before, (int, float)) or math.isclose(before, peak, rel_tol=1e-6):
+        return None
+    hint = (" Before dino_hf 0.2 --learning_rate was per 256 images: pass that value as --base_learning_rate."
+            if "base_learning_rate" not in recorded else "")
+    return (f"The resumed run's peak learning rate is {peak:.3g}, not the {before:.3g} it started with: the schedule "
+            f"changes from here on.{hint}")
 
 
 def plan_warnings(plan: StepPlan, min_learning_rate: float) -> list[str]:

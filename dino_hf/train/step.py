@@ -8,6 +8,11 @@ made to poison the gradients so that it always shows in that norm. The fused Ada
 update when told through `found_inf` (the mechanism `GradScaler` uses), the center update is undone
 by the loss (``update_center(..., apply=finite)``), and the teacher EMA momentum becomes 1.
 
+With a frozen distillation teacher (:class:`~dino_hf.models.distillation.FrozenTeacher`) the step first runs
+it on the global crops, under the run's autocast and without gradients, and hands its targets to the model;
+the time it took is summed (:meth:`DinoTrainStep.take_teacher_seconds`: on a GPU through CUDA events, read
+when the loop logs, so that no step waits for the device), for the teacher's share of the step.
+
 Under FSDP the gradients are shards (``DTensor``): the per-parameter norms are then those of the whole
 parameters (the shards' squared norms summed over the processes in one all-reduce) and the clipping
 scales each process's shard by them, so that clipping and skipping decide as without sharding.
@@ -16,6 +21,7 @@ scales each process's shard by them, so that clipping and skipping decide as wit
 from __future__ import annotations
 
 import contextlib
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -25,6 +31,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
+from dino_hf.models.distillation import FrozenTeacher
 from dino_hf.models.modeling_dino import DinoForPreTraining
 from dino_hf.train.schedules import ScheduleValues
 
@@ -33,7 +40,8 @@ __all__ = ["DinoTrainStep", "StepStatistics"]
 
 #: DINOv2's per-micro-step outputs averaged into ``StepStatistics.loss_statistics`` (those the model gives:
 #: ``None`` where the objective has no such term).
-DINOV2_OUTPUTS = ("dino_loss", "ibot_loss", "koleo_loss", "ibot_teacher_entropy", "ibot_teacher_mean_entropy")
+DINOV2_OUTPUTS = ("dino_loss", "ibot_loss", "koleo_loss", "ibot_teacher_entropy", "ibot_teacher_mean_entropy",
+                  "distillation_loss")
 
 
 @dataclass
@@ -62,12 +70,16 @@ class DinoTrainStep:
         gradient_accumulation_steps: micro-steps per optimiser step.
         max_grad_norm: clipping threshold (0 disables clipping).
         clip_mode: ``"per_parameter"`` (official) or ``"global"``.
+        distillation_teacher: the frozen teacher of a distilling model (on the training device), else ``None``.
     """
 
     def __init__(self, accelerator: Accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
                  gradient_accumulation_steps: int = 1, max_grad_norm: float = 3.0,
-                 clip_mode: str = "per_parameter") -> None:
+                 clip_mode: str = "per_parameter", distillation_teacher: FrozenTeacher | None = None) -> None:
         self.accelerator = accelerator
+        self.distillation_teacher = distillation_teacher
+        self._teacher_seconds = 0.0  # host-timed frozen-teacher forwards (CPU) since the last take
+        self._teacher_events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []  # the same on a GPU
         self.model = model
         self.optimizer = optimizer
         self.unwrapped: DinoForPreTraining = accelerator.unwrap_model(model)
@@ -123,17 +135,20 @@ class DinoTrainStep:
             if local_crops is not None:
                 local_crops = local_crops.to(device, non_blocking=True)
             last = index == self.gradient_accumulation_steps - 1
+            targets = self._teacher_targets(global_crops)
             with contextlib.nullcontext() if last else self.accelerator.no_sync(self.model):
                 # the masks stay on the CPU: the model finds the masked rows there, without a device sync
                 output = self.model(global_crops, local_crops, teacher_temperature=teacher_temperature,
-                                    update_center=False, freeze_backbone=freeze_backbone, masks=batch.get("masks"))
+                                    update_center=False, freeze_backbone=freeze_backbone, masks=batch.get("masks"),
+                                    **({} if targets is None else {"distillation_targets": targets}))
                 loss = output.loss
                 # A non-finite loss must show in the all-reduced gradient norm on every process, even
                 # when its gradient happens to be finite: scale the backward pass by NaN (else by 1).
                 poison = torch.where(torch.isfinite(loss.detach()), 1.0, float("nan"))
                 self.accelerator.backward(loss * poison / self.gradient_accumulation_steps)
             values = {"loss": loss, **(output.loss_statistics or {}),
-                      **{key: getattr(output, key) for key in DINOV2_OUTPUTS}}
+                      **{key: getattr(output, key) for key in DINOV2_OUTPUTS},
+                      **{f"distillation_{name}_loss": value for name, value in (output.distillation_terms or {}).items()}}
             for key, value in values.items():
                 if value is not None:
                     value = value.detach().float()
@@ -144,6 +159,34 @@ class DinoTrainStep:
                     value = value.detach().float()
                     center_sums[key] = value if key not in center_sums else center_sums[key] + value
         return sums, center_sums
+
+    def _teacher_targets(self, global_crops: Tensor):
+        """The frozen teacher's targets for ``(G, B, 3, H, W)`` global crops (``None`` without a teacher), timed."""
+        if self.distillation_teacher is None:
+            return None
+        on_gpu = global_crops.device.type == "cuda"
+        if on_gpu:
+            events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            events[0].record()
+        started = time.perf_counter()
+        with torch.no_grad(), self.accelerator.autocast():
+            targets = self.distillation_teacher(global_crops.flatten(0, 1))
+        if on_gpu:
+            events[1].record()
+            self._teacher_events.append(events)
+        else:
+            self._teacher_seconds += time.perf_counter() - started
+        return targets
+
+    def take_teacher_seconds(self) -> float:
+        """Seconds the frozen teacher's forward passes took since the last call (0 without a teacher). On a GPU
+        this waits for the recorded events: call it where the loop reads the device anyway (logging)."""
+        seconds = self._teacher_seconds
+        for start, end in self._teacher_events:
+            end.synchronize()
+            seconds += start.elapsed_time(end) / 1000.0
+        self._teacher_seconds, self._teacher_events = 0.0, []
+        return seconds
 
     def _prepare_gradients(self, freeze_last_layer: bool, freeze_backbone: bool = False) -> tuple[Tensor, Tensor]:
         """Unscale (fp16), drop frozen last-layer (and backbone) gradients, measure and clip; no host sync.
@@ -203,7 +246,10 @@ class DinoTrainStep:
     @torch.no_grad()
     def _update_centers(self, center_sums: dict[str, Tensor], scale: float, finite: Tensor) -> None:
         """Center EMAs (all-reduced by the losses), kept on a skipped step: DINO's from the mean over
-        micro-steps of the batch-mean teacher logit, iBOT's from the sum and count of its patch logits."""
+        micro-steps of the batch-mean teacher logit, iBOT's from the sum and count of its patch logits; none
+        without DINO's own term (pure distillation)."""
+        if "teacher_logits_mean" not in center_sums:
+            return
         self.unwrapped.loss_fn.update_center(center_sums["teacher_logits_mean"] * scale, apply=finite)
         ibot_loss_fn = self.unwrapped.ibot_loss_fn
         if ibot_loss_fn is not None:

@@ -35,7 +35,8 @@ class RunLength:
 
     per_device_train_batch_size: int
     gradient_accumulation_steps: int
-    learning_rate: float  # per 256 images
+    base_learning_rate: float  # per 256 images
+    learning_rate: float | None  # absolute: replaces the scaled base rate when given
     num_train_epochs: float | None
     max_steps: int | None
     max_train_minutes: float | None
@@ -55,8 +56,11 @@ class RunLength:
         return self.per_device_train_batch_size * self.gradient_accumulation_steps * num_processes
 
     def scaled_learning_rate(self, num_processes: int) -> float:
-        """Peak learning rate after the linear scaling rule: learning_rate * global batch / 256."""
-        return self.learning_rate * self.global_batch_size(num_processes) / 256.0
+        """The peak learning rate: ``learning_rate`` when given (absolute), else the linear scaling rule,
+        ``base_learning_rate * global batch / 256``."""
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return self.base_learning_rate * self.global_batch_size(num_processes) / 256.0
 
 
 #: Total steps of the provisional plan a time-budgeted run uses while it calibrates: only its first

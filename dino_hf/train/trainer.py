@@ -19,7 +19,10 @@
   (a name, a ``save_to_disk`` folder, a ``datasets`` object, a torch dataset); by default
   ``args.dataset_name`` / ``args.eval_dataset_name``. The evaluation set needs both of its splits
   (``args.eval_train_split`` as the k-NN memory, ``args.eval_split`` classified);
-- ``callbacks``: ``transformers.TrainerCallback`` instances (:mod:`dino_hf.train.callbacks`).
+- ``callbacks``: ``transformers.TrainerCallback`` instances (:mod:`dino_hf.train.callbacks`);
+- ``teacher``: a frozen foundation model to distil (as ``--distillation_teacher``): a Hub id or folder, or a
+  backbone ``PreTrainedModel`` / ``DinoForPreTraining`` object, saved to the run's ``distillation_teacher/``
+  folder first (with its ``image_processor`` attribute, if any) so that the run records and checks one path.
 
 ``train()`` leaves the process as it found it: the root logger, the library loggers' levels, Python
 warnings, the ``datasets`` / ``transformers`` / ``huggingface_hub`` progress bars and torch's thread
@@ -62,6 +65,7 @@ class DinoTrainer:
         train_dataset: the training images (default ``args.dataset_name``).
         eval_dataset: a labelled set with both evaluation splits (default ``args.eval_dataset_name``).
         callbacks: ``transformers.TrainerCallback`` instances called by the loop.
+        teacher: a frozen model to distil (``args.distillation_teacher`` by default).
 
     Raises:
         ValueError: no ``args``, or a ``model`` of another kind (one sentence).
@@ -74,6 +78,7 @@ class DinoTrainer:
         train_dataset: Any = None,
         eval_dataset: Any = None,
         callbacks: Iterable[TrainerCallback] | None = None,
+        teacher: str | os.PathLike | PreTrainedModel | None = None,
     ) -> None:
         if not isinstance(args, DinoTrainingArguments):
             raise ValueError("DinoTrainer needs args=DinoTrainingArguments(...) (e.g. "
@@ -86,6 +91,9 @@ class DinoTrainer:
             if model_type not in SUPPORTED_MODEL_TYPES:
                 raise ValueError(f"model is a {type(model).__name__} ({model_type!r}), not a backbone family dino_hf "
                                  f"trains: {', '.join(SUPPORTED_MODEL_TYPES)}.")
+        if teacher is not None and not isinstance(teacher, (str, os.PathLike, PreTrainedModel)):
+            raise ValueError(f"teacher must be a Hub id or folder or a PreTrainedModel, not {type(teacher).__name__}.")
+        self.teacher = teacher
         self.args = args
         self.model = model
         self.train_dataset = train_dataset
@@ -110,6 +118,7 @@ class DinoTrainer:
         try:
             with output_restored():
                 args = self._start_from_model(args)
+                args = self._with_teacher(args)
                 inputs = TrainingInputs(train_dataset=self.train_dataset, eval_dataset=self.eval_dataset,
                                         callbacks=tuple(self.callbacks))
                 self.result = train(args, inputs=inputs)
@@ -131,18 +140,19 @@ class DinoTrainer:
         if isinstance(model, (str, os.PathLike)):
             return dataclasses.replace(args, model_name_or_path=os.fspath(model))
         folder = RunFolder(args.output_dir).initial_model
-        from accelerate import PartialState
-
-        state = PartialState()
-        if state.is_main_process:
-            unwrapped = getattr(model, "module", model)
-            unwrapped.save_pretrained(folder)
-            if not isinstance(unwrapped, DinoForPreTraining):
-                processor = getattr(unwrapped, "image_processor", None)
-                if processor is not None:
-                    processor.save_pretrained(folder)
-        state.wait_for_everyone()
+        _save_on_main_process(getattr(model, "module", model), folder)
         return dataclasses.replace(args, model_name_or_path=str(folder))
+
+    def _with_teacher(self, args: DinoTrainingArguments) -> DinoTrainingArguments:
+        """``args`` with ``distillation_teacher`` set from ``self.teacher`` (an object is saved first)."""
+        teacher = self.teacher
+        if teacher is None:
+            return args
+        if isinstance(teacher, (str, os.PathLike)):
+            return dataclasses.replace(args, distillation_teacher=os.fspath(teacher))
+        folder = RunFolder(args.output_dir).distillation_teacher
+        _save_on_main_process(getattr(teacher, "module", teacher), folder)
+        return dataclasses.replace(args, distillation_teacher=str(folder))
 
     # ------------------------------------------------------------------ after training
     def trained_model(self) -> DinoForPreTraining:
@@ -206,3 +216,18 @@ class DinoTrainer:
             return export_embeddings(backbone, processor, opened.dataset, output_dir, split=split,
                                      image_column=column, id_column=id_column, batch_size=batch_size,
                                      l2_normalize=l2_normalize, settings=settings, overwrite=overwrite)
+
+
+def _save_on_main_process(model: PreTrainedModel, folder: Path) -> None:
+    """``model.save_pretrained(folder)`` (with a backbone's ``image_processor`` attribute, if any) on the main
+    process, the others waiting for it."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    if state.is_main_process:
+        model.save_pretrained(folder)
+        if not isinstance(model, DinoForPreTraining):
+            processor = getattr(model, "image_processor", None)
+            if processor is not None:
+                processor.save_pretrained(folder)
+    state.wait_for_everyone()

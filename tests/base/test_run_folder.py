@@ -37,6 +37,23 @@ def test_layout_errors_name_the_flag(tmp_path, capsys):
     assert "model.safetensors  <-" in out and "library_name: transformers" in out
 
 
+@pytest.mark.parametrize("model_type", ["vit", "convnext", "resnet", "dinov2"])
+def test_a_bare_backbone_folder_of_any_family_is_shared_as_it_is(model_type, tmp_path):
+    """An exported backbone on its own (no run around it) is what it shares, whatever its family; a
+    DinoForPreTraining folder without backbone/ is not mistaken for one."""
+    from tiny_models import tiny_family_config
+
+    from dino_hf.models.modeling_dino import DinoForPreTraining
+
+    model = DinoForPreTraining(tiny_family_config(model_type))
+    model.save_backbone(tmp_path / "export", image_size=32)
+    shared = read_training_output(tmp_path / "export")
+    assert set(shared.files) >= {"config.json", "preprocessor_config.json", "model.safetensors"}
+    model.save_pretrained(tmp_path / "dino")
+    with pytest.raises(FileNotFoundError, match="has no backbone/ folder"):
+        read_training_output(tmp_path / "dino")
+
+
 def test_scrub_secrets():
     assert scrub_secrets(f"token={TOKEN}!", TOKEN) == "token=***!"
     assert scrub_secrets("Bearer hf_abcdefghijklmnopqrstuvwxyz") == "Bearer hf_***"

@@ -17,6 +17,7 @@ from dino_hf.train.step_plan import plan_steps
 REPO = Path(__file__).resolve().parents[2]
 CONFIGS = sorted((REPO / "scripts" / "configs").glob("*.yaml"))
 REQUIRED = ["--dataset_name", "data", "--output_dir", "out"]
+REQUIRED_VALUES = {"dataset_name": "data", "output_dir": "out"}
 
 
 def make_args(**overrides) -> DinoTrainingArguments:
@@ -25,7 +26,8 @@ def make_args(**overrides) -> DinoTrainingArguments:
 
 def test_defaults_are_the_official_recipe():
     args = make_args()
-    assert args.learning_rate == 5e-4 and args.min_learning_rate == 1e-6 and args.warmup_epochs == 10
+    assert args.base_learning_rate == 5e-4 and args.learning_rate is None
+    assert args.min_learning_rate == 1e-6 and args.warmup_epochs == 10
     assert (args.weight_decay, args.weight_decay_end) == (0.04, 0.4)
     assert args.teacher_momentum == 0.996 and args.teacher_temperature == 0.04
     assert args.max_grad_norm == 3.0 and args.clip_mode == "per_parameter"
@@ -76,6 +78,31 @@ def test_a_runs_training_args_json_replays_with_config(tmp_path):
     path.write_text(json.dumps({**args.to_dict(), "num_processes": 1, "hardware": "cpu", "train_runtime": 1.5}))
     parsed = parse_training_args(["--config", str(path)])
     assert parsed == dataclasses.replace(args, config=str(path))
+
+
+def test_a_training_args_json_of_dino_hf_0_1_keeps_its_per_256_learning_rate(tmp_path):
+    """Before 0.2 ``learning_rate`` was per 256 images; a recorded run of then (``scaled_learning_rate`` beside
+    it, no ``base_learning_rate``) replays with that value as ``--base_learning_rate``."""
+    path = tmp_path / "training_args.json"
+    path.write_text(json.dumps({**REQUIRED_VALUES, "learning_rate": 2e-3, "scaled_learning_rate": 5e-4}))
+    parsed = parse_training_args(["--config", str(path)])
+    assert parsed.base_learning_rate == 2e-3 and parsed.learning_rate is None
+
+
+def test_the_token_is_never_printed_nor_recorded():
+    args = make_args(token="hf_abcdefghijklmnopqrstuvwxyz")
+    assert args.token == "hf_abcdefghijklmnopqrstuvwxyz" and args.hub_options() == {"token": args.token}
+    assert "hf_abc" not in repr(args) and "token" not in args.to_dict()
+    assert make_args(model_revision="v1", cache_dir="cache").hub_options(model=True) == {
+        "revision": "v1", "cache_dir": "cache"}
+
+
+def test_negative_flags_say_what_they_do(capsys):
+    with pytest.raises(SystemExit):
+        parse_training_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "--no_streaming, --no-streaming Turn --streaming off (it is on by default)." in text
+    assert "Turn --streaming off (it is on by default). (default: False)" not in text
 
 
 @pytest.mark.parametrize(

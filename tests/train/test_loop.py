@@ -155,7 +155,8 @@ WIRING_SCHEDULE = {
 def _wiring_run(dataset: Path, config_file: Path, output_dir: Path) -> tuple[DinoTrainingArguments, DinoSchedules]:
     """The arguments of a 4-step run with WIRING_SCHEDULE and the schedules it must follow (built here,
     not by the library: batch 8 on one process scales the learning rate by 8 / 256)."""
-    args = tiny_args(dataset, output_dir, config_file, logging_steps=1, mixed_precision="no", **WIRING_SCHEDULE)
+    flags = {("base_learning_rate" if name == "learning_rate" else name): value for name, value in WIRING_SCHEDULE.items()}
+    args = tiny_args(dataset, output_dir, config_file, logging_steps=1, mixed_precision="no", **flags)
     schedules = DinoSchedules(total_steps=4, freeze_last_layer_steps=1,
                               **{**WIRING_SCHEDULE, "learning_rate": WIRING_SCHEDULE["learning_rate"] * 8 / 256})
     return args, schedules
@@ -289,7 +290,7 @@ def test_each_step_decays_weights_by_the_schedule_and_never_biases_or_norms(data
 @pytest.mark.parametrize("optimizer", ["sgd", "lars"])
 def test_the_sgd_and_lars_optimisers_train_with_the_schedules(optimizer, dataset, tiny_config_file, tmp_path):
     """--optimizer sgd|lars (the official ResNet-50 recipes): the weights move and the rows are finite."""
-    result = train(tiny_args(dataset, tmp_path / "run", tiny_config_file, optimizer=optimizer, learning_rate=0.03,
+    result = train(tiny_args(dataset, tmp_path / "run", tiny_config_file, optimizer=optimizer, base_learning_rate=0.03,
                              weight_decay=1e-4, weight_decay_end=1e-4, mixed_precision="no"))
     inner = result.model  # the unwrapped model; the optimiser's type is recorded in training_args.json
     assert json.loads((tmp_path / "run" / "training_args.json").read_text())["optimizer"] == optimizer

@@ -34,7 +34,7 @@ def test_collapse_remedies_are_computed_from_the_run():
     assert "--teacher_momentum" not in remedies  # already fast
     one_hot = " ".join(small.remedies("one-hot", {"teacher_temperature": 0.04}))
     assert "--teacher_temperature 0.06" in one_hot and "--center_momentum 0.8" in one_hot
-    assert "--learning_rate 0.00025" in one_hot
+    assert "--base_learning_rate 0.00025" in one_hot
 
 
 def _rows(grad_norms, spike_at=None, spike=None):
@@ -50,7 +50,7 @@ def test_gradient_spike_warns_on_an_injected_spike_once_per_episode():
     messages = [monitor.update(row["step"], row) for row in rows]
     assert [index for index, message in enumerate(messages) if message] == [8]
     assert "by step 90: 40" in messages[8] and "--max_grad_norm (1.0, now 3)" in messages[8]
-    assert "--learning_rate (0.00025, now 0.0005)" in messages[8] and "--warmup_steps 100" in messages[8]
+    assert "--base_learning_rate (0.00025, now 0.0005)" in messages[8] and "--warmup_steps 100" in messages[8]
     # a spike that lasts several windows warns once; a new one after a quiet window warns again
     monitor = GradientSpikeMonitor(factor=10, min_history=3)
     rows = _rows([1.0] * 4 + [1.0, 1.0, 1.0, 1.0])

@@ -62,7 +62,18 @@ def test_plan_with_known_dataset_size():
     assert plan.steps_per_epoch == 7  # 1000 // 128
     assert plan.total_steps == 21 and plan.warmup_steps == 7
     assert plan.freeze_last_layer_steps == 4 and plan.warmup_teacher_temperature_steps == 14
-    assert args.learning_rate == 5e-4  # the arguments themselves are untouched
+    assert args.base_learning_rate == 5e-4 and args.learning_rate is None  # the arguments themselves are untouched
+
+
+def test_learning_rate_is_absolute_and_base_learning_rate_per_256_images():
+    """HF's convention (transformers' run_mae.py): --base_learning_rate scales with the batch, --learning_rate
+    is the absolute peak and wins; the schedules reach exactly that peak."""
+    scaled = plan_steps(make_args(max_steps=10, per_device_train_batch_size=32, base_learning_rate=1e-3).run_length(),
+                        num_examples_per_process=None, num_processes=2)
+    assert scaled.learning_rate == pytest.approx(1e-3 * 64 / 256)
+    absolute = plan_steps(make_args(max_steps=10, per_device_train_batch_size=32, base_learning_rate=1e-3,
+                                    learning_rate=3e-4).run_length(), num_examples_per_process=None, num_processes=2)
+    assert absolute.learning_rate == 3e-4
 
 
 def test_plan_for_a_stream_of_unknown_length():

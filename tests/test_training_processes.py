@@ -91,7 +91,8 @@ def test_two_cpu_processes_see_disjoint_data_and_keep_identical_teachers(dataset
     assert [result.stderr.count(f"step {step}/4 (") for step in (1, 2, 3, 4)] == [1, 1, 1, 1], result.stderr[-3000:]
 
 
-def _assert_kill_and_resume_is_exact(launcher: list[str], flags_for, kill_step: int, tmp_path: Path) -> None:
+def _assert_kill_and_resume_is_exact(launcher: list[str], flags_for, kill_step: int, tmp_path: Path,
+                                     timing: set[str] = frozenset()) -> None:
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     result = run([*launcher, str(TRAIN), *flags_for(reference)])
     assert result.returncode == 0, result.stderr[-3000:]
@@ -110,7 +111,7 @@ def _assert_kill_and_resume_is_exact(launcher: list[str], flags_for, kill_step: 
     assert any(name.startswith("teacher.") for name in expected) and "loss_fn.center" in expected
     for name in expected:
         assert torch.equal(expected[name], actual[name]), name
-    timing = {"images_per_second", "data_wait_fraction", "elapsed_seconds"}
+    timing = {"images_per_second", "data_wait_fraction", "elapsed_seconds", *timing}
     strip = [{key: value for key, value in row.items() if key not in timing} for row in rows(reference)]
     assert [{key: value for key, value in row.items() if key not in timing} for row in rows(resumed)] == strip
 
@@ -213,6 +214,30 @@ def test_fsdp_on_two_cpu_processes_checkpoints_sharded_and_resumes_exactly(datas
     assert not (checkpoint / "model.safetensors").exists()
     weights = load_file(tmp_path / "resumed" / "model.safetensors")
     assert weights["teacher.backbone.embeddings.cls_token"].shape == (1, 1, 32)  # whole tensors, not shards
+
+
+def test_distillation_on_two_fsdp_processes_resumes_exactly_after_a_sigkill(dataset, tiny_config_file, tmp_path):
+    """A frozen ViT teacher distilled into a ViT student sharded by FSDP2 over 2 CPU processes,
+    every term on (DINO's own at 0.5, cosine, soft targets whose queue gathers both processes' teacher embeddings,
+    dense): SIGKILL after step 3 and resume end bit-identical (the projectors and the queue are in the
+    checkpoint, the teacher is not), and the export is the student's stock class without the projectors."""
+    teacher = tmp_path / "teacher"
+    torch.manual_seed(1)
+    from dino_hf import DinoForPreTraining
+
+    DinoForPreTraining(tiny_family_config("vit")).save_backbone(teacher, image_size=32)
+    flags = {"distillation_teacher": teacher, "dino_loss_weight": 0.5, "distillation_soft_weight": 1,
+             "distillation_dense_weight": 1, "distillation_queue_size": 16}
+    _assert_kill_and_resume_is_exact(
+        FSDP_LAUNCH, lambda output_dir: train_flags(dataset, output_dir, tiny_config_file, **flags), 3,
+        tmp_path, timing={"teacher_forward_share"},
+    )
+    weights = load_file(tmp_path / "resumed" / "model.safetensors")
+    assert weights["distillation.loss_fn.queue"].shape == (16, 32) and "distillation.dense_projector.weight" in weights
+    logged = rows(tmp_path / "reference")
+    assert all(row["loss"] == pytest.approx(0.5 * row["dino_loss"] + row["distillation_loss"], rel=1e-5) for row in logged)
+    exported = load_file(tmp_path / "resumed" / "backbone" / "model.safetensors")
+    assert not any("distillation" in name or "projector" in name for name in exported)
 
 
 @pytest.mark.slow

@@ -645,6 +645,8 @@ class DinoForPreTraining(DinoPreTrainedModel):
         num_blocks = family.num_blocks(self.config.backbone_config)
         groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
         named = list(self.student.named_parameters())
+        if not self.config.self_distils:  # pure distillation: the DINO heads get no gradient, so no optimiser state
+            named = [(name, parameter) for name, parameter in named if not name.startswith(("head.", "ibot_head."))]
         if self.distillation is not None:  # the projectors to a frozen teacher learn as the heads do
             named += list(self.distillation.named_parameters(prefix="distillation"))
         for name, parameter in named:

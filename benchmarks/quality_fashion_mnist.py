@@ -95,7 +95,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--train_args",
         default="",
-        help="Extra scripts/train.py flags appended to the recipe, e.g. '--learning_rate 3e-3'.",
+        help="Extra scripts/train.py flags appended to the recipe, e.g. '--base_learning_rate 3e-3'.",
     )
     parser.add_argument("--k", type=int, default=20, help="Neighbours of the headline k-NN figure.")
     parser.add_argument("--seed", type=int, default=0, help="Seed of the random-weight baseline.")

@@ -13,8 +13,8 @@ declare -A RUNS=(
   [healthy]=""
   [uniform_collapse]="--teacher_temperature 0.1 --warmup_teacher_temperature 0.1"
   [one_hot_collapse]="--center_momentum 1.0"
-  [explosion]="--learning_rate 0.5 --max_grad_norm 0 --warmup_steps 0 --max_consecutive_nonfinite_steps 100"
-  [no_learning]="--learning_rate 1e-6"
+  [explosion]="--base_learning_rate 0.5 --max_grad_norm 0 --warmup_steps 0 --max_consecutive_nonfinite_steps 100"
+  [no_learning]="--base_learning_rate 1e-6"
 )
 mkdir -p "$OUT"
 for name in healthy uniform_collapse one_hot_collapse explosion no_learning; do

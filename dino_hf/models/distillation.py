@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from transformers import PreTrainedModel
 
 from dino_hf.data.augmentation import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from dino_hf.losses.distillation import DistillationLoss
+from dino_hf.losses.distillation import DistillationLoss, DistillationLossOutput
 from dino_hf.models.backbones import config_patch_size, family_of
 
 __all__ = ["DistillationProjectors", "DistillationTargets", "FrozenTeacher", "teacher_input_size", "weights_sha256"]
@@ -169,7 +169,8 @@ class DistillationProjectors(nn.Module):
     def uses_dense(self) -> bool:
         return self.dense_projector is not None
 
-    def forward(self, student_embedding: Tensor, student_map: Tensor | None, targets: DistillationTargets):
+    def forward(self, student_embedding: Tensor, student_map: Tensor | None,
+                targets: DistillationTargets) -> DistillationLossOutput:
         """The :class:`~dino_hf.losses.distillation.DistillationLossOutput` of the student's ``(N, D_s)``
         embedding (and ``(N, C, h, w)`` feature map) against the teacher's ``targets``."""
         projected_map = self.dense_projector(student_map) if self.dense_projector is not None else None

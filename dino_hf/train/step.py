@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from torch import Tensor
 from torch.distributed.tensor import DTensor
 
-from dino_hf.models.distillation import FrozenTeacher
+from dino_hf.models.distillation import DistillationTargets, FrozenTeacher
 from dino_hf.models.modeling_dino import DinoForPreTraining
 from dino_hf.train.schedules import ScheduleValues
 
@@ -160,7 +160,7 @@ class DinoTrainStep:
                     center_sums[key] = value if key not in center_sums else center_sums[key] + value
         return sums, center_sums
 
-    def _teacher_targets(self, global_crops: Tensor):
+    def _teacher_targets(self, global_crops: Tensor) -> DistillationTargets | None:
         """The frozen teacher's targets for ``(G, B, 3, H, W)`` global crops (``None`` without a teacher), timed."""
         if self.distillation_teacher is None:
             return None

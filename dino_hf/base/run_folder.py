@@ -61,6 +61,8 @@ CONFIG_NAME = "config.json"
 WEIGHTS_NAME = "model.safetensors"
 SHARD_INDEX_NAME = "model.safetensors.index.json"
 PROCESSOR_CONFIG_NAME = "preprocessor_config.json"
+#: The key of ``training_args.json`` that identifies a distillation run's frozen teacher (its weights' SHA-256).
+TEACHER_HASH_KEY = "distillation_teacher_sha256"
 #: ``model_type`` of a DinoForPreTraining's ``config.json`` (``DinoConfig.model_type``); any other is a backbone's.
 DINO_MODEL_TYPE = "dino_hf"
 #: Next to a DinoForPreTraining imported from an official DINO ``checkpoint.pth``: how far that run had
@@ -91,7 +93,7 @@ RUN_FACT_KEYS = (
     "num_processes",
     "global_batch_size",
     "scaled_learning_rate",
-    "distillation_teacher_sha256",
+    TEACHER_HASH_KEY,
     "steps_per_epoch",
     "planned_total_steps",
     "calibrated_seconds_per_step",

@@ -3,6 +3,8 @@
 - :func:`add_model_arguments`: ``--model_name_or_path`` (old spelling ``--model``), ``--which`` and
   ``--model_revision``, for ``dino-hf-eval``, ``dino-hf-attention`` and ``dino-hf-embed``;
 - :func:`add_which_argument`: ``--which`` alone (``dino-hf-push`` names its model with ``--output_dir``);
+- :func:`add_eval_reading_arguments`: ``--per_device_eval_batch_size`` (old spelling ``--batch_size``) and
+  ``--streaming``, for ``dino-hf-eval`` and ``dino-hf-embed``;
 - :func:`load_model_backbone`: the backbone those flags name, or one sentence naming the flag that is wrong.
 """
 
@@ -12,11 +14,11 @@ import argparse
 
 from torch import nn
 
-from dino_hf.cli.console import deprecated_spelling, first_line
+from dino_hf.cli.console import add_boolean_flag, deprecated_spelling, first_line
 from dino_hf.eval.loading import NETWORKS, backbone_config_of, load_backbone
 from dino_hf.models.backbones import SUPPORTED_MODEL_TYPES, family_of
 
-__all__ = ["add_model_arguments", "add_which_argument", "load_model_backbone"]
+__all__ = ["add_eval_reading_arguments", "add_model_arguments", "add_which_argument", "load_model_backbone"]
 
 
 def add_which_argument(parser: argparse.ArgumentParser, help_text: str) -> None:
@@ -37,6 +39,16 @@ def add_model_arguments(parser: argparse.ArgumentParser, use: str) -> None:
     add_which_argument(parser, f"Network of a DINO run or model to {use}.")
     parser.add_argument("--model_revision", "--revision", dest="model_revision", default=None,
                         help="Hub revision (branch, tag or commit) of --model_name_or_path." + deprecated_spelling("--revision"))
+
+
+def add_eval_reading_arguments(parser: argparse.ArgumentParser, batch_help: str) -> None:
+    """``--per_device_eval_batch_size`` (old spelling ``--batch_size``; help ``batch_help``) and ``--streaming`` (off)."""
+    parser.add_argument("--per_device_eval_batch_size", "--batch_size", dest="per_device_eval_batch_size", type=int,
+                        default=64, help=batch_help + deprecated_spelling("--batch_size"))
+    add_boolean_flag(parser, "streaming", False,
+                     "Stream the dataset instead of downloading and converting it first (a large Hub dataset). Off by "
+                     "default, unlike dino-hf-train: every image of the split is read anyway, and an indexed split gives "
+                     "the seeded --max_*_samples subsets an unbiased draw even from a class-sorted folder.")
 
 
 def load_model_backbone(args: argparse.Namespace, *, attention: bool = False) -> nn.Module:

@@ -62,17 +62,20 @@ def wants_debug(argv: list[str]) -> bool:
     """Whether ``argv`` asks for tracebacks (``--debug``, ``--debug true``), read before the arguments are parsed."""
     wanted = False
     for index, arg in enumerate(argv):
-        value = arg.partition("=")[2] if arg.startswith("--debug=") else None
-        if arg == "--debug":
-            following = argv[index + 1] if index + 1 < len(argv) else ""
-            value = following if following.lower() in _BOOLEAN_TEXT else "true"
-        if value is not None:
-            wanted = value.lower() in ("yes", "true", "t", "y", "1")
+        if arg.startswith("--debug="):
+            wanted = _as_bool(arg.partition("=")[2]) is True
+        elif arg == "--debug":  # a switch, or followed by its value (the last one given decides)
+            following = _as_bool(argv[index + 1]) if index + 1 < len(argv) else None
+            wanted = True if following is None else following
     return wanted
 
 
-#: The values a boolean flag takes (transformers' ``string_to_bool``).
-_BOOLEAN_TEXT = ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+def _as_bool(text: str) -> bool | None:
+    """``text`` as a boolean flag's value (transformers' ``string_to_bool``), ``None`` when it is not one."""
+    try:
+        return string_to_bool(text)
+    except argparse.ArgumentTypeError:
+        return None
 
 
 def first_line(error: BaseException) -> str:

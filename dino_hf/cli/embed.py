@@ -19,8 +19,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
-from dino_hf.cli.console import CommandParser, add_boolean_flag, deprecated_spelling, first_line, run_main
+from dino_hf.cli.arguments import add_eval_reading_arguments, add_model_arguments, load_model_backbone
+from dino_hf.cli.console import CommandParser, deprecated_spelling, first_line, run_main
 
 PROG = "dino-hf-embed"
 #: Columns that identify a row, looked for in this order when --id_column is unset (webdataset's key last).
@@ -49,17 +49,12 @@ def build_parser(prog: str = PROG) -> CommandParser:
                         help="Start over instead of resuming an export in --output_dir.")
     parser.add_argument("--rows_per_shard", type=int, default=10_000,
                         help="Rows per parquet file: the unit of resumption and of parallel reading.")
-    parser.add_argument("--per_device_eval_batch_size", "--batch_size", dest="per_device_eval_batch_size", type=int,
-                        default=64, help="Images per forward pass." + deprecated_spelling("--batch_size"))
+    add_eval_reading_arguments(parser, "Images per forward pass.")
     parser.add_argument("--dataloader_num_workers", "--num_workers", dest="dataloader_num_workers", type=int,
                         default=0, help="DataLoader workers decoding images (not with --streaming, which reads in order).")
     parser.add_argument("--image_size", type=int, default=None,
                         help="Input resolution; default the model's image processor (or config) size.")
     parser.add_argument("--max_samples", type=int, default=None, help="Embed only the first this many rows.")
-    add_boolean_flag(parser, "streaming", False,
-                     "Stream the dataset instead of downloading and converting it first (a large Hub dataset). Off by default, "
-                     "unlike dino-hf-train: every image of the split is read anyway, and an indexed split gives the seeded "
-                     "--max_*_samples subsets an unbiased draw even from a class-sorted folder.")
     parser.add_argument("--l2_normalize", action="store_true",
                         help="L2-normalise the embeddings (cosine similarity becomes a dot product).")
     parser.add_argument("--push_to_hub", action="store_true", help="Upload the export as a Hub dataset.")

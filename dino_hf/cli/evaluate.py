@@ -27,8 +27,8 @@ from pathlib import Path
 from typing import Any
 
 from dino_hf.base.official_recipe import OFFICIAL_KNN_TEMPERATURE
-from dino_hf.cli.arguments import add_model_arguments, load_model_backbone
-from dino_hf.cli.console import CommandParser, add_boolean_flag, deprecated_spelling, first_line, run_main
+from dino_hf.cli.arguments import add_eval_reading_arguments, add_model_arguments, load_model_backbone
+from dino_hf.cli.console import CommandParser, first_line, run_main
 
 PROG = "dino-hf-eval"
 
@@ -53,18 +53,13 @@ def build_parser(prog: str = PROG) -> CommandParser:
                         help=f"Vote temperature T: weights exp(sim / T). {OFFICIAL_KNN_TEMPERATURE} is the official value.")
     parser.add_argument("--image_size", type=int, default=None,
                         help="Evaluation resolution; default the model's image processor (or config) size.")
-    parser.add_argument("--per_device_eval_batch_size", "--batch_size", dest="per_device_eval_batch_size", type=int,
-                        default=64, help="Images per forward pass and process." + deprecated_spelling("--batch_size"))
+    add_eval_reading_arguments(parser, "Images per forward pass and process.")
     parser.add_argument("--dataloader_num_workers", "--num_workers", dest="dataloader_num_workers", type=int,
                         default=0, help="DataLoader workers decoding images.")
     parser.add_argument("--max_train_samples", type=int, default=None,
                         help="Seeded random subset of the train split (quick checks).")
     parser.add_argument("--max_eval_samples", "--max_test_samples", dest="max_eval_samples", type=int, default=None,
                         help="Seeded random subset of the evaluation split.")
-    add_boolean_flag(parser, "streaming", False,
-                     "Stream the dataset instead of downloading and converting it first (a large Hub dataset). Off by default, "
-                     "unlike dino-hf-train: every image of the split is read anyway, and an indexed split gives the seeded "
-                     "--max_*_samples subsets an unbiased draw even from a class-sorted folder.")
     parser.add_argument("--linear_probe", action="store_true",
                         help="Also fit a logistic-regression probe on the frozen features (L-BFGS).")
     parser.add_argument("--mixed_precision", choices=["no", "bf16", "fp16"], default="no",

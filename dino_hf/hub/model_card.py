@@ -24,6 +24,7 @@ from dino_hf.base.run_folder import (
     CONFIG_NAME,
     EVAL_RESULTS_NAME,
     PROCESSOR_CONFIG_NAME,
+    TEACHER_HASH_KEY,
     TRAINING_ARGS_NAME,
     TRAINING_CURVES_NAME,
     TRAINING_MODEL_SUBFOLDER,
@@ -385,7 +386,7 @@ def _training_rows(run: TrainingOutput) -> list[tuple[str, str]]:
         add("Initialised from", _start_text(args, _base_model(args)))
     if args.get("distillation_teacher"):
         teacher = args["distillation_teacher"]
-        digest = args.get("distillation_teacher_sha256")
+        digest = args.get(TEACHER_HASH_KEY)
         add("Distilled from", f"`{teacher if _looks_like_hub_id(teacher) else _local_name(teacher)}` (frozen"
             + (f"; weights SHA-256 `{digest[:16]}`" if digest else "") + ")")
     if args.get("global_crop_size") is not None:

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from dino_hf.base.run_folder import TEACHER_HASH_KEY
 from dino_hf.eval.loading import load_backbone, load_image_processor
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.distillation import FrozenTeacher, weights_sha256
@@ -21,11 +22,9 @@ from dino_hf.train.arguments import DinoTrainingArguments
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["TEACHER_HASH_KEY", "attach_distillation_teacher", "check_resumed_teacher", "describe_teacher",
+__all__ = ["attach_distillation_teacher", "check_resumed_teacher", "describe_teacher",
            "load_distillation_teacher", "open_distillation_teacher"]
 
-#: The key of ``training_args.json`` that identifies the teacher of a distillation run (its weights' SHA-256).
-TEACHER_HASH_KEY = "distillation_teacher_sha256"
 
 
 def load_distillation_teacher(name_or_path: str, revision: str | None) -> tuple[FrozenTeacher, str]:

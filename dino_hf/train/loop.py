@@ -249,18 +249,18 @@ def _set_up(args: DinoTrainingArguments, clock: Callable[[], float], inputs: Tra
     # or append to it meanwhile.
     lock = acquire_run_lock(folder.root, accelerator)
     try:
-        return _build_run(args, clock, precision, accelerator, folder, lock, inputs)
+        return _build_run(args, clock, precision, accelerator, folder, lock, inputs, recorded)
     except BaseException:
         lock.release()
         raise
 
 
 def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precision: PrecisionChoice, accelerator: Accelerator,
-               folder: RunFolder, lock: RunLock, inputs: TrainingInputs) -> _Run:
-    """`_set_up` once the output folder is locked."""
+               folder: RunFolder, lock: RunLock, inputs: TrainingInputs, recorded: dict[str, Any]) -> _Run:
+    """`_set_up` once the output folder is locked; ``recorded``: the ``training_args.json`` of a run being resumed."""
     resume_path = resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir, accelerator)
     set_seed(args.seed)
-    teacher, teacher_facts = open_distillation_teacher(args, resume_path is not None, read_json(folder.training_args))
+    teacher, teacher_facts = open_distillation_teacher(args, resume_path is not None, recorded)
     model = build_model(args, None if teacher is None else teacher.embedding_size)
     loader = open_training_data(args, accelerator, dataset=inputs.train_dataset)
     machine = MachineSettings(
@@ -282,7 +282,7 @@ def _build_run(args: DinoTrainingArguments, clock: Callable[[], float], precisio
     run_length = dataclasses.replace(args.run_length(), evaluates=knn_monitor is not None)
     plan = plan_steps(run_length, loader.num_examples, accelerator.num_processes, continued=continued)
     if resume_path is not None and accelerator.is_main_process:
-        warning = resumed_learning_rate_warning(read_json(folder.training_args), plan.learning_rate)
+        warning = resumed_learning_rate_warning(recorded, plan.learning_rate)
         if warning:
             logger.warning(warning)
     schedules = build_schedules(args, plan)

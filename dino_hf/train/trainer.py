@@ -134,25 +134,11 @@ class DinoTrainer:
 
     def _start_from_model(self, args: DinoTrainingArguments) -> DinoTrainingArguments:
         """``args`` with ``model_name_or_path`` set from ``self.model`` (an object is saved first)."""
-        model = self.model
-        if model is None:
-            return args
-        if isinstance(model, (str, os.PathLike)):
-            return dataclasses.replace(args, model_name_or_path=os.fspath(model))
-        folder = RunFolder(args.output_dir).initial_model
-        _save_on_main_process(getattr(model, "module", model), folder)
-        return dataclasses.replace(args, model_name_or_path=str(folder))
+        return _named_in_args(args, "model_name_or_path", self.model, RunFolder(args.output_dir).initial_model)
 
     def _with_teacher(self, args: DinoTrainingArguments) -> DinoTrainingArguments:
         """``args`` with ``distillation_teacher`` set from ``self.teacher`` (an object is saved first)."""
-        teacher = self.teacher
-        if teacher is None:
-            return args
-        if isinstance(teacher, (str, os.PathLike)):
-            return dataclasses.replace(args, distillation_teacher=os.fspath(teacher))
-        folder = RunFolder(args.output_dir).distillation_teacher
-        _save_on_main_process(getattr(teacher, "module", teacher), folder)
-        return dataclasses.replace(args, distillation_teacher=str(folder))
+        return _named_in_args(args, "distillation_teacher", self.teacher, RunFolder(args.output_dir).distillation_teacher)
 
     # ------------------------------------------------------------------ after training
     def trained_model(self) -> DinoForPreTraining:
@@ -216,6 +202,18 @@ class DinoTrainer:
             return export_embeddings(backbone, processor, opened.dataset, output_dir, split=split,
                                      image_column=column, id_column=id_column, batch_size=batch_size,
                                      l2_normalize=l2_normalize, settings=settings, overwrite=overwrite)
+
+
+def _named_in_args(args: DinoTrainingArguments, field: str, value: str | os.PathLike | PreTrainedModel | None,
+                   folder: Path) -> DinoTrainingArguments:
+    """``args`` with ``field`` naming ``value``: a name or path as it is, a model object saved to ``folder`` first
+    (so that the run, its records and a resume all see a path); ``None`` leaves ``args`` alone."""
+    if value is None:
+        return args
+    if isinstance(value, (str, os.PathLike)):
+        return dataclasses.replace(args, **{field: os.fspath(value)})
+    _save_on_main_process(getattr(value, "module", value), folder)
+    return dataclasses.replace(args, **{field: str(folder)})
 
 
 def _save_on_main_process(model: PreTrainedModel, folder: Path) -> None:

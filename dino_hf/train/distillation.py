@@ -10,11 +10,13 @@ on disk is refused before it trains a step.
 from __future__ import annotations
 
 import logging
+import os
 from typing import Any
 
 import torch
 
 from dino_hf.base.run_folder import TEACHER_HASH_KEY
+from dino_hf.data.streaming import looks_like_local_path
 from dino_hf.eval.loading import load_backbone, load_image_processor
 from dino_hf.models.configuration_dino import DinoConfig
 from dino_hf.models.distillation import FrozenTeacher, weights_sha256
@@ -35,8 +37,13 @@ def load_distillation_teacher(name_or_path: str, revision: str | None) -> tuple[
         name_or_path: a Hub id, a backbone folder, a run's ``--output_dir`` or a ``DinoForPreTraining`` folder.
         revision: ``--distillation_teacher_revision``.
     Raises:
-        ValueError: one sentence naming ``--distillation_teacher`` (nothing loadable there).
+        ValueError: one sentence naming ``--distillation_teacher`` (a local path that does not exist, nothing
+            loadable there).
     """
+    if looks_like_local_path(name_or_path) and not os.path.exists(os.path.expanduser(name_or_path)):
+        raise ValueError(f"--distillation_teacher {name_or_path} does not exist (a local path, so it is not looked up "
+                         "on the Hub): pass an exported backbone folder, a run's --output_dir, a DinoForPreTraining "
+                         "folder or a Hub id.")
     try:
         backbone = load_backbone(name_or_path, revision=revision, which="teacher")
         processor = load_image_processor(name_or_path, backbone.config, revision=revision)

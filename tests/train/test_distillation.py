@@ -167,6 +167,10 @@ def test_a_convnet_teacher_cannot_give_the_dense_term(dataset, resnet_config, tm
     with pytest.raises(ValueError, match="--distillation_dense_weight: the dense term .* ConvNeXt teacher has none"):
         train(args)
     assert not (tmp_path / "run" / "checkpoints").exists()
+    missing = tiny_args(dataset, tmp_path / "missing", resnet_config, **DISTILLATION, max_steps=2,
+                        distillation_teacher=str(tmp_path / "no_such_teacher"))
+    with pytest.raises(ValueError, match="no_such_teacher does not exist .* not looked up on the Hub"):
+        train(missing)
     # without the dense term a ConvNet teaches (its pooled embedding)
     global_only = {**DISTILLATION, "distillation_dense_weight": 0.0}
     result = train(tiny_args(dataset, tmp_path / "global", resnet_config, **global_only, max_steps=2,

@@ -271,14 +271,18 @@ def _category_from_name(name: str) -> str:
     lowered = name.lower()
     if "scaled_dot_product" in lowered or "scaleddotproduct" in lowered:
         return "attention"
+    # Eager attention outside any attention module (the ViT fast path computes it in functions): its
+    # batched products and softmax; the linear layers use mm/addmm and the loss's softmax has a scope.
+    if "bmm" in lowered or "softmax" in lowered:
+        return "attention"
     if "layer_norm" in lowered or "layernorm" in lowered:
         return "layer_norm"
     if "_foreach_lerp" in lowered:
         return "ema"
     if "adamw" in lowered:
         return "optimizer"
-    matmuls = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear",
-               "convolution", "mmbackward", "bmmbackward", "addmmbackward")
+    matmuls = ("aten::mm", "aten::addmm", "aten::matmul", "aten::linear", "convolution", "mmbackward",
+               "addmmbackward")
     if any(lowered.startswith(prefix) or prefix in lowered for prefix in matmuls):
         return "other_matmuls"
     return "other"

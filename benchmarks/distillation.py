@@ -97,15 +97,15 @@ def write_inverted(source: Path, destination: Path) -> Path:
 
 def student_config_folder(name: str, work_dir: Path) -> Path:
     """A DinoConfig folder: the DINO recipe's head and loss on a small ResNet or ConvNeXt backbone."""
-    from transformers import ConvNextConfig, ResNetConfig
+    from transformers import ConvNextConfig
 
+    from dino_hf.models.configuration_dino import DinoConfig
     from dino_hf.train.argument_parsing import parse_training_args
     from dino_hf.train.builders import build_model_config
 
     config = build_model_config(parse_training_args(["--config", str(STUDENT_RECIPE), "--output_dir", "unused"]))
-    if name == "resnet":
-        config.backbone_config = ResNetConfig(embedding_size=32, hidden_sizes=[32, 64, 128], depths=[1, 1, 1],
-                                              layer_type="basic", downsample_in_first_stage=False)
+    if name == "resnet":  # make demo's network (the resnet_tiny preset)
+        config.backbone_config = DinoConfig.from_preset("resnet_tiny").backbone_config
     else:  # 4 px stem and 2 stages: a stride of 8, so the 14 px local crops keep a map
         config.backbone_config = ConvNextConfig(patch_size=4, hidden_sizes=[48, 96], depths=[2, 2], num_stages=2,
                                                 image_size=IMAGE_SIZE)

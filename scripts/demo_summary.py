@@ -2,7 +2,7 @@
 """Summarise a demo run: 20-NN accuracy of the trained backbone next to two baselines.
 
 Loads ``OUTPUT_DIR/backbone`` exactly as a user would, with plain ``transformers.AutoModel`` (the
-DINO embedding is the CLS token of ``last_hidden_state``; the export's pooler is the identity), and
+DINO embedding is a ViT's CLS token of ``last_hidden_state``, a ConvNet's pooled output), and
 scores it with the official DINO k-NN protocol (L2-normalised CLS features, cosine similarity,
 the k nearest training images vote with weight exp(sim / 0.07)) on the full Fashion-MNIST test
 set, with up to 60,000 training images as the memory bank. Next to it:
@@ -173,10 +173,13 @@ def raw_pixel_accuracy(args: argparse.Namespace, data) -> float:
 def random_weight_accuracy(args: argparse.Namespace, config, processor, data) -> float:
     """k-NN accuracy of the same architecture freshly initialised (seed ``--seed``)."""
     import torch
-    from transformers import AutoModel
+
+    from dino_hf.models.backbones import family_of
 
     torch.manual_seed(args.seed)
-    random_backbone = AutoModel.from_config(config, add_pooling_layer=False).eval()
+    # The family's training constructor (a ViT without its pooler, a ResNet or ConvNeXt as is): the
+    # untrained network DINO started from, embedded the way the trained one is.
+    random_backbone = family_of(config).build(config).eval()
     return backbone_accuracy(args, random_backbone, processor, data)
 
 
@@ -207,6 +210,19 @@ def backbone_accuracy(args: argparse.Namespace, backbone, processor, data) -> fl
 # --------------------------------------------------------------------------------------------------
 # Main
 # --------------------------------------------------------------------------------------------------
+def describe_architecture(config) -> str:
+    """One line on the backbone: a ViT's depth, width and patch, a ConvNet's stage widths."""
+    from dino_hf.models.backbones import family_of
+
+    family = family_of(config).name_of(config.model_type)
+    if hasattr(config, "patch_size") and hasattr(config, "num_hidden_layers"):
+        return (
+            f"{family}: {config.num_hidden_layers} layers, width {config.hidden_size}, patch {config.patch_size}, "
+            f"{config.image_size} px"
+        )
+    return f"{family}: stage widths {list(config.hidden_sizes)}, depths {list(config.depths)}"
+
+
 def describe_outputs(output_dir: Path) -> list[tuple[str, str]]:
     """(path, what it is) for the files a training run leaves behind, those that exist."""
     entries = [
@@ -278,13 +294,10 @@ def main(argv: list[str] | None = None) -> dict:
         ("raw pixels" + (" (cached)" if pixels_cached else ""), results["raw_pixels"]),
     ]
     if "random_weights" in results:
-        rows.append(("same ViT, random weights" + (" (cached)" if random_cached else ""), results["random_weights"]))
+        rows.append(("same network, random weights" + (" (cached)" if random_cached else ""), results["random_weights"]))
     for name, accuracy in rows:
         print(f"  {name:<36} {accuracy:.4f}")
-    print(
-        f"  (ViT: {config.num_hidden_layers} layers, width {config.hidden_size}, patch {config.patch_size}, "
-        f"{config.image_size} px)"
-    )
+    print(f"  ({describe_architecture(config)})")
     print(verdict(results["trained_backbone"], results["raw_pixels"], _machine(output_dir)))
     print()
     print("Written:")
@@ -302,7 +315,8 @@ def _machine(output_dir: Path) -> str:
     """The CPU (or GPU) and precision the run recorded in its training_args.json."""
     recorded = json.loads((output_dir / "training_args.json").read_text()) if (output_dir / "training_args.json").is_file() else {}
     device = recorded.get("machine_cpu") or recorded.get("hardware") or "this machine"
-    return f"{device}, {recorded.get('resolved_mixed_precision', '?')} precision"
+    precision = recorded.get("resolved_mixed_precision", "?")
+    return f"{device}, {'fp32' if precision == 'no' else precision} precision"
 
 
 def verdict(trained: float, raw_pixels: float, machine: str) -> str:

@@ -213,3 +213,12 @@ def test_mfu_benchmark_counts_times_profiles_and_records(tmp_path: Path) -> None
     for category in ("attention", "last_layer", "layer_norm", "other_matmuls", "clipping", "optimizer", "ema"):
         assert shares[category] > 0, category
     assert len(_rows(results_file, "bench_mfu")) == 1
+
+
+def test_time_to_quality_interpolates_the_first_crossing() -> None:
+    minutes_to_reach = _load("time_to_quality").minutes_to_reach
+    curve = [(1.0, 0.80), (2.0, 0.84), (3.0, 0.85), (4.0, 0.83), (5.0, 0.86)]
+    assert minutes_to_reach(curve, 0.846) == pytest.approx(2.6)  # between minute 2 (0.84) and 3 (0.85)
+    assert minutes_to_reach(curve, 0.80) == pytest.approx(1.0)  # the first snapshot already reaches it
+    assert minutes_to_reach(curve, 0.87) is None  # never reached in the budget
+    assert minutes_to_reach([(0.5, 0.9), (1.0, 0.95)], 0.846) == pytest.approx(0.5)  # an upper bound

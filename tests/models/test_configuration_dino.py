@@ -40,7 +40,7 @@ def test_presets(name):
     assert DinoConfig.preset_names() == sorted([*EXPECTED_PRESETS, *FAMILY_PRESETS])
 
 
-FAMILY_PRESETS = ("dinov2_small_patch14", "resnet50")
+FAMILY_PRESETS = ("dinov2_small_patch14", "resnet50", "resnet_tiny")
 
 
 def test_presets_of_the_other_families():
@@ -51,6 +51,8 @@ def test_presets_of_the_other_families():
     resnet = DinoConfig.from_preset("resnet50")
     assert resnet.backbone_config.model_type == "resnet" and resnet.backbone_config.hidden_sizes[-1] == 2048
     assert list(resnet.backbone_config.depths) == [3, 4, 6, 3] and resnet.drop_path_rate == 0.0
+    tiny = DinoConfig.from_preset("resnet_tiny").backbone_config
+    assert (tiny.layer_type, list(tiny.hidden_sizes), list(tiny.depths)) == ("basic", [32, 64, 128], [1, 1, 1])
 
 
 def test_preset_stays_editable_and_round_trips(tmp_path):

@@ -138,6 +138,21 @@ def test_the_dinov2_cpu_recipe_is_the_demo_recipe_plus_dinov2s_terms():
     assert build_mask_sampler(args, config, 0).masking_generator.num_patches == 2 * 2  # 28 px / patch 14
 
 
+def test_the_resnet_demo_recipe_is_the_dino_recipe_on_a_small_resnet():
+    """make demo's recipe changes the network, not the objective, the crops or the schedules."""
+    def values(name):
+        return {key: value for key, value in vars(parse_training_args(["--config", str(CONFIGS / name)])).items()
+                if key not in ("config", "output_dir")}
+
+    vit, resnet = values("fashion_mnist_cpu.yaml"), values("fashion_mnist_resnet_cpu.yaml")
+    assert {key for key in vit if vit[key] != resnet[key]} == {"model_config", "config_overrides"}
+    vit_config = build_model_config(parse_training_args(["--config", str(CONFIGS / "fashion_mnist_cpu.yaml")]))
+    config = build_model_config(parse_training_args(["--config", str(CONFIGS / "fashion_mnist_resnet_cpu.yaml")]))
+    assert config.backbone_config.model_type == "resnet" and list(config.backbone_config.hidden_sizes) == [32, 64, 128]
+    head = ("num_prototypes", "head_hidden_size", "head_bottleneck_size", "head_use_batch_norm", "drop_path_rate")
+    assert [getattr(config, name) for name in head] == [getattr(vit_config, name) for name in head]
+
+
 def test_auto_precision_keeps_the_one_a_resumed_run_chose(dataset, tiny_config_file, tmp_path):
     """A probe near its threshold may decide otherwise on resume: the run's recorded choice is kept."""
     from dino_hf.train.builders import choose_precision

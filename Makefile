@@ -66,6 +66,7 @@ bench: $(VENV)/.installed $(DATA_DIR)/.prepared
 	$(PYTHON) benchmarks/bench_augmentation.py
 	$(PYTHON) benchmarks/bench_batched_augmentation.py
 	$(PYTHON) benchmarks/bench_train_step.py
+	$(PYTHON) benchmarks/bench_channels_last.py --data_dir $(DATA_DIR) --record
 	$(PYTHON) benchmarks/bench_checkpoint.py
 	$(PYTHON) benchmarks/bench_end_to_end.py --data_dir $(DATA_DIR)
 	$(PYTHON) benchmarks/bench_mfu.py --record

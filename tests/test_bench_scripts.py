@@ -222,3 +222,20 @@ def test_time_to_quality_interpolates_the_first_crossing() -> None:
     assert minutes_to_reach(curve, 0.80) == pytest.approx(1.0)  # the first snapshot already reaches it
     assert minutes_to_reach(curve, 0.87) is None  # never reached in the budget
     assert minutes_to_reach([(0.5, 0.9), (1.0, 0.95)], 0.846) == pytest.approx(0.5)  # an upper bound
+
+
+def test_channels_last_benchmark_times_both_layouts_and_restores_the_family(labelled_parquet, tmp_path,
+                                                                             fresh_accelerate_state) -> None:
+    from dino_hf.models.backbones import family_of
+
+    bench = _load("bench_channels_last")
+    with bench.resnet_channels_last(False):
+        assert family_of("resnet").channels_last is False
+    assert family_of("resnet").channels_last is True  # restored
+    metrics = bench.main(["--data_dir", str(labelled_parquet), "--steps", "3", "--skip_steps", "1", "--repeats", "1",
+                          "--per_device_train_batch_size", "8", "--output_dir", str(tmp_path / "run")])
+    assert metrics["precision"] == "no" and metrics["steps_timed"] == 2
+    assert metrics["nchw_seconds_per_step"] > 0 and metrics["channels_last_seconds_per_step"] > 0
+    assert metrics["speedup_channels_last_vs_nchw"] == pytest.approx(
+        metrics["nchw_seconds_per_step"] / metrics["channels_last_seconds_per_step"], rel=1e-2)
+    assert family_of("resnet").channels_last is True

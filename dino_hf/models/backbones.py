@@ -99,6 +99,11 @@ class BackboneFamily:
             ``"native"`` (the model has ``embeddings.mask_token``, unless its config says
             ``use_mask_token=False``), ``"constructor"`` (only when built with ``use_mask_token=True``;
             exports drop it, so that they stay the stock model) or ``None`` (no patch tokens).
+        channels_last: feed the crops to the network in channels-last memory order (NHWC; the weights stay
+            as they are, so checkpoints and exports do not change). oneDNN's convolutions, batch norms and
+            max pooling then run without converting layouts at every layer: a ResNet's forward and backward
+            on 28 px crops measured 1.1-1.7x faster on a 2-core CPU. ConvNeXt blocks permute to NHWC
+            themselves and measured no faster (slower in bf16), so they keep NCHW.
     """
 
     model_types: tuple[str, ...]
@@ -112,6 +117,7 @@ class BackboneFamily:
     mask_token: str | None = None
     names: tuple[str, ...] = ()
     pooler: str | None = None
+    channels_last: bool = False
 
     # ---- what a person calls it ---------------------------------------------------------------------
     def name_of(self, model_type: str) -> str:
@@ -251,8 +257,7 @@ class BackboneFamily:
         """``(N, 3, H, W)`` -> ``(N, embedding_size)``, the DINO embedding of a crop batch."""
         if self._uses_fast_path(backbone):
             return embed_class_token(backbone, pixel_values)
-        pixel_values = pixel_values.to(next(backbone.parameters()).dtype)
-        return self.embedding_of(backbone_forward(backbone, pixel_values))
+        return self.embedding_of(backbone_forward(backbone, self._network_input(backbone, pixel_values)))
 
     def embed_tokens(
         self, backbone: PreTrainedModel, pixel_values: torch.Tensor, bool_masked_pos: torch.Tensor | None = None
@@ -291,8 +296,13 @@ class BackboneFamily:
             patch_height, patch_width = config_patch_size(backbone.config)
             height, width = pixel_values.shape[-2] // patch_height, pixel_values.shape[-1] // patch_width
             return embedding, patches.transpose(1, 2).reshape(patches.shape[0], patches.shape[2], height, width)
-        output = backbone_forward(backbone, pixel_values.to(next(backbone.parameters()).dtype))
+        output = backbone_forward(backbone, self._network_input(backbone, pixel_values))
         return self.embedding_of(output), output.last_hidden_state
+
+    def _network_input(self, backbone: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+        """``(N, 3, H, W)`` crops in the backbone's dtype and, for a family that prefers it, channels-last order."""
+        memory_format = torch.channels_last if self.channels_last else torch.preserve_format
+        return pixel_values.to(next(backbone.parameters()).dtype, memory_format=memory_format)
 
     def _uses_fast_path(self, backbone: PreTrainedModel) -> bool:
         """The ViT fast path runs the blocks' modules directly: not on blocks sharded by FSDP."""
@@ -533,7 +543,7 @@ FAMILIES: tuple[BackboneFamily, ...] = (
     BackboneFamily(("convnext", "dinov3_convnext"), "pooled", "config", "stride", has_attention=False,
                    block_pattern=r"stages\.(\d+)\.", names=("ConvNeXt", "DINOv3 ConvNeXt")),
     BackboneFamily(("resnet",), "pooled", None, "any", has_attention=False, block_pattern=r"stages\.(\d+)\.",
-                   names=("ResNet",)),
+                   names=("ResNet",), channels_last=True),
 )
 _BY_MODEL_TYPE = {model_type: family for family in FAMILIES for model_type in family.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(_BY_MODEL_TYPE)

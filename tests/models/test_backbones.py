@@ -179,6 +179,30 @@ def test_registers_are_excluded_from_the_embedding():
     assert family_of(model.config.backbone_config).num_prefix_tokens(model.config.backbone_config) == 3
 
 
+@pytest.mark.parametrize("model_type", ["resnet", "convnext"])
+def test_a_resnet_takes_its_crops_channels_last_and_embeds_them_as_the_stock_model_does(model_type):
+    """The ResNet family feeds NHWC crops (oneDNN's faster path); its embedding is the stock model's on NCHW
+    input, gradients reach the weights in their own order, and the weights stay stock (ConvNeXt keeps NCHW)."""
+    torch.manual_seed(0)
+    model = DinoForPreTraining(tiny_family_config(model_type))
+    backbone = model.student.backbone
+    first_convolution = next(module for module in backbone.modules() if isinstance(module, torch.nn.Conv2d))
+    seen = []
+    first_convolution.register_forward_pre_hook(lambda module, inputs: seen.append(inputs[0]))
+    pixels = torch.randn(4, 3, 32, 32)
+    embedding = model.student.embed(pixels)
+    assert seen[0].is_contiguous(memory_format=torch.channels_last) == (model_type == "resnet")
+    assert pixels.is_contiguous()  # the caller's tensor is not changed
+    backbone.eval()
+    with torch.no_grad():
+        stock = backbone(pixel_values=pixels).pooler_output.flatten(1)
+        torch.testing.assert_close(model.student.embed(pixels), stock, rtol=1e-4, atol=1e-5)
+    embedding.sum().backward()
+    assert first_convolution.weight.grad is not None
+    assert first_convolution.weight.grad.stride() == first_convolution.weight.stride()
+    assert all(parameter.is_contiguous() for parameter in backbone.parameters())
+
+
 # ------------------------------------------------------------------------------ iBOT: mask token, patch tokens
 MASKABLE_MODEL_TYPES = ("vit", "deit", "dinov2", "dinov2_with_registers", "dinov3_vit")
 

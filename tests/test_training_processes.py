@@ -200,12 +200,14 @@ FSDP_LAUNCH = ["env", "ACCELERATE_USE_CPU=true", str(BIN / "accelerate"), "launc
 def test_fsdp_on_two_cpu_processes_checkpoints_sharded_and_resumes_exactly(dataset, tmp_path):
     """FSDP2 shards student, teacher and optimiser state over 2 CPU processes; the EMA, the centers'
     all-reduce, the sharded checkpoints and a SIGKILL-and-resume are exact (DINOv2's objective on a
-    DINOv2 with registers); the final model and the export are consolidated safetensors."""
+    DINOv2 with registers); the final model and the export are consolidated safetensors. The checkpoint
+    of step 3 falls in the last layers' frozen steps, so it holds no optimiser state for them."""
     config_dir = tmp_path / "config"
     tiny_family_config("dinov2_with_registers").save_pretrained(config_dir)
     _assert_kill_and_resume_is_exact(
         FSDP_LAUNCH,
-        lambda output_dir: train_flags(dataset, output_dir, config_dir / "config.json", **DINOV2_FLAGS),
+        lambda output_dir: train_flags(dataset, output_dir, config_dir / "config.json", **DINOV2_FLAGS,
+                                       freeze_last_layer_steps=4),
         3, tmp_path,
     )
     checkpoint = tmp_path / "resumed" / "checkpoints" / "step_6"
@@ -214,6 +216,18 @@ def test_fsdp_on_two_cpu_processes_checkpoints_sharded_and_resumes_exactly(datas
     assert not (checkpoint / "model.safetensors").exists()
     weights = load_file(tmp_path / "resumed" / "model.safetensors")
     assert weights["teacher.backbone.embeddings.cls_token"].shape == (1, 1, 32)  # whole tensors, not shards
+
+
+@pytest.mark.slow  # the default run's FSDP test resumes a checkpoint without some parameters' state as well
+def test_fsdp_resumes_a_dinov2_whose_mask_token_never_learns(dataset, tmp_path):
+    """DINO alone on a DINOv2 backbone: its native mask token gets no gradient (nothing is masked), so no
+    optimiser state; the sharded checkpoint lacks it and the FSDP2 resume still ends bit-identical."""
+    config_dir = tmp_path / "config"
+    tiny_family_config("dinov2").save_pretrained(config_dir)
+    _assert_kill_and_resume_is_exact(
+        FSDP_LAUNCH, lambda output_dir: train_flags(dataset, output_dir, config_dir / "config.json"), 3, tmp_path,
+    )
+    assert "student.backbone.embeddings.mask_token" in load_file(tmp_path / "resumed" / "model.safetensors")
 
 
 def test_distillation_on_two_fsdp_processes_resumes_exactly_after_a_sigkill(dataset, tiny_config_file, tmp_path):

@@ -59,6 +59,7 @@ from dino_hf.base.run_folder import (
     process_state_name,
 )
 from dino_hf.data.loader import BatchStream
+from dino_hf.train.sharded_resume import sharded_optimizer_resume
 
 logger = logging.getLogger(__name__)
 
@@ -467,12 +468,14 @@ def remove_leftovers(output_dir: str | Path) -> None:
 
 
 # ------------------------------------------------------------------------------------------ loading
-def load_checkpoint(accelerator: Accelerator, path: Path, stream: BatchStream,
-                    model: torch.nn.Module | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+def load_checkpoint(accelerator: Accelerator, path: Path, stream: BatchStream, model: torch.nn.Module | None = None,
+                    optimizer: torch.optim.Optimizer | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
     """Restore model/optimiser/scaler (accelerate) and this process's stream position.
 
     With ``model`` (the unwrapped model accelerate prepared), the checkpoint's weights are compared
-    with it (names and shapes, from the safetensors header) before anything is loaded.
+    with it (names and shapes, from the safetensors header) before anything is loaded. With ``optimizer``
+    (the prepared one) too, an FSDP run loads a checkpoint that holds no optimiser state for some
+    parameters (:mod:`dino_hf.train.sharded_resume`).
 
     Returns:
         (training state dict with ``step``, this process's state: ``rng`` to apply just before
@@ -503,7 +506,10 @@ def load_checkpoint(accelerator: Accelerator, path: Path, stream: BatchStream,
     stream.load_state_dict(process_state["stream"])
     stream.start()
     try:
-        accelerator.load_state(str(path))
+        resuming = (sharded_optimizer_resume(accelerator, path, model, optimizer)
+                    if model is not None and optimizer is not None else contextlib.nullcontext())
+        with resuming:
+            accelerator.load_state(str(path))
     except (OSError, RuntimeError, EOFError, pickle.UnpicklingError) as error:
         raise RunError(_unreadable(path, error)) from None
     return state, process_state

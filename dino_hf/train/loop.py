@@ -358,7 +358,8 @@ def _imported_progress_step(run: _Run) -> int:
 
 def _restore(run: _Run, path: Path) -> dict[str, Any]:
     """Load a checkpoint into the run; returns the RNG state to apply just before training."""
-    state, process_state = load_checkpoint(run.accelerator, path, run.stream, model=run.unwrapped)
+    state, process_state = load_checkpoint(run.accelerator, path, run.stream, model=run.unwrapped,
+                                             optimizer=run.step_fn.optimizer)
     if "metrics" in process_state:
         run.accumulator.load_state_dict(process_state["metrics"])
     run.step = int(state["step"])

@@ -38,8 +38,9 @@ def sharded_optimizer_resume(accelerator: Accelerator, path: Path, model: torch.
                              optimizer: torch.optim.Optimizer) -> Iterator[None]:
     """Around ``accelerator.load_state(path)``: under FSDP with a sharded optimiser state (the checkpoint's
     ``optimizer_0`` folder), the parameters of ``optimizer`` that have no state in it do not require
-    gradients until the block ends. ``model`` is the prepared model whose parameters ``optimizer`` holds.
-    Nothing changes without FSDP or when the checkpoint has state for every parameter."""
+    gradients until the block ends. ``model`` holds the parameters of ``optimizer`` (the unwrapped model:
+    FSDP2 shards it in place, so its parameters are the optimiser's). Nothing changes without FSDP or when
+    the checkpoint has state for every parameter."""
     folder = Path(path) / "optimizer_0"  # accelerate's folder of the first (the run's only) optimiser
     stateless: list[torch.nn.Parameter] = []
     if accelerator.distributed_type == DistributedType.FSDP and folder.is_dir():

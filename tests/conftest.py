@@ -1,8 +1,10 @@
-"""Fixtures shared by several test modules (helpers to import live in tiny_models.py and image_datasets.py)."""
+"""Fixtures shared by several test modules (helpers to import live in tiny_models.py, image_datasets.py and
+process_failures.py)."""
 
 from __future__ import annotations
 
 import importlib
+import os
 import sys
 from pathlib import Path
 
@@ -14,6 +16,10 @@ from tiny_models import save_tiny_backbone, tiny_dino_config, write_training_out
 from dino_hf.models.modeling_dino import DinoForPreTraining
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Every subprocess a test starts inherits it: a native crash (a segmentation fault) prints the Python stack
+# of each thread of the crashed process, which process_failures.failure_report puts in the failure message.
+os.environ.setdefault("PYTHONFAULTHANDLER", "1")
 
 
 @pytest.fixture

@@ -23,6 +23,7 @@ from pathlib import Path
 import pytest
 import torch
 from image_datasets import write_parquet_dataset
+from process_failures import failure_report
 from safetensors.torch import load_file
 from tiny_models import tiny_family_config
 
@@ -76,7 +77,7 @@ def test_two_cpu_processes_see_disjoint_data_and_keep_identical_teachers(dataset
                str(WORKER), "--record", str(record), "--",
                *train_flags(dataset, tmp_path / "run", tiny_config_file, max_steps=4)]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
 
     seen = [json.loads((record / f"seen_rank{rank}.json").read_text()) for rank in (0, 1)]
     assert len(seen[0]) == len(seen[1]) == 4 * 4  # 4 steps x 4 images per process
@@ -88,22 +89,22 @@ def test_two_cpu_processes_see_disjoint_data_and_keep_identical_teachers(dataset
     assert training_args["num_processes"] == 2 and training_args["global_batch_size"] == 8
     assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2, 3, 4]
     # the log (not a terminal) holds each progress line once: the other process prints none
-    assert [result.stderr.count(f"step {step}/4 (") for step in (1, 2, 3, 4)] == [1, 1, 1, 1], result.stderr[-3000:]
+    assert [result.stderr.count(f"step {step}/4 (") for step in (1, 2, 3, 4)] == [1, 1, 1, 1], failure_report(result.stderr)
 
 
 def _assert_kill_and_resume_is_exact(launcher: list[str], flags_for, kill_step: int, tmp_path: Path,
                                      timing: set[str] = frozenset()) -> None:
     reference, resumed = tmp_path / "reference", tmp_path / "resumed"
     result = run([*launcher, str(TRAIN), *flags_for(reference)])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
 
     killed = run([*launcher, str(WORKER), "--kill_after_checkpoint", str(kill_step), "--", *flags_for(resumed)])
-    assert killed.returncode != 0, killed.stderr[-3000:]
+    assert killed.returncode != 0, failure_report(killed.stderr)
     assert list_checkpoints(resumed)[-1].name == f"step_{kill_step}"
     assert not (resumed / "model.safetensors").exists()
 
     result = run([*launcher, str(TRAIN), *flags_for(resumed), "--resume_from_checkpoint", "latest"])
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
 
     # student, teacher and center after the last step: bit for bit
     expected, actual = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
@@ -182,7 +183,7 @@ def test_dinov2_objective_with_registers_trains_logs_its_terms_exports_and_resum
     completed = subprocess.run([sys.executable, "-c", _EXPORT_IN_A_FRESH_PROCESS, str(reference / "backbone"),
                                 str(tmp_path / "pixels.pt"), str(tmp_path / "hidden.pt")],
                                capture_output=True, text=True, timeout=180, env=environment())
-    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert completed.returncode == 0, failure_report(completed.stderr)
     assert completed.stdout.split() == ["Dinov2WithRegistersModel", "2"]
     hidden = torch.load(tmp_path / "hidden.pt", weights_only=True)
     with torch.no_grad():
@@ -266,7 +267,7 @@ def test_fsdp_matches_ddp_on_two_cpu_processes(dataset, tmp_path):
     for name, launcher in (("fsdp", FSDP_LAUNCH), ("ddp", ddp_launch)):
         result = run([*launcher, str(TRAIN), *train_flags(dataset, tmp_path / name, config_dir / "config.json",
                                                           **DINOV2_FLAGS)])
-        assert result.returncode == 0, result.stderr[-3000:]
+        assert result.returncode == 0, failure_report(result.stderr)
     sharded, unsharded = load_file(tmp_path / "fsdp" / "model.safetensors"), load_file(tmp_path / "ddp" / "model.safetensors")
     assert sharded.keys() == unsharded.keys()
     for name in sharded:
@@ -334,7 +335,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(dataset, tiny_config
         _, stderr = process.communicate(timeout=120)
     finally:
         process.kill()
-    assert process.returncode == 128 + signal_number, stderr[-3000:]
+    assert process.returncode == 128 + signal_number, failure_report(stderr)
     name = signal.Signals(signal_number).name
     assert f"Stopped by {name} at step" in stderr and "--resume_from_checkpoint latest" in stderr
     assert "Traceback" not in stderr
@@ -346,7 +347,7 @@ def test_a_signal_saves_a_checkpoint_and_says_how_to_resume(dataset, tiny_config
     resumed = run([sys.executable, str(TRAIN), *train_flags(dataset, output_dir, tiny_config_file,
                                                              max_steps=step + 1, checkpointing_steps=100_000),
                    "--resume_from_checkpoint", "latest"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed.stderr)
     assert rows(output_dir)[-1]["step"] == step + 1
 
 
@@ -391,7 +392,7 @@ def _assert_group_sigterm_then_resume_is_exact(launcher: list[str], num_processe
     not under a launcher, and resume to weights and metrics identical to the uninterrupted run."""
     reference, resumed, pause = tmp_path / "reference", tmp_path / "resumed", tmp_path / "pause"
     result = run([*launcher, str(TRAIN), *flags_for(reference)], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
 
     worker_args = [str(WORKER), "--pause_at_step", str(pause_step), "--pause_file", str(pause), "--"]
     process = start_in_new_group([*launcher, *worker_args, *flags_for(resumed)])
@@ -402,11 +403,11 @@ def _assert_group_sigterm_then_resume_is_exact(launcher: list[str], num_processe
     finally:
         kill_group(process)
     if not launcher[1:]:  # python itself: the documented status
-        assert process.returncode == 128 + signal.SIGTERM, stderr[-3000:]
+        assert process.returncode == 128 + signal.SIGTERM, failure_report(stderr)
     # no traceback from a training process (torchrun prints one of its own, for its SignalException)
-    assert "DataLoader worker" not in stderr and "]: Traceback" not in stderr, stderr[-3000:]
-    assert "Traceback" not in stderr.split("Stopped by")[0], stderr[-3000:]
-    assert f"Stopped by SIGTERM at step {stop_step}; checkpoint saved to" in stderr, stderr[-3000:]
+    assert "DataLoader worker" not in stderr and "]: Traceback" not in stderr, failure_report(stderr)
+    assert "Traceback" not in stderr.split("Stopped by")[0], failure_report(stderr)
+    assert f"Stopped by SIGTERM at step {stop_step}; checkpoint saved to" in stderr, failure_report(stderr)
     checkpoints = list_checkpoints(resumed)
     assert [path.name for path in checkpoints] == [f"step_{stop_step}"]
     assert verify_checkpoint(checkpoints[0]) is None
@@ -414,7 +415,7 @@ def _assert_group_sigterm_then_resume_is_exact(launcher: list[str], num_processe
     assert shlex.split(printed) == [*worker_args, *flags_for(resumed), "--resume_from_checkpoint", "latest"]
 
     result = run([*launcher, str(TRAIN), *flags_for(resumed), "--resume_from_checkpoint", "latest"], timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     expected, actual = load_file(reference / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert expected.keys() == actual.keys()
     for name in expected:
@@ -466,7 +467,7 @@ def test_torchrun_on_a_machine_without_gpu_trains_as_two_real_processes(dataset,
     command = [str(BIN / "torchrun"), "--standalone", "--nproc_per_node", "2", str(TRAIN),
                *train_flags(dataset, tmp_path / "run", tiny_config_file, max_steps=2, checkpointing_steps=2)]
     result = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300)
-    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.returncode == 0, failure_report(result.stderr)
     training_args = json.loads((tmp_path / "run" / "training_args.json").read_text())
     assert training_args["num_processes"] == 2 and training_args["global_batch_size"] == 8
     assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2]
@@ -485,14 +486,14 @@ def test_a_second_run_on_the_same_folder_is_refused_and_the_first_finishes_untou
         for second_flags in (["--overwrite_output_dir"], ["--resume_from_checkpoint", "latest"], []):
             second = run([sys.executable, str(TRAIN), *flags, *second_flags])
             lines = [line for line in second.stderr.splitlines() if line.strip() and "error:" in line]
-            assert second.returncode == 2, second.stderr[-3000:]
-            assert len(lines) == 1 and "Traceback" not in second.stderr, second.stderr[-3000:]
+            assert second.returncode == 2, failure_report(second.stderr)
+            assert len(lines) == 1 and "Traceback" not in second.stderr, failure_report(second.stderr)
             assert f"is in use by another run (host {os.uname().nodename}, pid {first.pid}," in lines[0]
         Path(f"{pause}.0").unlink()  # let the first run go on
         _, stderr = first.communicate(timeout=180)
     finally:
         kill_group(first)
-    assert first.returncode == 0, stderr[-3000:]
+    assert first.returncode == 0, failure_report(stderr)
     assert [row["step"] for row in rows(output_dir)] == [1, 2, 3, 4, 5, 6]  # every step once
     assert [path.name for path in list_checkpoints(output_dir)] == ["step_2", "step_4", "step_6"]
     assert all(verify_checkpoint(path) is None for path in list_checkpoints(output_dir))
@@ -510,7 +511,7 @@ def test_the_lock_of_a_killed_run_is_taken_over_by_the_resumed_run(dataset, tiny
         kill_group(first)  # SIGKILL: no chance to release anything
     assert str(first.pid) in (output_dir / ".dino_hf.lock").read_text()
     resumed = run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"])
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed.stderr)
     assert f"pid {first.pid}" in resumed.stderr and "no longer running" in resumed.stderr
     assert [row["step"] for row in rows(output_dir)] == [1, 2, 3, 4]
 
@@ -532,8 +533,8 @@ def small_tmpfs(mount_point: Path, size_kib: int):
 
 def _one_sentence_error(result: subprocess.CompletedProcess) -> str:
     lines = [line for line in result.stderr.splitlines() if line.startswith("train.py: error:")]
-    assert result.returncode == 2, result.stderr[-3000:]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-3000:]
+    assert result.returncode == 2, failure_report(result.stderr)
+    assert len(lines) == 1 and "Traceback" not in result.stderr, failure_report(result.stderr)
     return lines[0]
 
 
@@ -554,7 +555,7 @@ def test_a_full_disk_exits_2_saying_no_space_and_keeps_the_earlier_checkpoints(d
         # more space (the remedy the sentence gives), then resume: from step 2, to the end
         subprocess.run(["mount", "-o", "remount,size=8m", str(disk)], check=True)
         resumed = run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"])
-        assert resumed.returncode == 0, resumed.stderr[-3000:]
+        assert resumed.returncode == 0, failure_report(resumed.stderr)
         assert "Resumed from" in resumed.stderr and "step_2 at step 2" in resumed.stderr
         assert [row["step"] for row in rows(output_dir)] == [1, 2, 3, 4, 5, 6]
 
@@ -631,10 +632,10 @@ def test_a_resumed_run_continues_the_same_wandb_run(dataset, tiny_config_file, t
                         report_to="wandb")
     killed = subprocess.run([sys.executable, str(WORKER), "--kill_after_checkpoint", "2", "--", *flags], env=env,
                             cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    assert killed.returncode == -signal.SIGKILL, failure_report(killed.stderr)
     resumed = subprocess.run([sys.executable, str(TRAIN), *flags, "--resume_from_checkpoint", "latest"], env=env,
                              cwd=REPO, capture_output=True, text=True, timeout=180)
-    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert resumed.returncode == 0, failure_report(resumed.stderr)
     calls = [json.loads(line) for line in record.read_text().splitlines()]
     inits = [call["init"] for call in calls if "init" in call]
     assert len(inits) == 2 and inits[0]["id"] == inits[1]["id"] and len(inits[0]["id"]) == 8

@@ -710,5 +710,12 @@ def prepare_model_and_optimizer(
     with warnings.catch_warnings():  # accelerate 1.x forwards the still-needed broadcast_buffers=False
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
         model, optimizer = accelerator.prepare(model, optimizer)
+    if accelerator.distributed_type == DistributedType.FSDP:
+        # FSDP2 warns at the first forward that an output is a view (student_logits, the head's (N, K)
+        # output viewed as (crops, batch, K)), since an in-place op on it would drop the backward hook FSDP2
+        # puts there. Nothing modifies the forward's outputs in place (the step reads the loss and the
+        # statistics), and copying the logits to silence it would cost a (crops, batch, K) tensor a step.
+        warnings.filterwarnings("ignore", message=r"FSDP2-wrapped module \(FSDPDinoForPreTraining\) returned a view",
+                                category=UserWarning)
     model.train()
     return model, optimizer

@@ -46,8 +46,7 @@ def sharded_optimizer_resume(accelerator: Accelerator, path: Path, model: torch.
     if accelerator.distributed_type == DistributedType.FSDP and folder.is_dir():
         saved = _parameters_with_state(folder)
         name_of = {id(parameter): _fully_qualified(name) for name, parameter in model.named_parameters()}
-        inner = getattr(optimizer, "optimizer", optimizer)
-        stateless = [parameter for group in inner.param_groups for parameter in group["params"]
+        stateless = [parameter for group in optimizer.param_groups for parameter in group["params"]
                      if parameter.requires_grad and name_of.get(id(parameter)) not in saved]
     for parameter in stateless:
         parameter.requires_grad_(False)

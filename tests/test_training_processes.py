@@ -223,6 +223,22 @@ def test_fsdp_on_two_cpu_processes_checkpoints_sharded_and_resumes_exactly(datas
     assert weights["teacher.backbone.embeddings.cls_token"].shape == (1, 1, 32)  # whole tensors, not shards
 
 
+def test_fsdp_trains_a_resnet_in_bf16_with_its_batch_norms_in_float32(dataset, tmp_path):
+    """FSDP2's mixed precision casts a unit's weights to bf16 but not its buffers, which batch norm refuses
+    ("expected scalar type BFloat16 but found Float" at the first step): each batch norm is a float32 unit
+    of its own (explicit bf16, so that every CPU runs it)."""
+    config_dir = tmp_path / "config"
+    tiny_family_config("resnet").save_pretrained(config_dir)
+    result = run([*FSDP_LAUNCH, str(TRAIN), *train_flags(dataset, tmp_path / "run", config_dir / "config.json",
+                                                          mixed_precision="bf16", max_steps=2)])
+    assert result.returncode == 0, failure_report(result.stderr)
+    assert [row["step"] for row in rows(tmp_path / "run")] == [1, 2]
+    weights = load_file(tmp_path / "run" / "model.safetensors")
+    batch_norm = "student.backbone.embedder.embedder.normalization"
+    assert weights[f"{batch_norm}.weight"].dtype == weights[f"{batch_norm}.running_mean"].dtype == torch.float32
+    assert not torch.equal(weights[f"{batch_norm}.running_mean"], torch.zeros_like(weights[f"{batch_norm}.running_mean"]))
+
+
 @pytest.mark.slow  # the default run's FSDP test resumes a checkpoint without some parameters' state as well
 def test_fsdp_resumes_a_dinov2_whose_mask_token_never_learns(dataset, tmp_path):
     """DINO alone on a DINOv2 backbone: its native mask token gets no gradient (nothing is masked), so no

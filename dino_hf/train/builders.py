@@ -686,16 +686,40 @@ def build_knn_monitor(
 def _maybe_convert_sync_batch_norm(model: DinoForPreTraining, accelerator: Accelerator) -> DinoForPreTraining:
     """Batch norms (a ResNet backbone, a batch-norm head) are synchronised across GPUs, as in the
     official code (``nn.SyncBatchNorm`` needs CUDA: CPU processes keep per-process statistics)."""
-    has_batch_norm = any(isinstance(module, torch.nn.modules.batchnorm._BatchNorm) for module in model.modules())
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and has_batch_norm:
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda" and _batch_norms(model):
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     return model
+
+
+def _batch_norms(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The model's batch norm layers (a ResNet backbone's, a batch-norm head's)."""
+    return [module for module in model.modules() if isinstance(module, torch.nn.modules.batchnorm._BatchNorm)]
+
+
+def _shard_batch_norms_in_float32(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Under FSDP with mixed precision, each batch norm becomes an FSDP2 unit of its own whose weights stay
+    float32, before accelerate shards the rest (it leaves modules that are already units as they are).
+
+    FSDP2 casts a unit's parameters to bf16 (fp16) for compute but not its buffers, and batch norm refuses
+    bf16 weights beside float32 running statistics ("expected scalar type BFloat16 but found Float"); under
+    DDP, autocast keeps batch norms in float32 as well. The unit takes its input as it comes (bf16 from the
+    layer before: batch norm accepts it beside float32 weights and returns bf16), so the layers after it
+    get the dtype they compute in.
+    """
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+
+    plugin = accelerator.state.fsdp_plugin
+    policy = MixedPrecisionPolicy(param_dtype=torch.float32, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    for module in _batch_norms(model):
+        fully_shard(module, mp_policy=policy, reshard_after_forward=plugin.reshard_after_forward,
+                    offload_policy=plugin.cpu_offload)
 
 
 def prepare_model_and_optimizer(
     args: DinoTrainingArguments, accelerator: Accelerator, model: DinoForPreTraining
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
-    """Sync batch norm, the attention kernel, compilation, device placement, AdamW and the (DDP) wrapping."""
+    """Sync batch norm, the attention kernel, compilation, device placement, float32 batch-norm units under FSDP
+    with mixed precision, AdamW and the (DDP or FSDP) wrapping."""
     model = _maybe_convert_sync_batch_norm(model, accelerator)
     if accelerator.mixed_precision == "bf16" and accelerator.device.type == "cpu" and model.student.family.has_attention:
         # The SDPA backward in bf16 is slow on the CPU and eager attention is faster there (see
@@ -706,6 +730,8 @@ def prepare_model_and_optimizer(
         model.student.compile_backbone()
         model.teacher.compile_backbone()
     model.to(accelerator.device)
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.mixed_precision != "no":
+        _shard_batch_norms_in_float32(model, accelerator)
     optimizer = build_optimizer(model, accelerator.device, args)
     with warnings.catch_warnings():  # accelerate 1.x forwards the still-needed broadcast_buffers=False
         warnings.filterwarnings("ignore", message=".*broadcast_buffers.*", category=FutureWarning)
